@@ -1,0 +1,31 @@
+# The quick start: `make run` serves the API, `make test` runs the whole test suite.
+# Both install what they need into .venv first, pinned by constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/taskctl dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Re-pin every dependency after changing pyproject.toml.
+lock:
+	rm -rf /tmp/taskservice-lock && $(PYTHON) -m venv /tmp/taskservice-lock
+	/tmp/taskservice-lock/bin/pip install --quiet '.[test]'
+	/tmp/taskservice-lock/bin/pip freeze --exclude taskservice > constraints.txt
+
+clean:
+	rm -rf $(VENV) .data

@@ -1,0 +1,102 @@
+"""Composition root of the command API: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from anyio import to_thread
+from eventsourcing.persistence import InterfaceError, OperationalError
+from fastapi import FastAPI, Request
+
+from command_api import routes
+from command_api.handlers import TaskCommands
+from shared.auth import Authenticator
+from shared.errors import ServiceUnavailable
+from shared.eventstore import TaskStore, open_store
+from shared.health import health_router
+from shared.http import RequestContext, install_error_handlers
+from shared.settings import Settings
+
+log = logging.getLogger("taskservice.command_api")
+
+DATABASE_DOWN = (
+    OperationalError,
+    InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg_pool.PoolTimeout,
+)
+
+
+class CommandSide:
+    """Holds the event store; opens it on first use, so the API starts (and answers
+    503) while the database is still down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: TaskStore | None = None
+        self.commands: TaskCommands | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> TaskCommands:
+        if self.commands is not None:
+            return self.commands
+        async with self._lock:
+            if self.commands is None:
+                try:
+                    self.store = await to_thread.run_sync(open_store, self.settings)
+                except DATABASE_DOWN as e:
+                    log.warning("event store unavailable: %s", e)
+                    raise ServiceUnavailable("Database unavailable, try again shortly") from None
+                self.commands = TaskCommands(self.store, retries=self.settings.command_retries)
+        return self.commands
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    side = CommandSide(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            await side.open()
+        except ServiceUnavailable:
+            pass  # answer 503 until the database is back
+        yield
+        await to_thread.run_sync(side.close)
+
+    app = FastAPI(
+        title="Task service: command API",
+        version="1.0.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.state.authenticator = Authenticator(settings)
+    app.state.open_commands = side.open
+    install_error_handlers(app, unavailable=DATABASE_DOWN)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+
+    async def ready(_: Request) -> dict[str, Any]:
+        commands = await side.open()
+
+        def ping() -> None:
+            with commands.store.recorder.datastore.get_connection() as conn:
+                conn.execute("SELECT 1")
+
+        await to_thread.run_sync(ping)
+        return {"database": "ok"}
+
+    app.include_router(health_router("command-api", ready))
+    app.include_router(routes.router)
+    return app

@@ -1,0 +1,170 @@
+"""`taskctl`: the composition root of every process this service runs.
+
+Each subcommand builds its settings once and imports the part it runs, so the CLI
+imports `command_api`, `query_api` and `projections` only inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.settings import Settings, SettingsError
+
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as e:
+        sys.exit(f"taskctl: {e}")
+
+
+def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    logging.basicConfig(level=settings.log_level.upper())
+    uvicorn.run(
+        app_path,
+        factory=True,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def cmd_db_init(_: argparse.Namespace) -> None:
+    from shared.schema import init_database  # noqa: PLC0415
+
+    settings = _settings()
+    init_database(settings)
+    print("database initialised")
+
+
+def cmd_command_api(args: argparse.Namespace) -> None:
+    _serve("command_api.app:create_app", args.host, args.port, _settings())
+
+
+def cmd_seed(args: argparse.Namespace) -> None:
+    from command_api.seed import seed  # noqa: PLC0415
+
+    created = seed(_settings(), reset=args.reset)
+    print(f"seeded {created} tasks" if created else "demo tasks already present")
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    from shared.auth import mint_token  # noqa: PLC0415
+
+    secret = os.environ.get("BETTER_AUTH_SECRET")
+    if not secret:
+        sys.exit("taskctl token: BETTER_AUTH_SECRET is not set; refusing to mint a token")
+    print(
+        mint_token(
+            secret,
+            args.user,
+            ttl_seconds=args.ttl,
+            issuer=os.environ.get("JWT_ISSUER") or None,
+            audience=os.environ.get("JWT_AUDIENCE") or None,
+        )
+    )
+
+
+def _dev_secret(datadir: Path) -> str:
+    """A random HS256 secret kept under .data/ (never in the repository)."""
+    path = datadir / "dev-secret"
+    if not path.exists():
+        datadir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    """Everything on one port for a first run: embedded PostgreSQL when DATABASE_URL is
+    unset, tables, demo data, and a token for each demo user."""
+    import uvicorn  # noqa: PLC0415
+
+    from command_api.seed import DEMO_USERS, seed  # noqa: PLC0415
+    from shared.auth import mint_token  # noqa: PLC0415
+    from shared.dev import create_dev_app  # noqa: PLC0415
+    from shared.schema import init_database  # noqa: PLC0415
+
+    datadir = Path(args.data_dir)
+    embedded = None
+    overrides: dict[str, object] = {"environment": os.environ.get("ENVIRONMENT") or "development"}
+    if not os.environ.get("DATABASE_URL"):
+        from shared.embedded import EmbeddedPostgres  # noqa: PLC0415
+
+        embedded = EmbeddedPostgres(datadir / "postgres")
+        overrides["database_url"] = embedded.start()
+    if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL")):
+        overrides["better_auth_secret"] = _dev_secret(datadir)
+    settings = _settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper())
+    try:
+        init_database(settings)
+        seed(settings)
+        base = f"http://{args.host}:{args.port}"
+        print(f"\nTask service on {base}  (API docs: {base}/docs)")
+        if settings.better_auth_secret:
+            for user in DEMO_USERS:
+                token = mint_token(settings.better_auth_secret, user, ttl_seconds=24 * 3600)
+                print(f"\n  demo user {user}:\n  export TOKEN={token}")
+            print(f'\n  curl -H "Authorization: Bearer $TOKEN" {base}/api/tasks\n', flush=True)
+        uvicorn.run(
+            create_dev_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskctl", description="Run and operate the task service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database set-up")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("init", help="create the event store and read tables (idempotent)").set_defaults(
+        func=cmd_db_init
+    )
+
+    api = sub.add_parser("command-api", help="serve the command API with uvicorn")
+    api.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    api.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
+    api.set_defaults(func=cmd_command_api)
+
+    seed = sub.add_parser("seed", help="create the plan's two demo users' tasks through commands")
+    seed.add_argument("--reset", action="store_true", help="delete the demo users' tasks first")
+    seed.set_defaults(func=cmd_seed)
+
+    dev = sub.add_parser("dev", help="run everything on one port for local development")
+    dev.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    dev.add_argument("--data-dir", default=os.environ.get("TASKCTL_DATA_DIR", ".data"))
+    dev.set_defaults(func=cmd_dev)
+
+    token = sub.add_parser("token", help="mint a development HS256 token")
+    token.add_argument("--user", required=True)
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

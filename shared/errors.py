@@ -1,0 +1,62 @@
+"""Errors that carry their HTTP status and envelope code. Raised anywhere, rendered once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    status = 500
+    code = "INTERNAL_ERROR"
+    default_message = "Internal server error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = details
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+class Unauthorized(ApiError):
+    status, code, default_message = 401, "UNAUTHORIZED", "Invalid token"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    status, code, default_message = 403, "FORBIDDEN", "Access denied"
+
+
+class NotFound(ApiError):
+    status, code, default_message = 404, "NOT_FOUND", "Not found"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, default_message = 405, "METHOD_NOT_ALLOWED", "Method not allowed"
+
+
+class Conflict(ApiError):
+    status, code, default_message = 409, "CONFLICT", "Conflict"
+
+
+class PreconditionFailed(ApiError):
+    status, code, default_message = 412, "PRECONDITION_FAILED", "Precondition failed"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, default_message = 413, "PAYLOAD_TOO_LARGE", "Request body too large"
+
+
+class ValidationFailed(ApiError):
+    status, code, default_message = 422, "VALIDATION_ERROR", "Validation failed"
+
+
+class ServiceUnavailable(ApiError):
+    status, code, default_message = 503, "SERVICE_UNAVAILABLE", "Service unavailable"

@@ -1,0 +1,38 @@
+"""ETags name a task's version; If-Match compares against it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TAG = re.compile(r'^(?:W/)?"v([0-9]{1,18})"$')
+
+
+def etag(version: int) -> str:
+    return f'"v{version}"'
+
+
+@dataclass(frozen=True)
+class IfMatch:
+    """The versions an If-Match header accepts; ``any`` for ``*``. A header naming no
+    version of ours accepts none, so it always fails (412)."""
+
+    versions: frozenset[int] = frozenset()
+    any: bool = False
+
+    def accepts(self, version: int) -> bool:
+        return self.any or version in self.versions
+
+    @classmethod
+    def parse(cls, header: str | None) -> IfMatch | None:
+        if header is None:
+            return None
+        versions = set()
+        for part in header.split(","):
+            part = part.strip()
+            if part == "*":
+                return cls(any=True)
+            match = _TAG.match(part)
+            if match:
+                versions.add(int(match.group(1)))
+        return cls(frozenset(versions))

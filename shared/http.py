@@ -1,0 +1,226 @@
+"""HTTP plumbing both APIs share: envelopes, the error handlers, and request context
+(request id, trailing slashes, body size limit)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import ApiError, ServiceUnavailable
+
+log = logging.getLogger("taskservice.http")
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    return {"timestamp": now_iso(), "request_id": REQUEST_ID.get(), **extra}
+
+
+class Envelope(JSONResponse):
+    """A JSON response whose body is ``{data, meta}``."""
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        **meta_extra: Any,
+    ) -> None:
+        super().__init__({"data": data, "meta": meta(**meta_extra)}, status_code, headers)
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return JSONResponse({"error": error, "meta": meta()}, status, dict(headers or {}))
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "path", "query", "header")]
+    if not parts:
+        return str(loc[0]) if loc else "request"
+    return ".".join(parts)
+
+
+def validation_details(errors: Any) -> dict[str, str]:
+    details: dict[str, str] = {}
+    for err in errors:
+        name = _field_name(tuple(err.get("loc", ())))
+        if err.get("type") == "json_invalid":
+            name, message = "body", "Malformed JSON"
+        elif err.get("type") == "extra_forbidden":
+            message = "Unknown field"
+        else:
+            message = str(err.get("msg", "Invalid value"))
+        details.setdefault(name, message)
+    return details
+
+
+def install_error_handlers(
+    app: FastAPI, unavailable: tuple[type[BaseException], ...] = ()
+) -> None:
+    """Render every error in the ``{error, meta}`` envelope; no handler turns a
+    failure into a success, and nothing unexpected leaks beyond INTERNAL_ERROR."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(
+            422, "VALIDATION_ERROR", "Validation failed", validation_details(exc.errors())
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(404, "NOT_FOUND", "Route not found")
+        if exc.status_code == 405:
+            return error_response(
+                405, "METHOD_NOT_ALLOWED", "Method not allowed", headers=exc.headers
+            )
+        if exc.status_code == 400:
+            return error_response(
+                422, "VALIDATION_ERROR", "Malformed request body", {"body": "Malformed body"}
+            )
+        return error_response(exc.status_code, "ERROR", str(exc.detail), headers=exc.headers)
+
+    async def _unavailable(_: Request, exc: Exception) -> Response:
+        log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+        return error_response(
+            503,
+            ServiceUnavailable.code,
+            "Database unavailable, try again shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    for exc_type in unavailable:
+        app.add_exception_handler(exc_type, _unavailable)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "INTERNAL_ERROR", "Internal server error")
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id in and out, trailing slash folded away without
+    a redirect, and request bodies capped before any route reads them."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _SANE_REQUEST_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                content_length = value
+        request_id = request_id or uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+
+        raw_id = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                headers.append((b"x-request-id", raw_id))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            too_large = False
+            if content_length is not None:
+                try:
+                    too_large = int(content_length) > self.max_body_bytes
+                except ValueError:
+                    too_large = True
+            if not too_large and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+                body, too_large = await self._read_body(receive)
+                receive = _replay(body, receive)
+            if too_large:
+                response = error_response(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    f"Request body exceeds {self.max_body_bytes} bytes",
+                )
+                await response(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or REQUEST_ID.get()

@@ -1,0 +1,48 @@
+"""Response shapes, for the OpenAPI documents both APIs serve."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class TaskOut(BaseModel):
+    id: str
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: str
+    updated_at: str
+    version: int
+
+
+class Meta(BaseModel):
+    timestamp: str
+    request_id: str
+    position: str | None = None
+    total: int | None = None
+    stale: bool | None = None
+
+
+class DataEnvelope(BaseModel, Generic[T]):
+    data: T
+    meta: Meta
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+    meta: Meta
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorEnvelope} for status in statuses}

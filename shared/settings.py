@@ -1,0 +1,111 @@
+"""One validated settings object, built once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "your-secret-here", "placeholder"}
+MIN_SECRET_LENGTH = 32
+
+
+class SettingsError(Exception):
+    """A setting is missing or unsafe; the message names it."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    environment: Literal["development", "test", "production"] = "production"
+    database_url: str | None = None
+    # The query side may read from a replica; defaults to database_url.
+    read_database_url: str | None = None
+
+    better_auth_secret: str | None = None
+    better_auth_url: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwks_refetch_interval: float = Field(default=30.0, ge=0)
+    jwt_leeway: float = Field(default=0.0, ge=0, le=300)
+
+    max_body_bytes: int = Field(default=65_536, ge=1024)
+    max_token_bytes: int = Field(default=8_192, ge=256)
+    idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
+    command_retries: int = Field(default=20, ge=1, le=1000)
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_connect_timeout: int = Field(default=5, ge=1)
+    read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if not (self.better_auth_secret or self.better_auth_url or self.jwks_url):
+            raise ValueError(
+                "no auth method configured: set BETTER_AUTH_SECRET (HS256) "
+                "or BETTER_AUTH_URL / JWKS_URL (Better Auth JWT plugin keys)"
+            )
+        secret = self.better_auth_secret
+        if secret and self.environment == "production":
+            if secret.strip().lower() in PLACEHOLDER_SECRETS or secret.startswith("dev-"):
+                raise ValueError("BETTER_AUTH_SECRET is a placeholder; set a real secret")
+            if len(secret) < MIN_SECRET_LENGTH:
+                raise ValueError(
+                    f"BETTER_AUTH_SECRET is shorter than {MIN_SECRET_LENGTH} characters"
+                )
+        return self
+
+    @property
+    def effective_jwks_url(self) -> str | None:
+        if self.jwks_url:
+            return self.jwks_url
+        if self.better_auth_url:
+            return self.better_auth_url.rstrip("/") + "/api/auth/jwks"
+        return None
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SettingsError("DATABASE_URL is not set")
+        return self.database_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = env.get(name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None
+
+
+SETTING_NAMES = frozenset(name.upper() for name in Settings.model_fields)
+
+
+def postgres_params(url: str) -> dict[str, str]:
+    """Split a postgresql:// URL into host, port, dbname, user and password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SettingsError(f"DATABASE_URL must start with postgresql://, got {parts.scheme!r}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    host = unquote(parts.hostname or "") or query.get("host") or "localhost"
+    return {
+        "host": host,
+        "port": str(parts.port or query.get("port") or 5432),
+        "dbname": unquote(parts.path.lstrip("/")) or query.get("dbname") or "postgres",
+        "user": unquote(parts.username or "") or query.get("user") or "postgres",
+        "password": unquote(parts.password or "") or query.get("password") or "",
+    }

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shared.schema import init_database
+from shared.settings import Settings
+from tests.support import TEST_SECRET, PostgresServer
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server: PostgresServer) -> Iterator[str]:
+    """One database for this test run, initialised like production (`taskctl db init`).
+    Tests share it and stay apart by using their own users and task ids."""
+    url = pg_server.create_database()
+    init_database(Settings(environment="test", database_url=url, better_auth_secret=TEST_SECRET))
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(environment="test", database_url=database_url, better_auth_secret=TEST_SECRET)
+
+
+@pytest.fixture(scope="session")
+def command_client(settings: Settings) -> Iterator[TestClient]:
+    from command_api.app import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client

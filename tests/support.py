@@ -1,0 +1,82 @@
+"""Helpers shared by the test tiers: a PostgreSQL server, per-run databases, tokens."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from shared.auth import mint_token
+
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def _local_server() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            pass
+    except OSError:
+        return None
+    url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    return url if _reachable(url) else None
+
+
+class PostgresServer:
+    """DATABASE_URL if set, else the machine's server on 127.0.0.1:5432, else an
+    embedded one (pgserver or initdb) in a temporary folder."""
+
+    def __init__(self) -> None:
+        self.embedded = None
+        url = os.environ.get("DATABASE_URL") or _local_server()
+        if url is None:
+            from shared.embedded import EmbeddedPostgres
+
+            self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="taskservice-test-pg-")))
+            url = self.embedded.start()
+        self.url = url
+
+    def create_database(self, prefix: str = "taskservice_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return with_database(self.url, name)
+
+    def drop_database(self, url: str) -> None:
+        name = database_name(url)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def new_user() -> str:
+    """A fresh user id, Better Auth style (32 random characters)."""
+    return uuid.uuid4().hex
+
+
+def bearer(user_id: str, **kwargs: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(TEST_SECRET, user_id, **kwargs)}"}
