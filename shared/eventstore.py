@@ -87,11 +87,14 @@ class TaskRecorder(PostgresApplicationRecorder):
         super()._insert_events(curs, stored_events, **kwargs)
         if idempotency is not None:
             r = idempotency
-            curs.execute(
-                self._insert_idempotency,
-                (r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version),
-                prepare=True,
-            )
+            # Synced on its own (a nested pipeline syncs on exit), so a second request with
+            # the same key fails here with the key's unique violation, before any event.
+            with curs.connection.pipeline():
+                curs.execute(
+                    self._insert_idempotency,
+                    (r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version),
+                    prepare=True,
+                )
 
 
 class TaskStore(Application[UUID]):

@@ -1,0 +1,260 @@
+"""Versions, idempotency and concurrency on the command side: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from command_api.commands import ChangeTask, CreateTask
+from command_api.handlers import Actor, TaskCommands
+from shared.errors import PreconditionFailed
+from shared.etag import IfMatch
+from shared.eventstore import TaskStore, open_store
+from shared.settings import Settings
+from shared.tasks import Task
+from tests.support import bearer, new_user
+
+
+@pytest.fixture(scope="module")
+def store(settings: Settings):
+    store = open_store(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50}))
+    yield store
+    store.close()
+
+
+def stored_events(store: TaskStore, task_id: str) -> list:
+    return list(store.events.get(uuid.UUID(task_id)))
+
+
+def create(client: TestClient, user: str, **headers: str) -> dict:
+    response = client.post("/api/tasks", json={"title": "t"}, headers={**bearer(user), **headers})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+# -- events are always stamped -------------------------------------------------------------
+
+
+def test_every_event_carries_actor_request_id_timestamp_and_owner(
+    command_client: TestClient, store: TaskStore
+):
+    user = new_user()
+    task = create(command_client, user, **{"X-Request-ID": "stamp-1"})
+    path = f"/api/tasks/{task['id']}"
+    command_client.patch(path, json={"title": "u", "description": "d"}, headers={**bearer(user), "X-Request-ID": "stamp-2"})
+    command_client.patch(path, json={"completed": True}, headers={**bearer(user), "X-Request-ID": "stamp-3"})
+    command_client.patch(path, json={"completed": False}, headers={**bearer(user), "X-Request-ID": "stamp-4"})
+    command_client.delete(path, headers={**bearer(user), "X-Request-ID": "stamp-5"})
+
+    events = stored_events(store, task["id"])
+    assert [type(e).TOPIC for e in events] == [
+        "TaskCreated",
+        "TaskTitleChanged",
+        "TaskDescriptionChanged",
+        "TaskCompleted",
+        "TaskReopened",
+        "TaskDeleted",
+    ]
+    assert [e.originator_version for e in events] == [1, 2, 3, 4, 5, 6]
+    assert all(e.actor == user for e in events)
+    assert [e.request_id for e in events] == ["stamp-1", "stamp-2", "stamp-2", "stamp-3", "stamp-4", "stamp-5"]
+    assert all(e.timestamp.utcoffset().total_seconds() == 0 for e in events)
+    assert events[0].owner == user
+
+
+def test_an_event_without_an_actor_cannot_be_made():
+    with pytest.raises(ValueError, match="actor"):
+        Task.create(owner="u", title="t", description=None, actor="", request_id="r")
+    task = Task.create(owner="u", title="t", description=None, actor="u", request_id="r")
+    with pytest.raises(ValueError, match="actor"):
+        task.change(actor="", request_id="r", title="x")
+    with pytest.raises(ValueError, match="actor"):
+        task.delete(actor="", request_id="r")
+
+
+# -- ETag / If-Match ----------------------------------------------------------------------
+
+
+def test_a_stale_if_match_is_412_and_changes_nothing(command_client: TestClient, store: TaskStore):
+    user = new_user()
+    task = create(command_client, user)
+    path = f"/api/tasks/{task['id']}"
+    fresh = command_client.patch(path, json={"title": "v2"}, headers={**bearer(user), "If-Match": '"v1"'})
+    assert fresh.status_code == 200 and fresh.headers["ETag"] == '"v2"'
+
+    stale = command_client.patch(path, json={"title": "lost"}, headers={**bearer(user), "If-Match": '"v1"'})
+    assert stale.status_code == 412
+    assert stale.json()["error"]["code"] == "PRECONDITION_FAILED"
+    stale_delete = command_client.delete(path, headers={**bearer(user), "If-Match": '"v1"'})
+    assert stale_delete.status_code == 412
+    garbage = command_client.patch(path, json={"title": "x"}, headers={**bearer(user), "If-Match": "nonsense"})
+    assert garbage.status_code == 412
+    assert [e.originator_version for e in stored_events(store, task["id"])] == [1, 2]
+
+    weak = command_client.patch(path, json={"title": "v3"}, headers={**bearer(user), "If-Match": 'W/"v2"'})
+    assert weak.status_code == 200
+    star = command_client.delete(path, headers={**bearer(user), "If-Match": "*"})
+    assert star.status_code == 204
+
+
+def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(store: TaskStore):
+    commands = TaskCommands(store)
+    user = new_user()
+    created = commands.create(Actor(user, "r"), CreateTask(title="race"))
+    task_id = uuid.UUID(created.task["id"])
+    barrier = threading.Barrier(10)
+
+    def attempt(i: int) -> str:
+        barrier.wait()
+        try:
+            commands.change(
+                Actor(user, f"r{i}"), task_id, ChangeTask(title=f"winner {i}"), IfMatch.parse('"v1"')
+            )
+            return "ok"
+        except PreconditionFailed:
+            return "412"
+
+    with ThreadPoolExecutor(10) as pool:
+        results = Counter(pool.map(attempt, range(10)))
+    assert results == {"ok": 1, "412": 9}
+    assert [e.originator_version for e in store.events.get(task_id)] == [1, 2]
+
+
+# -- concurrency without If-Match -----------------------------------------------------------
+
+
+def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore):
+    commands = TaskCommands(store, retries=200)
+    user = new_user()
+    created = commands.create(Actor(user, "r"), CreateTask(title="start"))
+    task_id = uuid.UUID(created.task["id"])
+    barrier = threading.Barrier(50)
+
+    def update(i: int) -> int:
+        barrier.wait()
+        return commands.change(Actor(user, f"req-{i}"), task_id, ChangeTask(title=f"title {i}"), None).task["version"]
+
+    with ThreadPoolExecutor(50) as pool:
+        versions = list(pool.map(update, range(50)))
+
+    events = list(store.events.get(task_id))
+    assert [e.originator_version for e in events] == list(range(1, 52))  # contiguous
+    titles = [e.title for e in events[1:]]
+    assert sorted(titles) == sorted(f"title {i}" for i in range(50))  # every update kept
+    assert sorted(versions) == list(range(2, 52))  # each response names its own version
+    final = store.repository.get(task_id)
+    assert final.title == events[-1].title  # the final state is the last event's
+
+
+# -- idempotency -----------------------------------------------------------------------------
+
+
+def test_a_retried_create_returns_the_first_response_and_appends_nothing(command_client: TestClient, store: TaskStore):
+    user = new_user()
+    headers = {**bearer(user), "Idempotency-Key": "create-once"}
+    first = command_client.post("/api/tasks", json={"title": "once"}, headers=headers)
+    second = command_client.post("/api/tasks", json={"title": "once"}, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["data"] == second.json()["data"]
+    assert first.json()["meta"]["position"] == second.json()["meta"]["position"]
+    assert second.headers["ETag"] == '"v1"'
+    assert len(stored_events(store, first.json()["data"]["id"])) == 1
+
+    other = command_client.post("/api/tasks", json={"title": "different"}, headers=headers)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_idempotency_keys_are_per_user(command_client: TestClient):
+    a, b = new_user(), new_user()
+    first = command_client.post("/api/tasks", json={"title": "same"}, headers={**bearer(a), "Idempotency-Key": "k"})
+    second = command_client.post("/api/tasks", json={"title": "same"}, headers={**bearer(b), "Idempotency-Key": "k"})
+    assert first.status_code == second.status_code == 201
+    assert first.json()["data"]["id"] != second.json()["data"]["id"]
+    assert second.json()["data"]["user_id"] == b
+
+
+def test_retried_updates_toggles_and_deletes_are_applied_once(command_client: TestClient, store: TaskStore):
+    user = new_user()
+    task = create(command_client, user)
+    toggle = f"/api/{user}/tasks/{task['id']}/complete"
+    headers = {**bearer(user), "Idempotency-Key": "toggle-1"}
+    first = command_client.patch(toggle, headers=headers)
+    second = command_client.patch(toggle, headers=headers)
+    assert first.json()["data"]["completed"] is True
+    assert second.json()["data"] == first.json()["data"]  # not toggled back
+
+    patch_headers = {**bearer(user), "Idempotency-Key": "patch-1"}
+    p1 = command_client.patch(f"/api/tasks/{task['id']}", json={"title": "n"}, headers=patch_headers)
+    command_client.patch(f"/api/tasks/{task['id']}", json={"title": "later"}, headers=bearer(user))
+    p2 = command_client.patch(f"/api/tasks/{task['id']}", json={"title": "n"}, headers=patch_headers)
+    assert p2.json()["data"] == p1.json()["data"]  # the first response, not the current state
+
+    delete_headers = {**bearer(user), "Idempotency-Key": "delete-1"}
+    d1 = command_client.delete(f"/api/tasks/{task['id']}", headers=delete_headers)
+    d2 = command_client.delete(f"/api/tasks/{task['id']}", headers=delete_headers)
+    assert d1.status_code == d2.status_code == 204
+    assert d1.headers["X-Position"] == d2.headers["X-Position"]
+    topics = [type(e).TOPIC for e in stored_events(store, task["id"])]
+    assert topics.count("TaskCompleted") == 1 and topics.count("TaskDeleted") == 1
+
+
+def test_an_invalid_idempotency_key_is_422(command_client: TestClient):
+    response = command_client.post(
+        "/api/tasks", json={"title": "x"}, headers={**bearer(new_user()), "Idempotency-Key": "x" * 300}
+    )
+    assert response.status_code == 422
+    assert "Idempotency-Key" in response.json()["error"]["details"]
+
+
+def test_concurrent_retries_with_one_key_create_one_task(store: TaskStore):
+    commands = TaskCommands(store)
+    user = new_user()
+    barrier = threading.Barrier(12)
+
+    def retry(i: int) -> str:
+        barrier.wait()
+        actor = Actor(user, f"r{i}", idempotency_key="concurrent-key", fingerprint="same-request")
+        return commands.create(actor, CreateTask(title="only one")).task["id"]
+
+    with ThreadPoolExecutor(12) as pool:
+        ids = set(pool.map(retry, range(12)))
+    assert len(ids) == 1
+    created = _count_created(store, user)
+    assert created == 1
+
+
+def _count_created(store: TaskStore, user: str) -> int:
+    with store.recorder.datastore.get_connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM tasks_events WHERE topic = 'TaskCreated'"
+            " AND convert_from(state, 'UTF8')::jsonb ->> 'owner' = %s",
+            (user,),
+        ).fetchone()
+    return row["n"]
+
+
+# -- the database going away ------------------------------------------------------------------
+
+
+def test_ready_and_commands_answer_503_when_the_database_is_unreachable():
+    from command_api.app import create_app
+
+    settings = Settings(
+        environment="test",
+        database_url="postgresql://postgres@127.0.0.1:1/nowhere",
+        better_auth_secret="x" * 40,
+        db_connect_timeout=1,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready = client.get("/api/ready")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        command = client.post("/api/tasks", json={"title": "x"}, headers=bearer(new_user(), ttl_seconds=60))
+        assert command.status_code in (401, 503)
+        assert client.get("/api/health").status_code == 200
