@@ -10,11 +10,14 @@ transaction as its events, so a retry either finds the record or writes everythi
 from __future__ import annotations
 
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
+from weakref import WeakValueDictionary
 
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
@@ -61,6 +64,8 @@ class TaskCommands:
     def __init__(self, store: TaskStore, *, retries: int = 20) -> None:
         self.store = store
         self.retries = retries
+        self._task_locks: WeakValueDictionary[UUID, threading.Lock] = WeakValueDictionary()
+        self._locks_guard = threading.Lock()
         schema = store.recorder.datastore.schema
         self._select_key = SQL(
             "SELECT fingerprint, status, task_id, version FROM {t}"
@@ -137,6 +142,17 @@ class TaskCommands:
             earlier = self._replay(actor)
             if earlier is not None:
                 return earlier
+        with self._serialised(task_id):
+            return self._attempt(actor, task_id, expected, decide, status)
+
+    def _attempt(
+        self,
+        actor: Actor,
+        task_id: UUID | None,
+        expected: IfMatch | None,
+        decide: Callable[[Task | None], Task],
+        status: int,
+    ) -> Outcome:
         for attempt in range(self.retries):
             current = self._load(actor.user_id, task_id) if task_id else None
             if expected is not None and current and not expected.accepts(current.version):
@@ -170,6 +186,20 @@ class TaskCommands:
                 position = self._position_of(task.id, task.version)
             return Outcome(status, None if status == 204 else task_view(task), position)
         raise Conflict("The task is being changed by others; try again")
+
+    @contextmanager
+    def _serialised(self, task_id: UUID | None) -> Iterator[None]:
+        """Commands on one task from this process take turns, so they do not race each
+        other into version conflicts; other processes are still caught by the key."""
+        if task_id is None:
+            yield
+            return
+        with self._locks_guard:
+            lock = self._task_locks.get(task_id)
+            if lock is None:
+                lock = self._task_locks[task_id] = threading.Lock()
+        with lock:
+            yield
 
     def _load(self, user_id: str, task_id: UUID) -> Task:
         try:

@@ -129,15 +129,17 @@ def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(store: Ta
 
 
 def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore):
-    commands = TaskCommands(store, retries=200)
+    # Five handler instances stand for five API processes: within one, commands on a task
+    # take turns; between them, the (task id, version) key and the retry keep every event.
+    handlers = [TaskCommands(store, retries=200) for _ in range(5)]
     user = new_user()
-    created = commands.create(Actor(user, "r"), CreateTask(title="start"))
+    created = handlers[0].create(Actor(user, "r"), CreateTask(title="start"))
     task_id = uuid.UUID(created.task["id"])
     barrier = threading.Barrier(50)
 
     def update(i: int) -> int:
         barrier.wait()
-        return commands.change(Actor(user, f"req-{i}"), task_id, ChangeTask(title=f"title {i}"), None).task["version"]
+        return handlers[i % 5].change(Actor(user, f"req-{i}"), task_id, ChangeTask(title=f"title {i}"), None).task["version"]
 
     with ThreadPoolExecutor(50) as pool:
         versions = list(pool.map(update, range(50)))
