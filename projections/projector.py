@@ -1,0 +1,259 @@
+"""The projector: follows the event store and keeps the read tables up to date.
+
+Each step is one transaction: lock the checkpoint row, read up to `batch_size` events
+after it (`notification_id > checkpoint ORDER BY notification_id`: the recorder's
+table lock makes ids visible in commit order, so nothing is passed over), fold them
+into the read models, write every model's rows with a few multi-row statements, move
+the checkpoint and NOTIFY `projection_advanced`. A crash at any instant leaves the
+read tables exactly at some checkpoint.
+
+A handler that fails stops the projector (`HandlerFailed` names the event): it never
+skips an event. The live loop (`run`) is woken by the event store's NOTIFY, polls as a
+fallback, reconnects with backoff, and holds a session advisory lock so only one
+projector applies events at a time (a second one waits and takes over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from projections import task_history, task_list, user_stats
+from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
+from projections.task_list import TaskState
+from shared.eventcodec import CREATED, TaskEvent, UndecodableEvent, decode_event
+from shared.eventstore import EVENTS_TABLE
+
+log = logging.getLogger("projections.projector")
+
+# The three read models share one checkpoint: the task list's rows are the state the
+# history's "from" values and the counts' changes are computed from.
+PROJECTION = "task_views"
+BATCH_SIZE = 500
+POLL_INTERVAL = 1.0
+APPLICATION_NAME = "taskservice-projector"
+LOCK_APPLICATION_NAME = "taskservice-projector-lock"
+
+ENSURE_CHECKPOINT = (
+    "INSERT INTO {checkpoints} (projection, position) VALUES ($1, 0)"
+    " ON CONFLICT (projection) DO NOTHING"
+)
+LOCK_CHECKPOINT = "SELECT position FROM {checkpoints} WHERE projection = $1 FOR UPDATE"
+SAVE_CHECKPOINT = (
+    "UPDATE {checkpoints} SET position = $2, updated_at = now() WHERE projection = $1"
+)
+SELECT_EVENTS = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    f" FROM {EVENTS_TABLE} WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
+)
+NOTIFY_ADVANCED = f"SELECT pg_notify('{ADVANCED_CHANNEL}', $1)"
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+WAIT_LOCK = "SELECT pg_advisory_lock(hashtextextended($1, 0))"
+
+RETRYABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+class HandlerFailed(Exception):
+    """An event could not be applied; the projector stops before it."""
+
+    def __init__(self, position: int, task_id: Any, version: int, topic: str, cause: str) -> None:
+        self.position = position
+        super().__init__(
+            f"cannot apply event position={position} task_id={task_id} version={version}"
+            f" topic={topic}: {cause}"
+        )
+
+
+def _decode(rows: Sequence[asyncpg.Record]) -> list[TaskEvent]:
+    events = []
+    for position, task_id, version, topic, state in rows:
+        try:
+            events.append(decode_event(position, task_id, version, topic, state))
+        except UndecodableEvent as e:
+            raise HandlerFailed(position, task_id, version, topic, str(e)) from e
+    return events
+
+
+def _failed(event: TaskEvent, cause: object) -> HandlerFailed:
+    return HandlerFailed(event.position, event.task_id, event.version, event.topic, str(cause))
+
+
+async def apply_events(conn: asyncpg.Connection, events: list[TaskEvent], t: Tables) -> None:
+    """Fold `events` into every read model and write their rows (inside the caller's
+    transaction). Events the read tables already hold are left alone."""
+    states = await task_list.load_states(conn, t, list({e.task_id for e in events}))
+    # A task with no row and no creation in this batch: its events can only be ones
+    # applied before the task was deleted (a re-application); history says which.
+    created = {e.task_id for e in events if e.topic == CREATED}
+    orphans = [
+        e.position for e in events if e.task_id not in states and e.task_id not in created
+    ]
+    applied = await task_history.applied_positions(conn, t, orphans) if orphans else set()
+
+    batches = (task_list.Batch(), task_history.Batch(), user_stats.Batch())
+    deleted: set[Any] = set()
+    for event in events:
+        before: TaskState | None = states.get(event.task_id)
+        if before is not None and event.version <= before.version:
+            continue  # applied already
+        if event.position in applied:
+            continue
+        try:
+            if before is None and event.topic != CREATED:
+                raise LookupError(
+                    "deleted task" if event.task_id in deleted else "no such task in the read tables"
+                )
+            after = task_list.evolve(event, before)
+            for batch in batches:
+                batch.apply(event, before, after)
+        except Exception as e:  # noqa: BLE001 - wrapped, named and re-raised: never skipped
+            raise _failed(event, f"{type(e).__name__}: {e}") from e
+        if after is None:
+            states.pop(event.task_id, None)
+            deleted.add(event.task_id)
+        else:
+            states[event.task_id] = after
+    for batch in batches:
+        await batch.write(conn, t)
+
+
+async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = DEFAULT) -> None:
+    await conn.execute(ENSURE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
+
+
+async def step(
+    conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+) -> tuple[int, int]:
+    """Apply the next batch in one transaction; (checkpoint, events applied)."""
+    async with conn.transaction():
+        position = await conn.fetchval(
+            LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION
+        )
+        if position is None:
+            raise RuntimeError(f"no checkpoint row {PROJECTION!r}: run ensure_checkpoint first")
+        rows = await conn.fetch(SELECT_EVENTS, position, batch_size)
+        if not rows:
+            return position, 0
+        await apply_events(conn, _decode(rows), t)
+        position = rows[-1]["notification_id"]
+        await conn.execute(SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, position)
+        if t == DEFAULT:
+            await conn.execute(NOTIFY_ADVANCED, str(position))
+    return position, len(rows)
+
+
+async def drain(
+    conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+) -> int:
+    while True:
+        position, count = await step(conn, t, batch_size)
+        if count:
+            log.debug("applied %d events up to position %d", count, position)
+        if count < batch_size:
+            return position
+
+
+async def catch_up(dsn: str, *, tables: Tables = DEFAULT, batch_size: int = BATCH_SIZE) -> int:
+    """Apply every event committed so far; the new checkpoint position."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await ensure_checkpoint(conn, tables)
+        return await drain(conn, tables, batch_size)
+    finally:
+        await conn.close()
+
+
+# -- the live process ------------------------------------------------------------------
+
+
+async def run(
+    dsn: str,
+    *,
+    batch_size: int = BATCH_SIZE,
+    poll_interval: float = POLL_INTERVAL,
+    max_backoff: float = 5.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event."""
+    stop = stop or asyncio.Event()
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            await _follow(dsn, batch_size, poll_interval, stop)
+            return
+        except RETRYABLE as e:
+            delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311
+            log.warning("projector lost the database (%s: %s); retrying in %.1fs",
+                        type(e).__name__, e, delay)
+            backoff = min(max_backoff, backoff * 2)
+            await _sleep_unless(stop, delay)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+class _LostConnection(ConnectionError):
+    pass
+
+
+async def _follow(dsn: str, batch_size: int, poll_interval: float, stop: asyncio.Event) -> None:
+    lock_conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": LOCK_APPLICATION_NAME}
+    )
+    conn: asyncpg.Connection | None = None
+    try:
+        key = f"taskservice.projector:{PROJECTION}"
+        if not await lock_conn.fetchval(TRY_LOCK, key):
+            log.info("another projector is active; waiting to take over")
+            waiting = asyncio.ensure_future(lock_conn.fetchval(WAIT_LOCK, key))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                stopping.cancel()
+                return
+            stopping.cancel()
+            waiting.result()
+        log.info("projector active")
+
+        wake = asyncio.Event()
+        conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+        conn.add_termination_listener(lambda _: wake.set())
+        lock_conn.add_termination_listener(lambda _: wake.set())
+        await conn.add_listener(EVENTS_TABLE, lambda *_: wake.set())
+        await ensure_checkpoint(conn)
+        while not stop.is_set():
+            if conn.is_closed() or lock_conn.is_closed():
+                raise _LostConnection("a projector connection closed")
+            wake.clear()
+            position = await drain(conn, DEFAULT, batch_size)
+            log.debug("caught up at position %d", position)
+            waiter = asyncio.ensure_future(wake.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopping}, timeout=poll_interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopping.cancel()
+    finally:
+        for c in (conn, lock_conn):
+            if c is not None and not c.is_closed():
+                c.terminate()

@@ -1,0 +1,130 @@
+"""Read model: task history, one row per event, kept after the task is deleted.
+
+`changes` holds {field: {"from": old, "to": new}}; a created task's fields come from
+null. A deleted task's row has no changes (its `event_type` says what happened).
+Rows are keyed by event-store position, so inserting one twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from projections.tables import Tables
+from projections.task_list import TaskState
+from shared.eventcodec import (
+    COMPLETED,
+    CREATED,
+    DELETED,
+    DESCRIPTION_CHANGED,
+    REOPENED,
+    TITLE_CHANGED,
+    TaskEvent,
+)
+
+Changes = dict[str, dict[str, Any]]
+
+
+def ddl(t: Tables) -> list[str]:
+    return [
+        f"CREATE TABLE IF NOT EXISTS {t.history} ("
+        " user_id text NOT NULL, position bigint NOT NULL, task_id uuid NOT NULL,"
+        " version bigint NOT NULL, event_type text NOT NULL, actor text NOT NULL,"
+        " request_id text NOT NULL, occurred_at timestamptz NOT NULL, changes jsonb NOT NULL,"
+        " PRIMARY KEY (user_id, position))",
+        f"CREATE INDEX IF NOT EXISTS {t.history}_user_task_idx"
+        f" ON {t.history} (user_id, task_id, version)",
+        f"CREATE INDEX IF NOT EXISTS {t.history}_user_time_idx"
+        f" ON {t.history} (user_id, occurred_at DESC, position DESC)",
+    ]
+
+
+INSERT_ROWS = (
+    "INSERT INTO {history} (user_id, position, task_id, version, event_type, actor,"
+    " request_id, occurred_at, changes)"
+    " SELECT u, p, i, v, e, a, r, o, c::jsonb FROM unnest($1::text[], $2::bigint[],"
+    " $3::uuid[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],"
+    " $9::text[]) AS x(u, p, i, v, e, a, r, o, c)"
+    " ON CONFLICT (user_id, position) DO NOTHING"
+)
+
+# Only for re-applied events of a task deleted since: which positions are in already.
+SELECT_POSITIONS = "SELECT position FROM {history} WHERE position = ANY($1::bigint[])"
+
+
+def _change(old: Any, new: Any) -> dict[str, Any]:
+    return {"from": old, "to": new}
+
+
+def _created(e: TaskEvent, _: TaskState | None) -> Changes:
+    return {
+        "title": _change(None, e.data["title"]),
+        "description": _change(None, e.data["description"]),
+        "completed": _change(None, False),
+    }
+
+
+def _title_changed(e: TaskEvent, s: TaskState) -> Changes:
+    return {"title": _change(s.title, e.data["title"])}
+
+
+def _description_changed(e: TaskEvent, s: TaskState) -> Changes:
+    return {"description": _change(s.description, e.data["description"])}
+
+
+def _completed(_: TaskEvent, s: TaskState) -> Changes:
+    return {"completed": _change(s.completed, True)}
+
+
+def _reopened(_: TaskEvent, s: TaskState) -> Changes:
+    return {"completed": _change(s.completed, False)}
+
+
+def _deleted(_: TaskEvent, __: TaskState) -> Changes:
+    return {}
+
+
+CHANGES: dict[str, Callable[[TaskEvent, Any], Changes]] = {
+    CREATED: _created,
+    TITLE_CHANGED: _title_changed,
+    DESCRIPTION_CHANGED: _description_changed,
+    COMPLETED: _completed,
+    REOPENED: _reopened,
+    DELETED: _deleted,
+}
+
+
+async def applied_positions(
+    conn: asyncpg.Connection, t: Tables, positions: list[int]
+) -> set[int]:
+    rows = await conn.fetch(SELECT_POSITIONS.format(history=t.history), positions)
+    return {row["position"] for row in rows}
+
+
+class Batch:
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def apply(self, event: TaskEvent, before: TaskState | None, after: TaskState | None) -> None:
+        changes = CHANGES[event.topic](event, before)
+        owner = (after or before).user_id  # type: ignore[union-attr]
+        self.rows.append(
+            (
+                owner,
+                event.position,
+                event.task_id,
+                event.version,
+                event.topic,
+                event.actor,
+                event.request_id,
+                event.timestamp,
+                json.dumps(changes, separators=(",", ":")),
+            )
+        )
+
+    async def write(self, conn: asyncpg.Connection, t: Tables) -> None:
+        if self.rows:
+            await conn.execute(INSERT_ROWS.format(history=t.history), *map(list, zip(*self.rows)))
