@@ -1,0 +1,71 @@
+"""The Task aggregate decides; these need no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.etag import IfMatch, etag
+from shared.position import BadPosition, decode, encode
+from shared.tasks import EVENT_TOPICS, Task, TaskDeleted
+
+
+def new_task() -> Task:
+    return Task.create(owner="u1", title="t", description=None, actor="u1", request_id="r1")
+
+
+def topics(task: Task) -> list[str]:
+    return [type(e).TOPIC for e in task.collect_events()]
+
+
+def test_creating_emits_task_created_with_owner_and_stamp():
+    task = new_task()
+    (event,) = task.collect_events()
+    assert type(event).TOPIC == "TaskCreated"
+    assert (event.owner, event.actor, event.request_id, event.title) == ("u1", "u1", "r1", "t")
+    assert event.timestamp.utcoffset().total_seconds() == 0
+
+
+def test_changes_emit_one_event_per_changed_field_and_none_for_no_change():
+    task = new_task()
+    task.collect_events()
+    task.change(actor="u1", request_id="r2", title="t", completed=False)
+    assert topics(task) == []
+    task.change(actor="u1", request_id="r2", title="new", description="d", set_description=True, completed=True)
+    assert topics(task) == ["TaskTitleChanged", "TaskDescriptionChanged", "TaskCompleted"]
+    task.change(actor="u1", request_id="r3", completed=False)
+    assert topics(task) == ["TaskReopened"]
+    assert (task.title, task.description, task.completed, task.version) == ("new", "d", False, 5)
+
+
+def test_a_deleted_task_takes_no_more_commands():
+    task = new_task()
+    task.delete(actor="u1", request_id="r")
+    assert task.deleted
+    with pytest.raises(TaskDeleted):
+        task.change(actor="u1", request_id="r", title="x")
+    with pytest.raises(TaskDeleted):
+        task.delete(actor="u1", request_id="r")
+
+
+def test_every_event_topic_is_registered_once():
+    assert set(EVENT_TOPICS) == {
+        "TaskCreated", "TaskTitleChanged", "TaskDescriptionChanged",
+        "TaskCompleted", "TaskReopened", "TaskDeleted",
+    }
+
+
+def test_positions_round_trip_and_reject_foreign_tokens():
+    assert decode(encode(42)) == 42
+    for bad in ("42", "p2.1", "p1.", "p1.-3", "p1.1e9", ""):
+        with pytest.raises(BadPosition):
+            decode(bad)
+
+
+def test_if_match_accepts_current_weak_and_star_and_rejects_garbage():
+    assert IfMatch.parse(etag(3)).accepts(3)
+    assert IfMatch.parse('W/"v3"').accepts(3)
+    assert IfMatch.parse('"v1", "v3"').accepts(3)
+    assert IfMatch.parse("*").accepts(99)
+    assert not IfMatch.parse('"v2"').accepts(3)
+    assert not IfMatch.parse("garbage").accepts(3)
+    assert IfMatch.parse(None) is None
