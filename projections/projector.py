@@ -257,3 +257,23 @@ async def _follow(dsn: str, batch_size: int, poll_interval: float, stop: asyncio
         for c in (conn, lock_conn):
             if c is not None and not c.is_closed():
                 c.terminate()
+
+
+def main(dsn: str, *, batch_size: int = BATCH_SIZE, poll_interval: float = POLL_INTERVAL) -> int:
+    """`taskctl projector`: follow the event store until SIGTERM/SIGINT; the exit status."""
+    import signal  # noqa: PLC0415
+
+    async def follow() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run(dsn, batch_size=batch_size, poll_interval=poll_interval, stop=stop)
+        except HandlerFailed as e:
+            log.critical("projector stopped: %s", e)
+            return 1
+        log.info("projector stopped")
+        return 0
+
+    return asyncio.run(follow())

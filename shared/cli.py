@@ -51,6 +51,26 @@ def cmd_command_api(args: argparse.Namespace) -> None:
     _serve("command_api.app:create_app", args.host, args.port, _settings())
 
 
+def cmd_query_api(args: argparse.Namespace) -> None:
+    _serve("query_api.app:create_app", args.host, args.port, _settings())
+
+
+def cmd_projector(args: argparse.Namespace) -> None:
+    from projections.projector import main as follow  # noqa: PLC0415
+
+    settings = _settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    sys.exit(
+        follow(
+            settings.require_database_url(),
+            batch_size=args.batch_size,
+            poll_interval=args.poll_interval,
+        )
+    )
+
+
 def cmd_seed(args: argparse.Namespace) -> None:
     from command_api.seed import seed  # noqa: PLC0415
 
@@ -143,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     api.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
     api.set_defaults(func=cmd_command_api)
+
+    query = sub.add_parser("query-api", help="serve the query API with uvicorn")
+    query.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    query.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8002")))
+    query.set_defaults(func=cmd_query_api)
+
+    projector = sub.add_parser("projector", help="follow the event store into the read tables")
+    projector.add_argument("--batch-size", type=int, default=500, help="events per transaction")
+    projector.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between polls without NOTIFY"
+    )
+    projector.set_defaults(func=cmd_projector)
 
     seed = sub.add_parser("seed", help="create the plan's two demo users' tasks through commands")
     seed.add_argument("--reset", action="store_true", help="delete the demo users' tasks first")

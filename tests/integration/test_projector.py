@@ -1,0 +1,339 @@
+"""The projector against a real PostgreSQL: what each event does to the read tables,
+idempotence, the checkpoint's transaction, and stopping on a bad event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from projections.projector import HandlerFailed, catch_up
+from shared.eventstore import EVENTS_TABLE
+from shared.tasks import Task
+from tests.projection_support import (
+    REBUILD,
+    Writer,
+    checkpoint,
+    fresh_database,
+    insert_raw_event,
+    max_position,
+    snapshot,
+)
+from tests.support import PostgresServer, new_user
+
+
+@pytest.fixture(scope="module")
+def writer(database_url: str) -> Iterator[Writer]:
+    w = Writer(database_url)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def own_db(pg_server: PostgresServer) -> Iterator[str]:
+    url = fresh_database(pg_server)
+    yield url
+    pg_server.drop_database(url)
+
+
+def rows(url: str, sql: str, *args: object) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# -- what each event does ------------------------------------------------------------
+
+
+async def test_projects_every_event_type_into_list_history_and_counts(
+    database_url: str, writer: Writer
+) -> None:
+    user = new_user()
+    kept = writer.create(user, "Buy milk", "2 litres")
+    gone = writer.create(user, "Walk dog")
+    writer.change(user, kept, title="Buy oat milk")
+    writer.change(user, kept, description=None)
+    writer.change(user, kept, completed=True)
+    writer.change(user, gone, completed=True)
+    writer.change(user, gone, completed=False)
+    last = writer.delete(user, gone)
+
+    position = await catch_up(database_url)
+
+    assert last is not None and position >= last
+    tasks = rows(
+        database_url,
+        "SELECT task_id, title, description, completed, version, position, created_at < updated_at"
+        " FROM read_tasks WHERE user_id = %s",
+        user,
+    )
+    kept_position = rows(
+        database_url,
+        f"SELECT max(notification_id) FROM {EVENTS_TABLE} WHERE originator_id = %s",
+        kept,
+    )[0][0]
+    assert tasks == [(kept, "Buy oat milk", None, True, 4, kept_position, True)]
+
+    history = rows(
+        database_url,
+        "SELECT task_id, version, event_type, actor, changes FROM read_task_history"
+        " WHERE user_id = %s ORDER BY position",
+        user,
+    )
+    assert history == [
+        (kept, 1, "TaskCreated", user, {
+            "title": {"from": None, "to": "Buy milk"},
+            "description": {"from": None, "to": "2 litres"},
+            "completed": {"from": None, "to": False},
+        }),
+        (gone, 1, "TaskCreated", user, {
+            "title": {"from": None, "to": "Walk dog"},
+            "description": {"from": None, "to": None},
+            "completed": {"from": None, "to": False},
+        }),
+        (kept, 2, "TaskTitleChanged", user, {"title": {"from": "Buy milk", "to": "Buy oat milk"}}),
+        (kept, 3, "TaskDescriptionChanged", user,
+         {"description": {"from": "2 litres", "to": None}}),
+        (kept, 4, "TaskCompleted", user, {"completed": {"from": False, "to": True}}),
+        (gone, 2, "TaskCompleted", user, {"completed": {"from": False, "to": True}}),
+        (gone, 3, "TaskReopened", user, {"completed": {"from": True, "to": False}}),
+        (gone, 4, "TaskDeleted", user, {}),
+    ]
+    assert rows(
+        database_url,
+        "SELECT total, completed, pending FROM read_user_stats WHERE user_id = %s",
+        user,
+    ) == [(1, 1, 0)]
+
+
+async def test_history_positions_and_times_are_those_of_the_event_store(
+    database_url: str, writer: Writer
+) -> None:
+    user = new_user()
+    task = writer.create(user, "Stamp me")
+    writer.change(user, task, completed=True)
+    await catch_up(database_url)
+
+    stored = rows(
+        database_url,
+        f"SELECT notification_id, originator_version, topic FROM {EVENTS_TABLE}"
+        " WHERE originator_id = %s ORDER BY notification_id",
+        task,
+    )
+    history = rows(
+        database_url,
+        "SELECT position, version, event_type FROM read_task_history"
+        " WHERE user_id = %s AND task_id = %s ORDER BY position",
+        user,
+        task,
+    )
+    assert history == stored
+
+
+async def test_an_event_the_counts_ignore_still_advances_the_checkpoint(
+    database_url: str, writer: Writer
+) -> None:
+    user = new_user()
+    task = writer.create(user, "Old name")
+    await catch_up(database_url)
+    before = rows(database_url, "SELECT * FROM read_user_stats WHERE user_id = %s", user)
+
+    position = writer.change(user, task, title="New name")
+    reached = await catch_up(database_url)
+
+    assert position is not None and reached >= position
+    assert checkpoint(database_url) == reached
+    assert rows(database_url, "SELECT * FROM read_user_stats WHERE user_id = %s", user) == before
+
+
+async def test_users_see_only_their_own_rows(database_url: str, writer: Writer) -> None:
+    alice, bob = new_user(), new_user()
+    writer.create(alice, "Alice's")
+    writer.create(bob, "Bob's")
+    await catch_up(database_url)
+
+    assert rows(database_url, "SELECT title FROM read_tasks WHERE user_id = %s", alice) == [
+        ("Alice's",)
+    ]
+    assert rows(database_url, "SELECT user_id FROM read_task_history WHERE user_id = %s", bob) == [
+        (bob,)
+    ]
+
+
+# -- exactly once ----------------------------------------------------------------------
+
+
+async def test_reapplying_events_from_an_earlier_checkpoint_changes_nothing(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        writer.bulk(users=3, tasks_per_user=20)
+    finally:
+        writer.close()
+    end = await catch_up(own_db, batch_size=37)
+    applied = snapshot(own_db)
+
+    for restart_at in (0, end // 3, end - 1):
+        with psycopg.connect(own_db) as conn:
+            conn.execute("UPDATE projection_checkpoints SET position = %s", (restart_at,))
+        assert await catch_up(own_db, batch_size=29) == end
+        assert snapshot(own_db) == applied
+
+
+async def test_read_tables_equal_a_rebuild_into_fresh_tables(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        count = writer.bulk(users=4, tasks_per_user=15)
+    finally:
+        writer.close()
+    await catch_up(own_db, batch_size=50)
+    await _create_rebuild_tables(own_db)
+
+    await catch_up(own_db, tables=REBUILD, batch_size=500)
+
+    live = snapshot(own_db)
+    assert len(live["history"]) == count
+    assert snapshot(own_db, REBUILD) == live
+
+
+async def _create_rebuild_tables(url: str) -> None:
+    from projections.schema import create_read_tables_at
+
+    await create_read_tables_at(url, REBUILD)
+
+
+async def test_rows_and_checkpoint_commit_together(own_db: str) -> None:
+    writer = Writer(own_db)
+    user = new_user()
+    try:
+        writer.create(user, "First")
+        first = await catch_up(own_db)
+        writer.create(user, "Second")
+    finally:
+        writer.close()
+    with psycopg.connect(own_db) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN RAISE EXCEPTION 'checkpoint refused'; END$$;"
+            " CREATE TRIGGER refuse BEFORE UPDATE ON projection_checkpoints"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+    with pytest.raises(Exception, match="checkpoint refused"):
+        await catch_up(own_db)
+
+    assert checkpoint(own_db) == first
+    assert rows(own_db, "SELECT title FROM read_tasks WHERE user_id = %s", user) == [("First",)]
+    assert len(rows(own_db, "SELECT 1 FROM read_task_history WHERE user_id = %s", user)) == 1
+    with psycopg.connect(own_db) as conn:
+        conn.execute("DROP TRIGGER refuse ON projection_checkpoints")
+    await catch_up(own_db)
+    assert rows(own_db, "SELECT total FROM read_user_stats WHERE user_id = %s", user) == [(2,)]
+
+
+async def test_concurrent_catch_ups_apply_every_event_once(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        count = writer.bulk(users=5, tasks_per_user=20)
+    finally:
+        writer.close()
+
+    ends = await asyncio.gather(*(catch_up(own_db, batch_size=17) for _ in range(3)))
+
+    assert max(ends) == max_position(own_db)
+    assert len(snapshot(own_db)["history"]) == count
+    await _create_rebuild_tables(own_db)
+    await catch_up(own_db, tables=REBUILD)
+    assert snapshot(own_db) == snapshot(own_db, REBUILD)
+
+
+# -- a bad event stops the projector -----------------------------------------------------
+
+
+async def test_a_handler_error_stops_before_the_event_without_advancing(own_db: str) -> None:
+    writer = Writer(own_db)
+    user = new_user()
+    try:
+        writer.create(user, "Fine")
+        good = await catch_up(own_db)
+        earlier = writer.create(user, "Same batch, before the bad one")
+        stranger = uuid.uuid4()
+        state = json.dumps({
+            "timestamp": {"_type_": "datetime_iso", "_data_": "2025-01-01T00:00:00+00:00"},
+            "actor": user, "request_id": "r", "title": "orphan",
+        }).encode()
+        bad = insert_raw_event(own_db, stranger, 2, Task.TitleChanged.TOPIC, state)
+        writer.create(user, "After the bad one")
+    finally:
+        writer.close()
+
+    with pytest.raises(HandlerFailed) as failure:
+        await catch_up(own_db)
+
+    message = str(failure.value)
+    for part in (f"position={bad}", f"task_id={stranger}", "version=2", "topic=TaskTitleChanged"):
+        assert part in message
+    assert checkpoint(own_db) == good
+    assert rows(own_db, "SELECT 1 FROM read_tasks WHERE task_id = %s", earlier) == []
+    with pytest.raises(HandlerFailed):
+        await catch_up(own_db)  # and again: it never skips the event
+    assert checkpoint(own_db) == good
+
+
+async def test_an_undecodable_event_stops_the_projector(own_db: str) -> None:
+    task_id = uuid.uuid4()
+    bad = insert_raw_event(own_db, task_id, 1, "TaskRenamedByMistake", b"{}")
+
+    with pytest.raises(HandlerFailed, match=f"position={bad} .*topic=TaskRenamedByMistake"):
+        await catch_up(own_db)
+    assert checkpoint(own_db) == 0
+
+
+# -- no event is passed over -----------------------------------------------------------
+
+
+async def test_an_event_committed_late_under_an_open_writer_is_not_skipped(own_db: str) -> None:
+    """A writer holds its transaction open; others queue on the recorder's table lock;
+    the projector runs meanwhile, and still ends with every event exactly once."""
+    writer = Writer(own_db)
+    user = new_user()
+    try:
+        writer.create(user, "Before")
+        held = psycopg.connect(own_db)
+        held_task = Task.create(owner=user, title="Held", description=None, actor=user,
+                                request_id="held")
+        stored = writer.store.mapper.to_stored_event(held_task.collect_events()[0])
+        held.execute(f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE")
+        held.execute(
+            f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+            " VALUES (%s, %s, %s, %s)",
+            (stored.originator_id, stored.originator_version, stored.topic, stored.state),
+        )
+        others = [
+            threading.Thread(target=writer.create, args=(user, f"Queued {n}")) for n in range(3)
+        ]
+        for thread in others:
+            thread.start()
+        await asyncio.sleep(0.3)
+        during = await catch_up(own_db)
+        assert rows(own_db, "SELECT count(*) FROM read_tasks WHERE user_id = %s", user) == [(1,)]
+
+        held.commit()
+        held.close()
+        for thread in others:
+            thread.join(timeout=10)
+        end = await catch_up(own_db)
+    finally:
+        writer.close()
+
+    assert end > during
+    titles = rows(own_db, "SELECT title FROM read_tasks WHERE user_id = %s ORDER BY title", user)
+    assert titles == [("Before",), ("Held",), ("Queued 0",), ("Queued 1",), ("Queued 2",)]
+    positions = rows(own_db, "SELECT position FROM read_task_history ORDER BY position")
+    assert [p for (p,) in positions] == list(range(1, end + 1))
+    assert rows(own_db, "SELECT total, pending FROM read_user_stats WHERE user_id = %s", user) == [
+        (5, 5)
+    ]

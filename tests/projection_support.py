@@ -1,0 +1,141 @@
+"""Helpers for the projector tests: dedicated databases, bulk events, table snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from command_api.commands import ChangeTask, CreateTask
+from command_api.handlers import Actor, TaskCommands
+from projections.tables import DEFAULT, Tables
+from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
+from shared.schema import init_database
+from shared.settings import Settings
+from shared.tasks import Task
+from tests.support import TEST_SECRET, PostgresServer, new_user
+
+REBUILD = Tables(
+    tasks="rebuild_tasks",
+    history="rebuild_task_history",
+    stats="rebuild_user_stats",
+    checkpoints="rebuild_checkpoints",
+)
+
+
+def settings_for(url: str) -> Settings:
+    return Settings(environment="test", database_url=url, better_auth_secret=TEST_SECRET)
+
+
+def fresh_database(server: PostgresServer) -> str:
+    """A database of its own, initialised like production, for tests that stop the
+    projector on purpose or compare whole tables."""
+    url = server.create_database(prefix="taskservice_proj")
+    init_database(settings_for(url))
+    return url
+
+
+class Writer:
+    """Writes events the way the command API does (through `TaskCommands`)."""
+
+    def __init__(self, url: str) -> None:
+        self.store: TaskStore = open_store(settings_for(url))
+        self.commands = TaskCommands(self.store)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def create(self, user: str, title: str, description: str | None = None) -> UUID:
+        outcome = self.commands.create(
+            Actor(user, f"req-{uuid.uuid4().hex[:8]}"),
+            CreateTask(title=title, description=description),
+        )
+        assert outcome.task is not None
+        return UUID(outcome.task["id"])
+
+    def change(self, user: str, task_id: UUID, **fields: Any) -> int | None:
+        return self.commands.change(
+            Actor(user, f"req-{uuid.uuid4().hex[:8]}"), task_id, ChangeTask(**fields), None
+        ).position
+
+    def delete(self, user: str, task_id: UUID) -> int | None:
+        return self.commands.delete(Actor(user, "req-del"), task_id, None).position
+
+    def bulk(self, users: int, tasks_per_user: int) -> int:
+        """Many tasks with a mix of every event type, saved in one transaction; the count."""
+        tasks = []
+        for _ in range(users):
+            user = new_user()
+            for n in range(tasks_per_user):
+                stamp = {"actor": user, "request_id": f"bulk-{n}"}
+                task = Task.create(owner=user, title=f"task {n}", description=None, **stamp)
+                task.change(title=f"task {n}, renamed", completed=n % 2 == 0, **stamp)
+                task.change(description=f"about {n}", set_description=True, **stamp)
+                if n % 4 == 0:
+                    task.change(completed=False, **stamp)
+                if n % 5 == 0:
+                    task.delete(**stamp)
+                tasks.append(task)
+        recordings = self.store.save(*tasks)
+        return len(recordings)
+
+
+def insert_raw_event(url: str, task_id: UUID, version: int, topic: str, state: bytes) -> int:
+    """An event row written without the recorder (so without NOTIFY); its position."""
+    with psycopg.connect(url) as conn:
+        conn.execute(f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE")
+        row = conn.execute(
+            f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+            " VALUES (%s, %s, %s, %s) RETURNING notification_id",
+            (task_id, version, topic, state),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def snapshot(url: str, t: Tables = DEFAULT) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the read tables, in key order."""
+    with psycopg.connect(url) as conn:
+        return {
+            "tasks": conn.execute(f"SELECT * FROM {t.tasks} ORDER BY user_id, task_id").fetchall(),
+            "history": conn.execute(
+                f"SELECT * FROM {t.history} ORDER BY user_id, position"
+            ).fetchall(),
+            "stats": conn.execute(f"SELECT * FROM {t.stats} ORDER BY user_id").fetchall(),
+        }
+
+
+def checkpoint(url: str, t: Tables = DEFAULT) -> int | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            f"SELECT position FROM {t.checkpoints} WHERE projection = 'task_views'"
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def max_position(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {check}")
+        await asyncio.sleep(0.05)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {check}")
+        time.sleep(0.1)
