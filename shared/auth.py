@@ -29,48 +29,76 @@ MISSING = "Authorization header required"
 EXPIRED = "Token expired"
 INVALID = "Invalid token"
 
-# Which JWS algorithm a public key may verify, by key type (and curve).
-ASYMMETRIC_ALGORITHMS = {"EdDSA", "ES256", "RS256", "PS256"}
+ASYMMETRIC_ALGORITHMS = frozenset({"EdDSA", "ES256", "RS256", "PS256"})
 MAX_SUBJECT_LENGTH = 255
+MAX_JWKS_BYTES = 1_000_000
 
 
-def _allowed_algorithm(jwk: jwt.PyJWK) -> set[str]:
-    kty = jwk.key_type
+def allowed_algorithms(data: dict[str, Any]) -> frozenset[str]:
+    """The JWS algorithms a published public key may verify: fixed by its type and
+    curve, and narrowed to its declared ``alg`` when it has one."""
+    kty, crv = data.get("kty"), data.get("crv")
     if kty == "OKP":
-        return {"EdDSA"}
-    if kty == "EC":
-        return {"ES256"} if jwk._jwk_data.get("crv", "P-256") == "P-256" else set()
-    if kty == "RSA":
-        declared = jwk._jwk_data.get("alg")
-        return {declared} if declared in ("RS256", "PS256") else {"RS256", "PS256"}
-    return set()
+        by_type = frozenset({"EdDSA"}) if crv in ("Ed25519", "Ed448") else frozenset()
+    elif kty == "EC":
+        by_type = frozenset({"ES256"}) if crv == "P-256" else frozenset()
+    elif kty == "RSA":
+        by_type = frozenset({"RS256", "PS256"})
+    else:
+        by_type = frozenset()
+    declared = data.get("alg")
+    if declared is None:
+        return by_type
+    return by_type & {declared} if isinstance(declared, str) else frozenset()
+
+
+def parse_jwks(document: Any) -> dict[str | None, tuple[jwt.PyJWK, frozenset[str]]]:
+    """The usable signing keys of a JWKS document by ``kid``; anything else is skipped,
+    so one odd entry never hides the good keys."""
+    keys: dict[str | None, tuple[jwt.PyJWK, frozenset[str]]] = {}
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("JWKS document has no 'keys' list")
+    for data in entries:
+        if not isinstance(data, dict):
+            continue
+        kid = data.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            continue
+        if data.get("use", "sig") != "sig":
+            continue
+        algorithms = allowed_algorithms(data)
+        if not algorithms:
+            continue
+        try:
+            key = jwt.PyJWK(data)
+        except Exception as e:  # noqa: BLE001 - PyJWK raises more than PyJWTError
+            log.warning("skipping unusable JWKS key %r: %s", kid, e)
+            continue
+        keys[kid] = (key, algorithms)
+    return keys
 
 
 class JwksCache:
-    """The key set of a Better Auth server: fetched lazily, refetched on unknown kid."""
+    """The key set of a Better Auth server: fetched on first use, cached, and refetched
+    only for an unknown ``kid``, at most once per ``refetch_interval`` seconds (a failed
+    fetch counts too, so a key server outage is not hammered)."""
 
     def __init__(self, url: str, refetch_interval: float, timeout: float = 5.0) -> None:
         self.url = url
         self.refetch_interval = refetch_interval
         self.timeout = timeout
-        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._keys: dict[str | None, tuple[jwt.PyJWK, frozenset[str]]] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
 
-    def _fetch(self) -> dict[str | None, jwt.PyJWK]:
-        with urllib.request.urlopen(self.url, timeout=self.timeout) as response:  # noqa: S310
-            document = json.loads(response.read(1_000_000))
-        keys: dict[str | None, jwt.PyJWK] = {}
-        for data in document.get("keys", []):
-            try:
-                key = jwt.PyJWK(data)
-            except jwt.PyJWTError as e:
-                log.warning("skipping unusable JWKS key %s: %s", data.get("kid"), e)
-                continue
-            keys[data.get("kid")] = key
-        return keys
+    def _fetch(self) -> dict[str | None, tuple[jwt.PyJWK, frozenset[str]]]:
+        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            return parse_jwks(json.loads(response.read(MAX_JWKS_BYTES)))
 
-    async def get(self, kid: str | None) -> jwt.PyJWK | None:
+    async def get(self, kid: str | None) -> tuple[jwt.PyJWK, frozenset[str]] | None:
+        """The key for ``kid`` and the algorithms it may verify, or None."""
         if kid in self._keys:
             return self._keys[kid]
         async with self._lock:
@@ -111,6 +139,8 @@ class Authenticator:
         except jwt.PyJWTError:
             raise Unauthorized(INVALID) from None
         alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise Unauthorized(INVALID)
         key: Any
         if alg == "HS256" and self.secret:
             key = self.secret
@@ -118,10 +148,10 @@ class Authenticator:
             kid = header.get("kid")
             if kid is not None and not isinstance(kid, str):
                 raise Unauthorized(INVALID)
-            jwk = await self.jwks.get(kid)
-            if jwk is None or alg not in _allowed_algorithm(jwk):
+            found = await self.jwks.get(kid)
+            if found is None or alg not in found[1]:
                 raise Unauthorized(INVALID)
-            key = jwk.key
+            key = found[0].key
         else:
             raise Unauthorized(INVALID)
         options: dict[str, Any] = {"require": ["exp", "sub"]}

@@ -54,7 +54,7 @@ class Settings(BaseModel):
         if secret and self.environment == "production":
             if secret.strip().lower() in PLACEHOLDER_SECRETS or secret.startswith("dev-"):
                 raise ValueError("BETTER_AUTH_SECRET is a placeholder; set a real secret")
-            if len(secret) < MIN_SECRET_LENGTH:
+            if len(secret.strip()) < MIN_SECRET_LENGTH:
                 raise ValueError(
                     f"BETTER_AUTH_SECRET is shorter than {MIN_SECRET_LENGTH} characters"
                 )
