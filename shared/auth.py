@@ -84,10 +84,15 @@ class JwksCache:
     only for an unknown ``kid``, at most once per ``refetch_interval`` seconds (a failed
     fetch counts too, so a key server outage is not hammered)."""
 
-    def __init__(self, url: str, refetch_interval: float, timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, refetch_interval: float, timeout: float = 5.0, max_age: float = 900.0
+    ) -> None:
         self.url = url
         self.refetch_interval = refetch_interval
         self.timeout = timeout
+        # Keys older than this are fetched again on next use, so a key the server has
+        # removed (revoked) stops verifying within max_age even if no new kid shows up.
+        self.max_age = max_age
         self._keys: dict[str | None, tuple[jwt.PyJWK, frozenset[str]]] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -97,21 +102,25 @@ class JwksCache:
         with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
             return parse_jwks(json.loads(response.read(MAX_JWKS_BYTES)))
 
+    def _expired(self) -> bool:
+        return bool(self._keys) and time.monotonic() - self._fetched_at >= self.max_age
+
     async def get(self, kid: str | None) -> tuple[jwt.PyJWK, frozenset[str]] | None:
         """The key for ``kid`` and the algorithms it may verify, or None."""
-        if kid in self._keys:
+        if kid in self._keys and not self._expired():
             return self._keys[kid]
         async with self._lock:
-            if kid in self._keys:
+            expired = self._expired()
+            if kid in self._keys and not expired:
                 return self._keys[kid]
-            if time.monotonic() - self._fetched_at < self.refetch_interval:
+            if not expired and time.monotonic() - self._fetched_at < self.refetch_interval:
                 return None
             self._fetched_at = time.monotonic()
             try:
                 self._keys = await asyncio.to_thread(self._fetch)
             except Exception as e:  # noqa: BLE001 - a key server outage is an auth failure
+                # Known keys stay usable while the key server is down.
                 log.warning("could not fetch JWKS from %s: %s", self.url, e)
-                return None
         return self._keys.get(kid)
 
 
@@ -119,7 +128,11 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.secret = settings.better_auth_secret
         url = settings.effective_jwks_url
-        self.jwks = JwksCache(url, settings.jwks_refetch_interval) if url else None
+        self.jwks = (
+            JwksCache(url, settings.jwks_refetch_interval, max_age=settings.jwks_max_age)
+            if url
+            else None
+        )
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway

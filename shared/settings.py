@@ -31,6 +31,7 @@ class Settings(BaseModel):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwks_refetch_interval: float = Field(default=30.0, ge=0)
+    jwks_max_age: float = Field(default=900.0, ge=1)
     jwt_leeway: float = Field(default=0.0, ge=0, le=300)
 
     max_body_bytes: int = Field(default=65_536, ge=1024)

@@ -761,3 +761,31 @@ def test_token_signed_with_another_secret_is_refused(both_client: TestClient) ->
 
 def test_expired_shared_secret_token_says_expired(both_client: TestClient) -> None:
     assert_unauthorized(create(both_client, bearer(new_user(), ttl_seconds=-60)), EXPIRED)
+
+
+def test_a_key_removed_from_the_jwks_stops_verifying_after_max_age(
+    start_jwks: Callable[..., JwksServer], make_client: Callable[..., TestClient], keys: Keys
+) -> None:
+    revoked = new_ed25519()
+    server = start_jwks([revoked, keys.ed])
+    client = make_client(better_auth_url=server.base_url, jwks_max_age=1.0)
+    assert create(client, auth(revoked.token(claims()))).status_code == 201
+    with server._lock:
+        server.keys[:] = [keys.ed.jwk]  # the key server revokes the key
+    assert create(client, auth(revoked.token(claims()))).status_code == 201  # still cached
+    time.sleep(1.1)
+    assert_unauthorized(create(client, auth(revoked.token(claims()))), INVALID)
+    assert create(client, auth(keys.ed.token(claims()))).status_code == 201
+    assert server.requests == 2
+
+
+def test_known_keys_keep_working_when_the_refetch_after_max_age_fails(
+    start_jwks: Callable[..., JwksServer], make_client: Callable[..., TestClient], keys: Keys
+) -> None:
+    server = start_jwks([keys.ed])
+    client = make_client(better_auth_url=server.base_url, jwks_max_age=1.0)
+    assert create(client, auth(keys.ed.token(claims()))).status_code == 201
+    server.status = 503
+    time.sleep(1.1)
+    assert create(client, auth(keys.ed.token(claims()))).status_code == 201
+    assert server.requests == 2
