@@ -26,6 +26,7 @@ from shared.eventcodec import (
 )
 
 Changes = dict[str, dict[str, Any]]
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def ddl(t: Tables) -> list[str]:
@@ -121,7 +122,7 @@ class Batch:
                 event.actor,
                 event.request_id,
                 event.timestamp,
-                json.dumps(changes, separators=(",", ":")),
+                _to_json(changes),
             )
         )
 

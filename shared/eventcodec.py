@@ -49,6 +49,9 @@ def _unwrap(d: dict[str, Any]) -> Any:
         raise UndecodableEvent(f"unknown transcoding {kind!r}") from None
 
 
+_JSON = json.JSONDecoder(object_hook=_unwrap)  # built once: json.loads(..., hook) builds one per call
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEvent:
     """One stored task event: where it is, what happened, who did it, and its fields."""
@@ -76,7 +79,7 @@ def decode_event(
     if topic not in EVENT_TOPICS:
         raise UndecodableEvent(f"unknown topic {topic!r}")
     try:
-        data = json.loads(state, object_hook=_unwrap)
+        data = _JSON.decode(state.decode() if isinstance(state, bytes) else state)
         timestamp = data.pop("timestamp")
         actor = data.pop("actor")
         request_id = data.pop("request_id")
