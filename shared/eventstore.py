@@ -14,7 +14,7 @@ from uuid import UUID
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
@@ -62,16 +62,81 @@ class TaskRecorder(PostgresApplicationRecorder):
                 "CREATE INDEX IF NOT EXISTS {index} ON {table} (created_at)"
             ).format(index=Identifier(f"{IDEMPOTENCY_TABLE}_created_at_idx"), table=table)
         )
+        events = Identifier(self.datastore.schema, self.events_table_name)
+        # The global order: the id of the transaction that wrote the event, then its
+        # notification id. Added by `taskctl db init` to stores made before it existed
+        # (every old row gets the migrating transaction's id, so the old order holds).
+        self.sql_create_statements.append(
+            SQL(
+                "ALTER TABLE {events} ADD COLUMN IF NOT EXISTS tx_id xid8 NOT NULL"
+                " DEFAULT pg_current_xact_id()"
+            ).format(events=events)
+        )
+        self.sql_create_statements.append(
+            SQL("CREATE INDEX IF NOT EXISTS {index} ON {events} (tx_id, notification_id)").format(
+                index=Identifier(f"{self.events_table_name}_tx_order_idx"), events=events
+            )
+        )
+        self.insert_events_statement = SQL(
+            "INSERT INTO {events} AS t (originator_id, originator_version, topic, state)"
+            " SELECT originator_id, originator_version, topic, state"
+            " FROM unnest(%s::{schema}.{stored_event_type}[])"
+            " RETURNING notification_id, tx_id::text AS tx_id"
+        ).format(
+            events=events,
+            schema=Identifier(self.datastore.schema),
+            stored_event_type=Identifier(self.stored_event_type_name),
+        )
+        self._notify_statement = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
         self._insert_idempotency = SQL(
             "INSERT INTO {table} (user_id, key, fingerprint, status, task_id, version)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
         ).format(table=table)
 
-    # The library retries these ten times on a lost connection; we fail fast instead
-    # (503 to the client, whose Idempotency-Key retry settles an unknown outcome).
+    # -- writing -------------------------------------------------------------------------
+    #
+    # Our own insert_events, not the library's: (1) it fails fast on a lost connection
+    # instead of retrying ten times (503 to the client, whose Idempotency-Key retry
+    # settles an unknown outcome); (2) it takes no table lock, so writers of different
+    # tasks commit in parallel (the order readers follow is (tx_id, notification_id),
+    # see `select_events_after`); (3) it sends NOTIFY after the commit rather than inside
+    # the transaction, because a NOTIFY inside serialises every notifying commit on one
+    # lock, WAL flush included.
+
+    lock_table = False
+
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Any:
         self.datastore.register_type_adapters()
-        return PostgresApplicationRecorder.insert_events.__wrapped__(self, stored_events, **kwargs)
+        receipt: Receipt | None = kwargs.get("receipt")
+        notification_ids = None
+        error: Exception | None = None
+        with self.datastore.get_connection() as conn:
+            with conn.pipeline() as pipeline, conn.transaction():
+                with conn.cursor() as curs:
+                    if self.lock_table and stored_events:
+                        self._lock_table(curs)
+                        self._notify_channel(curs)
+                    self._insert_events(curs, stored_events, **kwargs)
+                if stored_events:
+                    with conn.cursor() as curs:
+                        try:
+                            PostgresAggregateRecorder._insert_stored_events(
+                                self, curs, stored_events
+                            )
+                            pipeline.sync()
+                            rows = curs.fetchall()
+                        except Exception as e:  # noqa: BLE001 - re-raised after the pipeline
+                            error = e
+                        else:
+                            notification_ids = [row["notification_id"] for row in rows]
+                            if receipt is not None:
+                                receipt.tx_id = int(rows[-1]["tx_id"])
+                                receipt.notification_id = notification_ids[-1]
+            if error is not None:
+                raise error
+            if stored_events and not self.lock_table:
+                conn.execute(self._notify_statement)
+        return notification_ids
 
     def select_events(self, originator_id: Any, **kwargs: Any) -> Any:
         return PostgresApplicationRecorder.select_events.__wrapped__(self, originator_id, **kwargs)
@@ -97,6 +162,22 @@ class TaskRecorder(PostgresApplicationRecorder):
                 )
 
 
+class TableLockTaskRecorder(TaskRecorder):
+    """The library's ordering: every insert takes the events table in EXCLUSIVE mode and
+    NOTIFYs inside its transaction, so notification ids become visible in order. Kept
+    only to measure against (EVENT_STORE_TABLE_LOCK=true); it serialises all writers."""
+
+    lock_table = True
+
+
+@dataclass
+class Receipt:
+    """Where the last event of a save landed in the global order."""
+
+    tx_id: int | None = None
+    notification_id: int | None = None
+
+
 class TaskStore(Application[UUID]):
     name = APPLICATION_NAME
 
@@ -105,7 +186,9 @@ def store_env(settings: Settings, *, create_tables: bool = False) -> dict[str, s
     params = postgres_params(settings.require_database_url())
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "APPLICATION_RECORDER_TOPIC": get_topic(TaskRecorder),
+        "APPLICATION_RECORDER_TOPIC": get_topic(
+            TableLockTaskRecorder if settings.event_store_table_lock else TaskRecorder
+        ),
         "POSTGRES_HOST": params["host"],
         "POSTGRES_PORT": params["port"],
         "POSTGRES_DBNAME": params["dbname"],
