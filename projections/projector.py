@@ -191,16 +191,20 @@ async def run(
 ) -> None:
     """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event."""
     stop = stop or asyncio.Event()
-    backoff = 0.1
+    backoff = [0.1]
+
+    def reset() -> None:
+        backoff[0] = 0.1
+
     while not stop.is_set():
         try:
-            await _follow(dsn, batch_size, poll_interval, stop)
+            await _follow(dsn, batch_size, poll_interval, stop, on_active=reset)
             return
         except RETRYABLE as e:
-            delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311
+            delay = backoff[0] * random.uniform(0.5, 1.0)  # noqa: S311
             log.warning("projector lost the database (%s: %s); retrying in %.1fs",
                         type(e).__name__, e, delay)
-            backoff = min(max_backoff, backoff * 2)
+            backoff[0] = min(max_backoff, backoff[0] * 2)
             await _sleep_unless(stop, delay)
 
 
@@ -215,7 +219,9 @@ class _LostConnection(ConnectionError):
     pass
 
 
-async def _follow(dsn: str, batch_size: int, poll_interval: float, stop: asyncio.Event) -> None:
+async def _follow(
+    dsn: str, batch_size: int, poll_interval: float, stop: asyncio.Event, on_active: Any
+) -> None:
     lock_conn = await asyncpg.connect(
         dsn, server_settings={"application_name": LOCK_APPLICATION_NAME}
     )
@@ -241,6 +247,7 @@ async def _follow(dsn: str, batch_size: int, poll_interval: float, stop: asyncio
         lock_conn.add_termination_listener(lambda _: wake.set())
         await conn.add_listener(EVENTS_TABLE, lambda *_: wake.set())
         await ensure_checkpoint(conn)
+        on_active()
         while not stop.is_set():
             if conn.is_closed() or lock_conn.is_closed():
                 raise _LostConnection("a projector connection closed")

@@ -1,0 +1,61 @@
+"""The event decoder and the read models' pure handlers, without a database."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from projections import task_history, task_list, user_stats
+from shared.eventcodec import UndecodableEvent, decode_event
+from shared.tasks import EVENT_TOPICS
+
+WHEN = '{"_type_":"datetime_iso","_data_":"2025-03-04T05:06:07+00:00"}'
+
+
+def event(topic: str, version: int, extra: str = "") -> object:
+    state = f'{{"timestamp":{WHEN},"actor":"u1","request_id":"r1"{extra}}}'.encode()
+    return decode_event(10 + version, TASK, version, topic, state)
+
+
+TASK = uuid.uuid4()
+
+
+def test_decodes_the_transcoders_wrapped_values_and_the_stamp() -> None:
+    e = event("TaskCreated", 1, ',"originator_topic":"Task","owner":"u1","title":"T",'
+              '"description":null')
+    assert e.timestamp == datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    assert (e.actor, e.request_id, e.position, e.version) == ("u1", "r1", 11, 1)
+    assert e.data == {"owner": "u1", "title": "T", "description": None}
+
+
+def test_refuses_an_unknown_topic_or_a_state_without_its_stamp() -> None:
+    with pytest.raises(UndecodableEvent, match="unknown topic"):
+        decode_event(1, TASK, 1, "TaskExploded", b"{}")
+    with pytest.raises(UndecodableEvent):
+        decode_event(1, TASK, 1, "TaskCompleted", b'{"actor":"u"}')
+
+
+@pytest.mark.parametrize("model", [task_list.EVOLVE, task_history.CHANGES])
+def test_every_event_topic_has_a_handler(model: dict) -> None:
+    assert set(model) == set(EVENT_TOPICS)
+
+
+def test_fold_history_and_counts_agree_over_a_tasks_life() -> None:
+    created = event("TaskCreated", 1, ',"owner":"u1","title":"A","description":"d"')
+    renamed = event("TaskTitleChanged", 2, ',"title":"B"')
+    done = event("TaskCompleted", 3)
+    gone = event("TaskDeleted", 4)
+    state = None
+    changes, counts = [], [0, 0, 0]
+    for e in (created, renamed, done, gone):
+        changes.append(task_history.CHANGES[e.topic](e, state))
+        delta = user_stats.DELTAS.get(e.topic, lambda _: (0, 0, 0))(state)
+        counts = [c + d for c, d in zip(counts, delta)]
+        if e.topic == "TaskCompleted":
+            assert counts == [1, 1, 0]
+        state = task_list.evolve(e, state)
+    assert changes[1] == {"title": {"from": "A", "to": "B"}}
+    assert changes[2] == {"completed": {"from": False, "to": True}}
+    assert state is None and counts == [0, 0, 0]
