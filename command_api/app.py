@@ -21,6 +21,7 @@ from shared.errors import ServiceUnavailable
 from shared.eventstore import TaskStore, open_store
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
+from shared.observability import Observe, metrics_router
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.command_api")
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings)
     app.state.open_commands = side.open
     install_error_handlers(app, unavailable=DATABASE_DOWN)
+    app.add_middleware(Observe, service="command-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
 
     async def ready(_: Request) -> dict[str, Any]:
@@ -99,4 +101,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router("command-api", ready))
     app.include_router(routes.router)
+    app.include_router(metrics_router())
     return app

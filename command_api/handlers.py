@@ -25,6 +25,7 @@ from psycopg.sql import SQL, Identifier
 
 from command_api.commands import ChangeTask, CreateTask
 from shared.etag import IfMatch
+from shared.observability import EVENTS_APPENDED
 from shared.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationFailed
 from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
 from shared.tasks import Task
@@ -180,6 +181,7 @@ class TaskCommands:
                         return earlier
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
                 continue
+            EVENTS_APPENDED.inc(len(recordings))
             if recordings:
                 position = recordings[-1].notification.id
             else:

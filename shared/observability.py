@@ -1,0 +1,143 @@
+"""Logs and metrics for every process: one JSON line per request and per log record,
+and Prometheus metrics at `/metrics` (the `prometheus-client` library)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.http import REQUEST_ID
+
+access_log = logging.getLogger("taskservice.access")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests answered", ["service", "method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["service", "method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+EVENTS_APPENDED = Counter("events_appended_total", "Events appended to the event store")
+PROJECTOR_POSITION = Gauge(
+    "projector_position", "Event-store notification id the projection has reached", ["projection"]
+)
+EVENT_STORE_HEAD = Gauge("event_store_head", "Highest notification id in the event store")
+PROJECTION_LAG_EVENTS = Gauge(
+    "projection_lag_events", "Events committed but not yet projected", ["projection"]
+)
+PROJECTION_LAG_SECONDS = Gauge(
+    "projection_lag_seconds", "Age of the oldest event not yet projected", ["projection"]
+)
+PROJECTOR_BATCH_SIZE = Histogram(
+    "projector_batch_events", "Events applied per projector batch", buckets=BATCH_BUCKETS
+)
+PROJECTOR_BATCH_SECONDS = Histogram(
+    "projector_batch_duration_seconds", "Time to apply one projector batch", buckets=LATENCY_BUCKETS
+)
+REPLAY_EVENTS = Gauge("replay_events_done", "Events applied by the running replay", ["projection"])
+REPLAY_TOTAL = Gauge("replay_events_total", "Events the running replay will apply", ["projection"])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra={...}` fields become keys."""
+
+    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id:
+            line["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in self._standard and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr for the whole process, at `level` (from LOG_LEVEL)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    # uvicorn's own access log repeats ours, without the user or the route.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+class Observe:
+    """Pure ASGI middleware (inside RequestContext): times each request, counts it by
+    route template and status, and writes one access log line."""
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            if route != "/metrics":
+                HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
+                HTTP_LATENCY.labels(self.service, method, route, str(status)).observe(elapsed)
+            access_log.info(
+                "request",
+                extra={
+                    "service": self.service,
+                    "user_id": scope.get("state", {}).get("user_id"),
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+
+
+def metrics_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
