@@ -1,0 +1,143 @@
+"""Composition root of the query API: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from query_api import routes
+from query_api.queries import read_position
+from query_api.reader import Reader
+from query_api.watch import PositionWatch
+from shared.auth import Authenticator
+from shared.errors import ServiceUnavailable
+from shared.health import health_router
+from shared.http import RequestContext, install_error_handlers
+from shared.position import encode
+from shared.settings import Settings
+
+log = logging.getLogger("taskservice.query_api")
+
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, timed out
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+)
+
+
+class HeadAsGet:
+    """Pure ASGI middleware: answer HEAD like GET, without the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class ReadSide:
+    """Holds the connection pool and the position watch; opens the pool on first use,
+    so the API starts (and answers 503) while the database is still down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dsn = settings.read_database_url or settings.require_database_url()
+        self.pool: asyncpg.Pool | None = None
+        self.watch: PositionWatch | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        self._lock = asyncio.Lock()
+        self.watch = PositionWatch(self.dsn, connect_timeout=self.settings.db_connect_timeout)
+
+    async def open(self) -> Reader:
+        if self.watch is None or self._lock is None:
+            raise ServiceUnavailable("Starting up, try again shortly")
+        if self.pool is None:
+            async with self._lock:
+                if self.pool is None:
+                    try:
+                        self.pool = await asyncpg.create_pool(
+                            self.dsn,
+                            min_size=1,
+                            max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
+                            timeout=self.settings.db_connect_timeout,
+                            command_timeout=30,
+                        )
+                    except DATABASE_DOWN as e:
+                        log.warning("read database unavailable: %s", e)
+                        raise ServiceUnavailable(
+                            "Database unavailable, try again shortly",
+                            headers={"Retry-After": "1"},
+                        ) from None
+        return Reader(self.pool, self.watch, self.settings.read_wait_timeout)
+
+    async def close(self) -> None:
+        if self.watch is not None:
+            await self.watch.close()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, *DATABASE_DOWN):
+                pool.terminate()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    side = ReadSide(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await side.start()
+        with contextlib.suppress(ServiceUnavailable):
+            await side.open()  # else answer 503 until the database is back
+        yield
+        await side.close()
+
+    app = FastAPI(
+        title="Task service: query API",
+        version="1.0.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.state.authenticator = Authenticator(settings)
+    app.state.open_reader = side.open
+    app.state.read_side = side
+    install_error_handlers(app, unavailable=DATABASE_DOWN)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+
+    async def ready(_: Request) -> dict[str, Any]:
+        reader = await side.open()
+        async with reader.pool.acquire() as conn:
+            position = await read_position(conn)
+        return {
+            "database": "ok",
+            "position": encode(position),
+            "listening": reader.watch.listening,
+        }
+
+    app.include_router(health_router("query-api", ready))
+    app.include_router(routes.router)
+    return app

@@ -1,0 +1,260 @@
+"""The read-model queries: small async functions over one asyncpg connection,
+returning typed rows.
+
+Every query that returns user data filters by the token's user first
+(`WHERE user_id = $1 ...`); the only query that looks past the user is
+`owned_by_someone_else`, which answers yes or no so a route can tell 403 from 404,
+and returns nothing of the other user's row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import asyncpg
+
+from query_api import tables
+
+Status = Literal["all", "pending", "completed"]
+Sort = Literal["created_at", "-created_at", "updated_at", "-updated_at", "title", "-title"]
+
+_ORDER_BY: dict[str, str] = {
+    "created_at": "created_at ASC, task_id ASC",
+    "-created_at": "created_at DESC, task_id DESC",
+    "updated_at": "updated_at ASC, task_id ASC",
+    "-updated_at": "updated_at DESC, task_id DESC",
+    "title": "lower(title) ASC, created_at DESC, task_id DESC",
+    "-title": "lower(title) DESC, created_at DESC, task_id DESC",
+}
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    task_id: UUID
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    def view(self) -> dict[str, Any]:
+        """The task exactly as the command side shows it."""
+        return {
+            "id": str(self.task_id),
+            "user_id": self.user_id,
+            "title": self.title,
+            "description": self.description,
+            "completed": self.completed,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    tasks: list[TaskRow]
+    total: int
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    position: int
+    task_id: UUID
+    version: int
+    event_type: str
+    actor: str
+    request_id: str
+    occurred_at: datetime
+    changes: dict[str, Any]
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "task_id": str(self.task_id),
+            "version": self.version,
+            "type": self.event_type,
+            "actor": self.actor,
+            "request_id": self.request_id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "changes": self.changes,
+        }
+
+
+@dataclass(frozen=True)
+class FeedCursor:
+    """Where a feed page ended: the (occurred_at, position) of its last row."""
+
+    occurred_at: datetime
+    position: int
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    total: int
+    completed: int
+    pending: int
+
+    def view(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "pending": self.pending}
+
+
+_TASK_COLUMNS = "task_id, user_id, title, description, completed, created_at, updated_at, version"
+_HISTORY_COLUMNS = (
+    "position, task_id, version, event_type, actor, request_id, occurred_at, changes"
+)
+
+
+def _task(record: asyncpg.Record) -> TaskRow:
+    return TaskRow(**dict(record))
+
+
+def _history(record: asyncpg.Record) -> HistoryRow:
+    values = dict(record)
+    changes = values["changes"]
+    values["changes"] = json.loads(changes) if isinstance(changes, str) else changes
+    return HistoryRow(**values)
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def read_position(conn: asyncpg.Connection) -> int:
+    """How far the read tables have caught up: the lowest checkpoint of the
+    projections they come from (0 before the projector's first batch)."""
+    if tables.PROJECTIONS:
+        value = await conn.fetchval(
+            f"SELECT CASE WHEN count(*) = cardinality($1::text[]) THEN min(position) END"
+            f" FROM {tables.CHECKPOINTS} WHERE projection = ANY($1::text[])",
+            list(tables.PROJECTIONS),
+        )
+    else:
+        value = await conn.fetchval(f"SELECT min(position) FROM {tables.CHECKPOINTS}")
+    return int(value or 0)
+
+
+async def list_tasks(
+    conn: asyncpg.Connection,
+    user_id: str,
+    *,
+    status: Status = "all",
+    q: str | None = None,
+    sort: Sort = "-created_at",
+    limit: int | None = None,
+    offset: int = 0,
+) -> TaskPage:
+    where = ["user_id = $1"]
+    args: list[Any] = [user_id]
+    if status != "all":
+        args.append(status == "completed")
+        where.append(f"completed = ${len(args)}")
+    if q:
+        args.append(like_pattern(q))
+        n = len(args)
+        where.append(
+            f"(title ILIKE ${n} ESCAPE '\\' OR coalesce(description, '') ILIKE ${n} ESCAPE '\\')"
+        )
+    condition = " AND ".join(where)
+    total = await conn.fetchval(f"SELECT count(*) FROM {tables.TASKS} WHERE {condition}", *args)
+    page = f" OFFSET ${len(args) + 1}"
+    args.append(offset)
+    if limit is not None:
+        args.append(limit)
+        page += f" LIMIT ${len(args)}"
+    records = await conn.fetch(
+        f"SELECT {_TASK_COLUMNS} FROM {tables.TASKS} WHERE {condition}"
+        f" ORDER BY {_ORDER_BY[sort]}{page}",
+        *args,
+    )
+    return TaskPage([_task(r) for r in records], int(total))
+
+
+async def get_task(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> TaskRow | None:
+    record = await conn.fetchrow(
+        f"SELECT {_TASK_COLUMNS} FROM {tables.TASKS} WHERE user_id = $1 AND task_id = $2",
+        user_id,
+        task_id,
+    )
+    return None if record is None else _task(record)
+
+
+async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> bool:
+    """Whether a live task with this id belongs to another user (403, not 404)."""
+    return bool(
+        await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {tables.TASKS} WHERE user_id <> $1 AND task_id = $2)",
+            user_id,
+            task_id,
+        )
+    )
+
+
+async def task_history(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> list[HistoryRow]:
+    """A task's audit trail, oldest first; kept after the task is deleted."""
+    records = await conn.fetch(
+        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY}"
+        " WHERE user_id = $1 AND task_id = $2 ORDER BY version, position",
+        user_id,
+        task_id,
+    )
+    return [_history(r) for r in records]
+
+
+async def activity_feed(
+    conn: asyncpg.Connection,
+    user_id: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    event_type: str | None = None,
+    task_id: UUID | None = None,
+    after: FeedCursor | None = None,
+    limit: int = 50,
+) -> tuple[list[HistoryRow], FeedCursor | None]:
+    """The user's events across tasks, newest first, `limit` at a time; the cursor
+    of the next page, or None on the last one. `since` is inclusive, `until` not."""
+    where = ["user_id = $1"]
+    args: list[Any] = [user_id]
+
+    def add(sql: str, value: Any) -> None:
+        args.append(value)
+        where.append(sql.format(n=f"${len(args)}"))
+
+    if since is not None:
+        add("occurred_at >= {n}", since)
+    if until is not None:
+        add("occurred_at < {n}", until)
+    if event_type is not None:
+        add("event_type = {n}", event_type)
+    if task_id is not None:
+        add("task_id = {n}", task_id)
+    if after is not None:
+        args.extend((after.occurred_at, after.position))
+        where.append(f"(occurred_at, position) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit + 1)
+    records = await conn.fetch(
+        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY} WHERE {' AND '.join(where)}"
+        f" ORDER BY occurred_at DESC, position DESC LIMIT ${len(args)}",
+        *args,
+    )
+    rows = [_history(r) for r in records[:limit]]
+    more = len(records) > limit
+    cursor = FeedCursor(rows[-1].occurred_at, rows[-1].position) if more and rows else None
+    return rows, cursor
+
+
+async def user_stats(conn: asyncpg.Connection, user_id: str) -> StatsRow:
+    record = await conn.fetchrow(
+        f"SELECT total, completed, pending FROM {tables.STATS} WHERE user_id = $1", user_id
+    )
+    if record is None:
+        return StatsRow(0, 0, 0)
+    return StatsRow(int(record["total"]), int(record["completed"]), int(record["pending"]))

@@ -1,0 +1,235 @@
+"""Routes of the query side: read the token's user's rows, wrap them with the
+position they reflect. Every query is scoped to the token's user."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import asyncpg
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, field_validator
+
+from query_api import queries
+from query_api.cursor import BadCursor, decode_cursor, encode_cursor
+from query_api.queries import Sort, Status, TaskRow
+from query_api.reader import Read, Reader
+from query_api.schemas import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut
+from shared.auth import CurrentUser
+from shared.errors import Forbidden, NotFound, ValidationFailed
+from shared.etag import etag
+from shared.http import Envelope
+from shared.position import BadPosition, decode
+from shared.schemas import error_responses
+from shared.tasks import EVENT_TOPICS
+
+router = APIRouter(prefix="/api", tags=["queries"])
+
+ReadResponses: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 422, 503)
+
+
+async def reader(request: Request) -> Reader:
+    return await request.app.state.open_reader()
+
+
+async def wanted_position(
+    min_position: Annotated[str | None, Query(max_length=64)] = None,
+    x_min_position: Annotated[str | None, Header(alias="X-Min-Position", max_length=64)] = None,
+) -> int | None:
+    """The position a read must reflect, from `X-Min-Position` or `min_position`."""
+    tokens = [t for t in (x_min_position, min_position) if t is not None]
+    if not tokens:
+        return None
+    try:
+        return max(decode(t) for t in tokens)
+    except BadPosition:
+        raise ValidationFailed(
+            "Invalid position",
+            details={"min_position": "not a position this service issued"},
+        ) from None
+
+
+Reads = Annotated[Reader, Depends(reader)]
+Wanted = Annotated[int | None, Depends(wanted_position)]
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class TaskFilter(BaseModel):
+    status: Status = "all"
+    q: str | None = Field(default=None, max_length=500)
+    sort: Sort = "-created_at"
+    limit: int | None = Field(default=None, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0, le=1_000_000_000)
+
+    _check_q = field_validator("q")(_no_nul)
+
+
+class FeedFilter(BaseModel):
+    since: datetime | None = None
+    until: datetime | None = None
+    type: str | None = None
+    task_id: UUID | None = None
+    limit: int = Field(default=50, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=200)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in EVENT_TOPICS:
+            raise ValueError(f"must be one of {', '.join(EVENT_TOPICS)}")
+        return value
+
+
+Tasks = Annotated[TaskFilter, Query()]
+Feed = Annotated[FeedFilter, Query()]
+
+
+def _own(path_user_id: str, user_id: str) -> None:
+    if path_user_id != user_id:
+        raise Forbidden("You do not have access to this user's tasks")
+
+
+async def _not_yours(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> Exception:
+    if await queries.owned_by_someone_else(conn, user_id, task_id):
+        return Forbidden("You do not have access to this task")
+    return NotFound("Task not found")
+
+
+async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFilter) -> Response:
+    read = await reads.read(
+        wanted,
+        lambda conn: queries.list_tasks(
+            conn,
+            user_id,
+            status=f.status,
+            q=f.q,
+            sort=f.sort,
+            limit=f.limit,
+            offset=f.offset,
+        ),
+    )
+    page = read.result
+    return Envelope([t.view() for t in page.tasks], total=page.total, **read.meta())
+
+
+async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UUID) -> Response:
+    async def one(conn: asyncpg.Connection) -> TaskRow:
+        row = await queries.get_task(conn, user_id, task_id)
+        if row is None:
+            raise await _not_yours(conn, user_id, task_id)
+        return row
+
+    read: Read[TaskRow] = await reads.read(wanted, one)
+    return Envelope(
+        read.result.view(), headers={"ETag": etag(read.result.version)}, **read.meta()
+    )
+
+
+# -- the plan's contract: /api/tasks ---------------------------------------------------
+
+
+@router.get("/tasks", response_model=ReadEnvelope[list[TaskOut]], responses=ReadResponses)
+async def list_tasks(user_id: CurrentUser, reads: Reads, wanted: Wanted, f: Tasks) -> Response:
+    return await _task_list(reads, wanted, user_id, f)
+
+
+@router.get("/tasks/{task_id}", response_model=ReadEnvelope[TaskOut], responses=ReadResponses)
+async def get_task(task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted) -> Response:
+    return await _one_task(reads, wanted, user_id, task_id)
+
+
+@router.get(
+    "/tasks/{task_id}/history",
+    response_model=ReadEnvelope[list[HistoryEntryOut]],
+    responses=ReadResponses,
+)
+async def get_task_history(
+    task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted
+) -> Response:
+    async def history(conn: asyncpg.Connection) -> list[queries.HistoryRow]:
+        rows = await queries.task_history(conn, user_id, task_id)
+        if not rows:
+            raise await _not_yours(conn, user_id, task_id)
+        return rows
+
+    read = await reads.read(wanted, history)
+    return Envelope([r.view() for r in read.result], **read.meta())
+
+
+@router.get(
+    "/history", response_model=ReadEnvelope[list[HistoryEntryOut]], responses=ReadResponses
+)
+async def get_activity_feed(
+    user_id: CurrentUser, reads: Reads, wanted: Wanted, f: Feed
+) -> Response:
+    after = None
+    if f.cursor is not None:
+        try:
+            after = decode_cursor(f.cursor)
+        except BadCursor:
+            raise ValidationFailed(
+                "Invalid cursor", details={"cursor": "not a cursor this service issued"}
+            ) from None
+    read = await reads.read(
+        wanted,
+        lambda conn: queries.activity_feed(
+            conn,
+            user_id,
+            since=f.since,
+            until=f.until,
+            event_type=f.type,
+            task_id=f.task_id,
+            after=after,
+            limit=f.limit,
+        ),
+    )
+    rows, next_page = read.result
+    next_cursor = encode_cursor(next_page) if next_page is not None else None
+    return Envelope([r.view() for r in rows], next_cursor=next_cursor, **read.meta())
+
+
+@router.get("/stats", response_model=ReadEnvelope[StatsOut], responses=ReadResponses)
+async def get_stats(user_id: CurrentUser, reads: Reads, wanted: Wanted) -> Response:
+    read = await reads.read(wanted, lambda conn: queries.user_stats(conn, user_id))
+    return Envelope(read.result.view(), **read.meta())
+
+
+# -- the /api/{user_id}/tasks contract -------------------------------------------------
+
+
+@router.get(
+    "/{path_user_id}/tasks",
+    response_model=ReadEnvelope[list[TaskOut]],
+    responses=ReadResponses,
+)
+async def list_user_tasks(
+    path_user_id: str, user_id: CurrentUser, reads: Reads, wanted: Wanted, f: Tasks
+) -> Response:
+    _own(path_user_id, user_id)
+    return await _task_list(reads, wanted, user_id, f)
+
+
+@router.get(
+    "/{path_user_id}/tasks/{task_id}",
+    response_model=ReadEnvelope[TaskOut],
+    responses=ReadResponses,
+)
+async def get_user_task(
+    path_user_id: str, task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted
+) -> Response:
+    _own(path_user_id, user_id)
+    return await _one_task(reads, wanted, user_id, task_id)

@@ -1,0 +1,60 @@
+"""The one-origin dev app in process: writes to the command side, reads from the query
+side at the same paths, the projector running in the app's lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shared.dev import create_dev_app
+from shared.settings import Settings
+from tests.query_support import assert_error, position_of
+from tests.support import bearer, new_user
+
+
+@pytest.fixture(scope="module")
+def dev_client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_dev_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_reads_its_own_writes_through_one_origin(dev_client: TestClient):
+    user = new_user()
+    auth = bearer(user)
+    created = dev_client.post("/api/tasks", json={"title": "One origin"}, headers=auth)
+    assert created.status_code == 201, created.text
+    task, position = created.json()["data"], created.headers["X-Position"]
+
+    read = dev_client.get(f"/api/tasks/{task['id']}", headers={**auth, "X-Min-Position": position})
+    assert read.status_code == 200, read.text
+    assert read.json()["data"] == task
+    assert read.json()["meta"]["stale"] is False
+    assert read.headers["ETag"] == created.headers["ETag"]
+
+    changed = dev_client.patch(f"/api/tasks/{task['id']}/", json={"completed": True}, headers=auth)
+    assert changed.status_code == 200
+    stats = dev_client.get(
+        "/api/stats", params={"min_position": changed.headers["X-Position"]}, headers=auth
+    )
+    assert stats.json()["data"] == {"total": 1, "completed": 1, "pending": 0}
+
+    deleted = dev_client.delete(f"/api/{user}/tasks/{task['id']}", headers=auth)
+    assert deleted.status_code == 204
+    after = {**auth, "X-Min-Position": deleted.headers["X-Position"]}
+    gone = dev_client.get(f"/api/{user}/tasks", headers=after)
+    assert gone.json()["data"] == [] and gone.json()["meta"]["stale"] is False
+    assert position_of(gone.json()["meta"]["position"]) >= position_of(deleted.headers["X-Position"])
+    history = dev_client.get(f"/api/tasks/{task['id']}/history", headers=after).json()["data"]
+    assert [h["type"] for h in history] == ["TaskCreated", "TaskCompleted", "TaskDeleted"]
+
+
+def test_dispatches_by_method(dev_client: TestClient):
+    auth = bearer(new_user())
+    head = dev_client.head("/api/tasks", headers=auth)
+    assert head.status_code == 200 and head.content == b""
+    assert dev_client.get("/api/health").json()["data"]["service"] == "query-api"
+    assert_error(dev_client.put("/api/tasks", json={}, headers=auth), 405, "METHOD_NOT_ALLOWED")
+    assert_error(dev_client.post("/api/tasks", json={}, headers=auth), 422, "VALIDATION_ERROR")
+    assert_error(dev_client.get("/api/tasks"), 401, "UNAUTHORIZED")
