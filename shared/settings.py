@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "your-secret-here", "placeholder"}
 MIN_SECRET_LENGTH = 32
@@ -47,8 +54,11 @@ class Settings(BaseModel):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _check_auth(self) -> Settings:
-        if not (self.better_auth_secret or self.better_auth_url or self.jwks_url):
+    def _check_auth(self, info: ValidationInfo) -> Settings:
+        # Processes that verify no tokens (projector, db init, replay) pass
+        # require_auth=False; the APIs always need an auth method.
+        require_auth = (info.context or {}).get("require_auth", True)
+        if require_auth and not (self.better_auth_secret or self.better_auth_url or self.jwks_url):
             raise ValueError(
                 "no auth method configured: set BETTER_AUTH_SECRET (HS256) "
                 "or BETTER_AUTH_URL / JWKS_URL (Better Auth JWT plugin keys)"
@@ -77,7 +87,13 @@ class Settings(BaseModel):
         return self.database_url
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        require_auth: bool = True,
+        **overrides: object,
+    ) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for name in cls.model_fields:
@@ -86,7 +102,7 @@ class Settings(BaseModel):
                 values[name] = raw
         values.update(overrides)
         try:
-            return cls(**values)
+            return cls.model_validate(values, context={"require_auth": require_auth})
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
