@@ -17,9 +17,9 @@ from shared.settings import Settings, SettingsError
 
 
 
-def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
+def _settings(**overrides: object) -> Settings:
     try:
-        return Settings.from_env(require_auth=require_auth, **overrides)
+        return Settings.from_env(**overrides)
     except SettingsError as e:
         sys.exit(f"taskctl: {e}")
 
@@ -27,16 +27,13 @@ def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
     import uvicorn  # noqa: PLC0415
 
-    from shared.observability import configure_logging  # noqa: PLC0415
-
-    configure_logging(settings.log_level)
+    logging.basicConfig(level=settings.log_level.upper())
     uvicorn.run(
         app_path,
         factory=True,
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
-        log_config=None,  # keep configure_logging's JSON lines
         proxy_headers=True,
         timeout_graceful_shutdown=10,
     )
@@ -45,7 +42,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 def cmd_db_init(_: argparse.Namespace) -> None:
     from shared.schema import init_database  # noqa: PLC0415
 
-    settings = _settings(require_auth=False)
+    settings = _settings()
     init_database(settings)
     print("database initialised")
 
@@ -61,10 +58,10 @@ def cmd_query_api(args: argparse.Namespace) -> None:
 def cmd_projector(args: argparse.Namespace) -> None:
     from projections.projector import main as follow  # noqa: PLC0415
 
-    settings = _settings(require_auth=False)
-    from shared.observability import configure_logging  # noqa: PLC0415
-
-    configure_logging(settings.log_level)
+    settings = _settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     sys.exit(
         follow(
             settings.require_database_url(),
@@ -106,6 +103,16 @@ def _dev_secret(datadir: Path) -> str:
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """The benchmark harness (`bench/`, a development tool run from a checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "bench").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # bench/ is not part of the installed package
+    from bench import main as bench  # noqa: PLC0415
+
+    sys.exit(bench(args.bench_args))
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -193,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True)
     token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
     token.set_defaults(func=cmd_token)
+
+    # Every argument goes to `python -m bench` untouched: no option prefix for argparse.
+    bench = sub.add_parser("bench", help="benchmark the real processes (python -m bench --help)",
+                           add_help=False, prefix_chars="\0")
+    bench.add_argument("bench_args", nargs="*")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

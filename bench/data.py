@@ -1,0 +1,234 @@
+"""The benchmark's databases and data.
+
+- `Databases`: a dedicated `taskservice_bench_<random>` database (and a scratch one
+  for the replay), created on the given server and dropped at the end.
+- `seed_tasks`: the users' tasks, built as `shared.tasks.Task` aggregates and saved
+  through `shared.eventstore` many at a time (the store's own path, minus HTTP).
+- `seed_replay_events`: a large, realistic event log for the replay figure, in the
+  exact encoding of the event store's mapper but written by INSERT ... SELECT, because
+  `store.save` manages ~8,000 events/s and the replay log is a million.
+- `fill_ceiling`: the ceiling app's tables, same users and row counts.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+from uuid import UUID
+
+import psycopg
+
+from bench import ceiling_app
+from shared.eventcodec import decode_event
+from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
+from shared.settings import Settings
+from shared.tasks import EVENT_TOPICS, Task
+
+SEED_REQUEST_ID = "bench-seed"
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+class Databases:
+    def __init__(self, admin_url: str, prefix: str = "taskservice_bench") -> None:
+        self.admin_url = admin_url
+        self.prefix = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        self.created: list[str] = []
+
+    def create(self, suffix: str = "") -> str:
+        name = self.prefix + (f"_{suffix}" if suffix else "")
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return with_database(self.admin_url, name)
+
+    def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            self.drop(with_database(self.admin_url, name))
+
+    def server_version(self) -> str:
+        with psycopg.connect(self.admin_url) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        return str(row[0]) if row else "?"
+
+
+def seed_tasks(
+    settings: Settings, users: Sequence[str], tasks_per_user: int, *, chunk: int = 5000
+) -> tuple[dict[str, list[UUID]], float]:
+    """Every user's tasks, saved through the event store; (ids per user, seconds)."""
+    ids: dict[str, list[UUID]] = {u: [] for u in users}
+    store = open_store(settings)
+    started = time.perf_counter()
+    try:
+        batch: list[Task] = []
+        for user in users:
+            for i in range(tasks_per_user):
+                task = Task.create(
+                    owner=user,
+                    title=f"Benchmark task {i}",
+                    description="Seeded by the benchmark harness" if i % 2 else None,
+                    actor=user,
+                    request_id=SEED_REQUEST_ID,
+                )
+                ids[user].append(task.id)
+                batch.append(task)
+                if len(batch) >= chunk:
+                    store.save(*batch)
+                    batch.clear()
+        if batch:
+            store.save(*batch)
+    finally:
+        store.close()
+    return ids, time.perf_counter() - started
+
+
+_PLACEHOLDERS = {"owner": "@@OWNER@@", "title": "@@TITLE@@", "description": "@@DESC@@",
+                 "request_id": "@@REQ@@"}
+
+
+def event_templates() -> dict[str, str]:
+    """One stored event of each topic, encoded by the event store's own mapper, with
+    placeholders where a task's values and its timestamp go."""
+    p = _PLACEHOLDERS
+    app = TaskStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})  # the mapper only
+    try:
+        first = Task.create(owner=p["owner"], title=p["title"], description=None,
+                            actor=p["owner"], request_id=p["request_id"])
+        second = Task.create(owner=p["owner"], title="x", description=None,
+                             actor=p["owner"], request_id=p["request_id"])
+        stamp = {"actor": p["owner"], "request_id": p["request_id"]}
+        second.change(title=p["title"], description=p["description"], set_description=True,
+                      completed=True, **stamp)
+        second.change(completed=False, **stamp)
+        second.delete(**stamp)
+        templates = {}
+        for event in [*first.collect_events(), *second.collect_events()[1:]]:
+            stored = app.mapper.to_stored_event(event)
+            state = stored.state.decode()
+            templates[stored.topic] = re.sub(r'"_data_":"[^"]+"', '"_data_":"@@TS@@"', state, 1)
+    finally:
+        app.close()
+    assert set(templates) == set(EVENT_TOPICS), templates
+    return templates
+
+
+def seed_replay_events(settings: Settings, total: int, users: int = 100) -> tuple[int, float]:
+    """About `total` events over total/4 tasks of `users` users, in four rounds so a
+    task's events are spread along the log as in real use: created; renamed; completed;
+    then a quarter reopened, a quarter deleted, half given a description. (events, s).
+
+    Written by four INSERT ... SELECT statements from templates that the event store's
+    mapper encoded (`event_templates`): `store.save` manages ~8,000 events/s, too slow
+    for a million. A sample is decoded back with `shared.eventcodec` as a check."""
+    t = event_templates()
+    n = max(1, total // 4)
+    url = settings.require_database_url()
+    ts = (
+        "to_char((now() - interval '1 day' + ((%(round)s * %(n)s + i) * interval '1 ms'))"
+        " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
+    )
+    fill = (
+        "replace(replace(replace(replace(replace({template}, '@@OWNER@@', owner),"
+        " '@@TITLE@@', {title}), '@@DESC@@', 'Notes on task ' || i),"
+        " '@@REQ@@', 'bench-replay-' || %(round)s), '@@TS@@', " + ts + ")"
+    )
+    rounds = [
+        ("%(created)s", "'TaskCreated'", "'Replay task ' || i"),
+        ("%(title_changed)s", "'TaskTitleChanged'", "'Replay task ' || i || ', renamed'"),
+        ("%(completed)s", "'TaskCompleted'", "''"),
+        ("CASE mod(i, 4) WHEN 0 THEN %(reopened)s WHEN 1 THEN %(deleted)s"
+         " ELSE %(description_changed)s END",
+         "CASE mod(i, 4) WHEN 0 THEN 'TaskReopened' WHEN 1 THEN 'TaskDeleted'"
+         " ELSE 'TaskDescriptionChanged' END", "''"),
+    ]
+    params = {
+        "n": n, "users": users,
+        "created": t["TaskCreated"], "title_changed": t["TaskTitleChanged"],
+        "completed": t["TaskCompleted"], "reopened": t["TaskReopened"],
+        "deleted": t["TaskDeleted"], "description_changed": t["TaskDescriptionChanged"],
+    }
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "CREATE TEMP TABLE replay_tasks AS SELECT i, gen_random_uuid() AS id,"
+            " md5('bench-replay-owner-' || mod(i, %(users)s)) AS owner"
+            " FROM generate_series(1, %(n)s) AS i",
+            params,
+        )
+        for number, (template, topic, title) in enumerate(rounds):
+            conn.execute(
+                f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+                f" SELECT id, {number + 1}, {topic},"
+                f" convert_to({fill.format(template=template, title=title)}, 'UTF8')"
+                " FROM replay_tasks ORDER BY i",
+                {**params, "round": number},
+            )
+            conn.commit()
+        conn.execute(f"ANALYZE {EVENTS_TABLE}")
+        written = conn.execute(f"SELECT count(*) FROM {EVENTS_TABLE}").fetchone()[0]
+        sample = conn.execute(
+            f"SELECT DISTINCT ON (topic) notification_id, originator_id, originator_version,"
+            f" topic, state FROM {EVENTS_TABLE} ORDER BY topic, notification_id"
+        ).fetchall()
+    seconds = time.perf_counter() - started
+    for row in sample:
+        decode_event(*row)  # raises on anything the projector could not read
+    return int(written), seconds
+
+
+def fill_ceiling(url: str, users: Sequence[str], rows_per_user: int) -> None:
+    with psycopg.connect(url) as conn:
+        for statement in ceiling_app.ddl():
+            conn.execute(statement)
+        conn.execute(
+            ceiling_app.fill_sql().replace("$1", "%s").replace("$2", "%s"),
+            (list(users), rows_per_user),
+        )
+        conn.execute("ANALYZE " + ceiling_app.READ_TABLE)
+
+
+def event_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def checkpoint(url: str) -> int:
+    from projections.tables import CHECKPOINTS  # noqa: PLC0415
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT coalesce(min(position), 0) FROM {CHECKPOINTS}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def copy_ceiling(url: str, repeats: int) -> list[float]:
+    """The replay's ceiling: rows per second of a bare `INSERT INTO ... SELECT` of the
+    whole event table into a table of the same shape with a primary key."""
+    rates = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE bench_copy AS SELECT * FROM {EVENTS_TABLE} WITH NO DATA"
+        )
+        conn.execute(
+            "ALTER TABLE bench_copy ADD PRIMARY KEY (originator_id, originator_version)"
+        )
+        for _ in range(repeats):
+            conn.execute("TRUNCATE bench_copy")
+            started = time.perf_counter()
+            cur = conn.execute(f"INSERT INTO bench_copy SELECT * FROM {EVENTS_TABLE}")
+            seconds = time.perf_counter() - started
+            rates.append(cur.rowcount / seconds)
+        conn.execute("DROP TABLE bench_copy")
+    return rates

@@ -1,0 +1,75 @@
+"""Time a full rebuild of the read tables from the event log, in its own process.
+
+Two ways, chosen by `--replay-via`:
+
+- `projector`: `python -m bench.replay_worker DSN`, which creates the read tables and
+  runs `projections.projector.catch_up` (the live projector's code path) over the
+  whole log; the time is measured inside the worker.
+- `taskctl`: `taskctl replay` (REPLAY_COMMAND), timed from outside. **The hook:** when
+  the replay CLI lands, check REPLAY_COMMAND matches its interface; `auto` (the
+  default) already picks it as soon as `taskctl` has a `replay` subcommand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT, taskctl
+
+# Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
+REPLAY_COMMAND = ["replay"]
+
+
+def taskctl_has_replay() -> bool:
+    from shared.cli import build_parser  # noqa: PLC0415
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions if parser._subparsers else []:  # noqa: SLF001
+        choices = getattr(action, "choices", None) or {}
+        if "replay" in choices:
+            return True
+    return False
+
+
+def _pinned(cpus: set[int] | None, argv: list[str]) -> list[str]:
+    if not cpus:
+        return argv
+    return [sys.executable, "-m", "bench.pin", ",".join(map(str, sorted(cpus))), "--", *argv]
+
+
+def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
+            timeout: float) -> dict[str, Any]:
+    if via == "auto":
+        via = "taskctl" if taskctl_has_replay() else "projector"
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    log = log_dir / "replay.log"
+    if via == "projector":
+        argv = _pinned(cpus, [sys.executable, "-m", "bench.replay_worker", url])
+        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: S603
+                             timeout=timeout, check=False)
+        log.write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"replay worker failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["via"] = "projections.projector.catch_up into fresh read tables (bench.replay_worker)"
+        return result
+
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM tasks_events").fetchone()
+    events = int(row[0]) if row else 0
+    argv = _pinned(cpus, [*taskctl(), *REPLAY_COMMAND])
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,  # noqa: S603
+                       timeout=timeout, check=True)
+    seconds = time.perf_counter() - started
+    return {"events": events, "seconds": seconds, "events_per_s": events / seconds,
+            "via": f"taskctl {' '.join(REPLAY_COMMAND)} (wall time, includes start-up)"}

@@ -1,0 +1,473 @@
+"""The benchmark run: set up, measure each figure beside its ceiling, tear down.
+
+    python -m bench [--quick] [options]      (also: taskctl bench ...)
+
+Phases, in order: data (seed through the event store, live projector catches up),
+generator ceiling, steady load (ours, then the ceiling app under the same schedule),
+saturation (every kind and every ceiling endpoint, interleaved, repeated), replay
+(scratch database, rebuild timed beside a bare INSERT ... SELECT). Every process the
+run starts is stopped by PID in a `finally`, also on Ctrl-C; databases are dropped
+unless `--keep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import data, report
+from bench.http import Pool, closed_loop, open_loop
+from bench.procs import ROOT, Processes, Proc, free_port, split_cpus, taskctl
+from bench.replay import rebuild
+from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
+from bench.workload import (
+    CEILING_OF,
+    CEILINGS,
+    COMMAND_KINDS,
+    KINDS,
+    QUERY_KINDS,
+    CeilingRequests,
+    LagProbes,
+    OurRequests,
+    Users,
+    mixer,
+    parse_mix,
+)
+from shared.settings import Settings
+
+T = TypeVar("T")
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the real processes against bare FastAPI+asyncpg ceilings.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="small data, short phases, 20,000-event replay (< 1 minute; CI smoke)")
+    p.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+                   help="a PostgreSQL server where the run may create and drop databases")
+    p.add_argument("--users", type=int)
+    p.add_argument("--tasks-per-user", type=int)
+    p.add_argument("--rate", type=float, default=200, help="steady arrival rate, requests/s")
+    p.add_argument("--steady-seconds", type=float)
+    p.add_argument("--ceiling-steady-seconds", type=float)
+    p.add_argument("--mix", help="kind=weight,... (default " + ",".join(
+        f"{k}={w}" for k, w in parse_mix(None).items()) + ")")
+    p.add_argument("--connections", type=int, default=100, help="saturation connections per kind")
+    p.add_argument("--saturation-seconds", type=float)
+    p.add_argument("--warmup", type=float)
+    p.add_argument("--repeats", type=int, help="saturation and ceiling repetitions (median)")
+    p.add_argument("--replay-events", type=int)
+    p.add_argument("--replay-via", choices=("auto", "projector", "taskctl"), default="auto",
+                   help="time `taskctl replay` when it exists (auto), or the projector's"
+                        " catch_up into fresh read tables")
+    p.add_argument("--cpus", help='"GEN/SERVERS" e.g. "0/1", or "none" (default: first'
+                                  " quarter of the cores for the generator, the rest for servers)")
+    p.add_argument("--only", help="comma list of phases: steady,saturation,replay (default all)")
+    p.add_argument("--log-level", default="warning", help="of every server (same for all)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    return p
+
+
+def configure(args: argparse.Namespace) -> argparse.Namespace:
+    quick = args.quick
+    defaults = {
+        "users": (10, 100), "tasks_per_user": (200, 1000),
+        "steady_seconds": (4, 60), "ceiling_steady_seconds": (2, 30),
+        "saturation_seconds": (1.0, 4), "warmup": (0.5, 1.0), "repeats": (1, 3),
+        "replay_events": (20_000, 1_000_000),
+    }
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.phases = set((args.only or "steady,saturation,replay").split(","))
+    return args
+
+
+def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        import uvloop  # noqa: PLC0415
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro_fn())
+
+
+def machine_info(pg_version: str) -> dict[str, Any]:
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "host": socket.gethostname(),
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "postgres": pg_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.secret = secrets.token_urlsafe(48)
+        self.gen_cpus, self.server_cpus = split_cpus(args.cpus)
+        self.log_dir = Path(tempfile.mkdtemp(prefix="taskservice-bench-"))
+        self.dbs = data.Databases(args.pg_url)
+        self.procs: Processes | None = None
+        self.url = ""
+        self.results: dict[str, Any] = {}
+        self.servers: dict[str, Proc] = {}
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def setup(self) -> None:
+        a = self.args
+        if self.gen_cpus:
+            os.sched_setaffinity(0, self.gen_cpus)
+        pg_version = self.dbs.server_version()
+        self.results["run"] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "quick": a.quick,
+            "command": "python -m bench " + " ".join(sys.argv[1:]),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                         if k not in ("phases",)},
+        }
+        self.results["machine"] = machine_info(pg_version)
+        self.results["pinning"] = {
+            "generator_cpus": sorted(self.gen_cpus) if self.gen_cpus else "unpinned",
+            "server_cpus": sorted(self.server_cpus) if self.server_cpus else "unpinned",
+            "postgres": "unpinned (not started by the harness)",
+            "servers": "command-api, query-api, projector, ceiling app, replay worker",
+        }
+        self.say(f"generator on CPUs {self.results['pinning']['generator_cpus']}, servers on"
+                 f" {self.results['pinning']['server_cpus']}; logs in {self.log_dir}")
+
+        self.url = self.dbs.create()
+        self.settings = Settings(environment="production", database_url=self.url,
+                                 better_auth_secret=self.secret)
+        from shared.schema import init_database  # noqa: PLC0415
+
+        init_database(self.settings)
+        user_ids = [uuid.uuid4().hex for _ in range(a.users)]
+        self.say(f"seeding {a.users} users x {a.tasks_per_user} tasks through the event store")
+        ids, seconds = data.seed_tasks(self.settings, user_ids, a.tasks_per_user)
+        events = a.users * a.tasks_per_user
+        data.fill_ceiling(self.url, user_ids, a.tasks_per_user)
+        self.users = Users(self.secret, ids)
+        self.results["data"] = {
+            "database": self.url.rsplit("/", 1)[-1],
+            "users": a.users, "tasks_per_user": a.tasks_per_user, "events": events,
+            "seed_seconds": round(seconds, 2), "seed_events_per_s": round(events / seconds),
+        }
+
+        env = {"DATABASE_URL": self.url, "BETTER_AUTH_SECRET": self.secret,
+               "ENVIRONMENT": "production", "LOG_LEVEL": a.log_level.upper(),
+               "BENCH_CEILING_DSN": self.url}
+        self.procs = Processes(self.log_dir, self.server_cpus, env)
+        tc = taskctl()
+        started = time.perf_counter()
+        projector = self.procs.start("projector", [*tc, "projector"])
+        self.servers["projector"] = projector
+        for name, argv in (
+            ("command-api", [*tc, "command-api", "--host", "127.0.0.1"]),
+            ("query-api", [*tc, "query-api", "--host", "127.0.0.1"]),
+            ("ceiling", [sys.executable, "-m", "bench.ceiling_app"]),
+        ):
+            port = free_port()
+            self.servers[name] = self.procs.start(name, [*argv, "--port", str(port)], port=port)
+        for name in ("command-api", "query-api", "ceiling"):
+            self.procs.wait_healthy(self.servers[name])
+        self.say("servers up; waiting for the projector to catch up")
+        caught_up = self.wait_projector(timeout=60 + events / 1000)
+        seconds = time.perf_counter() - started
+        self.results["data"].update({
+            "projector_catch_up_seconds": round(seconds, 2),
+            "projector_catch_up_events_per_s": round(events / seconds),
+            "projector_caught_up": caught_up,
+        })
+
+    def wait_projector(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        target = data.event_count(self.url)
+        projector = self.servers["projector"]
+        while time.monotonic() < deadline:
+            if not projector.alive():
+                raise RuntimeError(f"the projector exited:\n{projector.tail()}")
+            if data.checkpoint(self.url) >= target:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def pids(self) -> dict[str, int]:
+        out = {"generator": os.getpid()}
+        out.update({n: p.pid for n, p in self.servers.items() if p.pid is not None})
+        return out
+
+    # -- phases ------------------------------------------------------------------------
+
+    def generator_ceiling(self) -> None:
+        a = self.args
+        port = self.servers["ceiling"].port
+        assert port is not None
+        from bench.http import Request  # noqa: PLC0415
+
+        runs = []
+        for _ in range(a.repeats):
+            with CpuMeter(self.pids()) as cpu:
+                r = run_async(lambda: closed_loop(
+                    port, a.connections, a.saturation_seconds,
+                    lambda _rng: Request("const", "GET", "/const"), warmup=a.warmup))
+            ok = [s.latency for s in r.samples if s.ok]
+            runs.append({"rps": len(ok) / r.window, "errors": len(r.samples) - len(ok),
+                         **latency_summary(ok), "cpu": cpu.result})
+        self.results["generator_ceiling"] = {
+            "target": "GET /const answered in raw ASGI by uvicorn (ceiling app)",
+            "connections": a.connections,
+            "rps": round(median([r["rps"] for r in runs]) or 0),
+            "rps_runs": [round(r["rps"]) for r in runs],
+            "errors": sum(r["errors"] for r in runs),
+            "p50_ms": median([r["p50_ms"] for r in runs if r["p50_ms"] is not None]),
+            "cpu": runs[-1]["cpu"],
+        }
+        self.say(f"generator ceiling: {self.results['generator_ceiling']['rps']} req/s")
+
+    def steady(self) -> None:
+        a = self.args
+        mix = parse_mix(a.mix)
+        cmd_port = self.servers["command-api"].port
+        query_port = self.servers["query-api"].port
+        ceiling_port = self.servers["ceiling"].port
+        assert cmd_port and query_port and ceiling_port
+
+        async def ours(duration: float, seed: int, with_probes: bool) -> Any:
+            command, query = Pool(cmd_port, 512), Pool(query_port, 512)
+            probes = LagProbes(Pool(query_port, 256)) if with_probes else None
+            build = OurRequests(self.users, command, query, probes).build
+            result = await open_loop(a.rate, duration, mixer(mix, build), seed=seed)
+            if probes is not None:
+                await probes.drain(20)
+            for pool in (command, query) + ((probes.pool,) if probes else ()):
+                pool.close()
+            return result, probes
+
+        async def ceiling(duration: float, seed: int) -> Any:
+            pool = Pool(ceiling_port, 512)
+            result = await open_loop(a.rate, duration, mixer(mix, CeilingRequests(
+                self.users, pool).build), seed=seed)
+            pool.close()
+            return result
+
+        self.say(f"steady: warm-up, then {a.rate:g} req/s for {a.steady_seconds:g}s (ours)")
+        run_async(lambda: ours(a.warmup, 99, False))
+        with CpuMeter(self.pids()) as cpu:
+            result, probes = run_async(lambda: ours(a.steady_seconds, 1, True))
+        self.say(f"steady: {a.rate:g} req/s for {a.ceiling_steady_seconds:g}s (ceiling app)")
+        run_async(lambda: ceiling(a.warmup, 98))
+        with CpuMeter(self.pids()) as ceiling_cpu:
+            ceiling_result = run_async(lambda: ceiling(a.ceiling_steady_seconds, 1))
+
+        kinds = by_kind(result.samples)
+        ceiling_kinds = by_kind(ceiling_result.samples)
+        for kind, row in kinds.items():
+            c = ceiling_kinds.get(kind, {})
+            row["ceiling"] = CEILING_OF[kind]
+            row["ceiling_p50_ms"] = c.get("p50_ms")
+            row["ceiling_p95_ms"] = c.get("p95_ms")
+            row["ceiling_p99_ms"] = c.get("p99_ms")
+            row["ceiling_errors"] = c.get("errors", 0)
+            row["p95_vs_ceiling"] = ratio(row["p95_ms"], c.get("p95_ms"))
+        lag = latency_summary(probes.lags)
+        self.results["steady"] = {
+            "rate": a.rate, "seconds": a.steady_seconds,
+            "ceiling_seconds": a.ceiling_steady_seconds,
+            "mix": mix, "requests": len(result.samples),
+            "achieved_rate": round(len(result.samples) / result.elapsed, 1),
+            "send_lag": latency_summary(result.send_lag),
+            "ceiling_send_lag": latency_summary(ceiling_result.send_lag),
+            "kinds": {k: kinds[k] for k in KINDS if k in kinds},
+            "cpu": cpu.result, "ceiling_cpu": ceiling_cpu.result,
+        }
+        self.results["lag"] = {
+            "method": "GET /api/tasks/{id} with X-Min-Position after each create's response,"
+                      " re-asked until non-stale",
+            "count": len(probes.lags), "errors": len(probes.errors),
+            "error_examples": sorted(set(probes.errors))[:3],
+            **lag,
+            "floor_ms": kinds.get("get", {}).get("p50_ms"),
+            "floor": "steady p50 of a single-task read (a probe is at least one read)",
+        }
+
+    def saturation(self) -> None:
+        a = self.args
+        ports = {"command-api": self.servers["command-api"].port,
+                 "query-api": self.servers["query-api"].port,
+                 "ceiling": self.servers["ceiling"].port}
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*KINDS, *CEILINGS)}
+        ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
+
+        def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
+            with CpuMeter(self.pids()) as cpu:
+                r = run_async(lambda: closed_loop(port, a.connections, a.saturation_seconds,
+                                                  next_request, warmup=a.warmup))
+            ok = [s.latency for s in r.samples if s.ok]
+            errs = [s.error for s in r.samples if not s.ok]
+            return {"rps": len(ok) / r.window, "errors": len(errs), **latency_summary(ok),
+                    "error_examples": sorted(set(errs))[:3], "exhausted": r.exhausted,
+                    "cpu": cpu.result}
+
+        for rep in range(a.repeats):
+            self.say(f"saturation {rep + 1}/{a.repeats}: {a.connections} connections,"
+                     f" {a.saturation_seconds:g}s per kind")
+            for name in CEILINGS:
+                runs[name].append(one(name, ports["ceiling"],
+                                      lambda rng, n=name: ceiling_requests.endpoint(n, rng)))
+            for kind in KINDS:
+                if kind in QUERY_KINDS:
+                    self.wait_projector(timeout=60)
+                ours = OurRequests(self.users, Pool(0, 0), Pool(0, 0))
+
+                def next_request(rng: Any, kind: str = kind, ours: OurRequests = ours) -> Any:
+                    built = ours.build(kind, rng)
+                    return None if built is None else built[1]
+
+                port = ports["query-api" if kind in QUERY_KINDS else "command-api"]
+                runs[kind].append(one(kind, port, next_request))
+
+        def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "rps": round(median([r["rps"] for r in rs]) or 0, 1),
+                "rps_runs": [round(r["rps"], 1) for r in rs],
+                "p50_ms": median([r["p50_ms"] for r in rs if r["p50_ms"] is not None]),
+                "p95_ms": median([r["p95_ms"] for r in rs if r["p95_ms"] is not None]),
+                "p99_ms": median([r["p99_ms"] for r in rs if r["p99_ms"] is not None]),
+                "errors": sum(r["errors"] for r in rs),
+                "error_examples": sorted({e for r in rs for e in r["error_examples"]})[:3],
+                "exhausted": any(r["exhausted"] for r in rs),
+                "cpu": rs[len(rs) // 2]["cpu"],
+            }
+
+        ceilings = {name: summary(runs[name]) for name in CEILINGS}
+        kinds = {}
+        for kind in KINDS:
+            row = summary(runs[kind])
+            row["ceiling"] = CEILING_OF[kind]
+            row["ceiling_rps"] = ceilings[CEILING_OF[kind]]["rps"]
+            row["ratio"] = ratio(row["rps"], row["ceiling_rps"])
+            kinds[kind] = row
+        self.results["saturation"] = {
+            "connections": a.connections, "seconds": a.saturation_seconds,
+            "warmup": a.warmup, "repeats": a.repeats, "kinds": kinds, "ceilings": ceilings,
+        }
+
+    def stop_servers(self) -> None:
+        if self.procs is not None:
+            self.procs.stop_all()
+
+    def replay(self) -> None:
+        a = self.args
+        url = self.dbs.create("replay")
+        try:
+            settings = Settings(environment="production", database_url=url,
+                                better_auth_secret=self.secret)
+            from shared.schema import init_database  # noqa: PLC0415
+
+            init_database(settings)
+            self.say(f"replay: writing {a.replay_events:,} events to a scratch database")
+            events, seed_seconds = data.seed_replay_events(settings, a.replay_events)
+            self.say(f"replay: {events:,} events written in {seed_seconds:.1f}s; rebuilding")
+            timing = rebuild(url, self.server_cpus, a.replay_via, self.log_dir,
+                             timeout=max(120, events / 1000))
+            self.say("replay: ceiling (INSERT ... SELECT)")
+            rates = data.copy_ceiling(url, a.repeats)
+            ceiling = median(rates)
+            self.results["replay"] = {
+                **timing,
+                "seed_seconds": round(seed_seconds, 1),
+                "events_per_s": round(timing["events_per_s"]),
+                "ceiling": "INSERT INTO bench_copy SELECT * FROM tasks_events (same rows,"
+                           " primary key)",
+                "ceiling_rows_per_s": round(ceiling or 0),
+                "ceiling_runs": [round(r) for r in rates],
+                "ratio": ratio(timing["events_per_s"], ceiling),
+            }
+        finally:
+            if not a.keep:
+                self.dbs.drop(url)
+
+    # -- tear-down -----------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            self.stop_servers()
+        finally:
+            if not self.args.keep:
+                self.dbs.drop_all()
+            elif self.dbs.created:
+                self.say(f"kept databases: {', '.join(self.dbs.created)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = configure(build_parser().parse_args(argv))
+
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    bench = Bench(args)
+    started = time.perf_counter()
+    try:
+        bench.setup()
+        if "steady" in args.phases or "saturation" in args.phases:
+            bench.generator_ceiling()
+        if "steady" in args.phases:
+            bench.steady()
+        if "saturation" in args.phases:
+            bench.saturation()
+        bench.stop_servers()
+        if "replay" in args.phases:
+            bench.replay()
+    except KeyboardInterrupt:
+        bench.say("interrupted; stopping every process and dropping the databases")
+        return 130
+    finally:
+        bench.teardown()
+    bench.results["run"]["seconds"] = round(time.perf_counter() - started, 1)
+    bench.results["run"]["server_logs"] = str(bench.log_dir)
+    report.finish(bench.results, args.results_dir)
+    return 0 if report.error_total(bench.results) == 0 else 1

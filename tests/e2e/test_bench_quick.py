@@ -1,0 +1,70 @@
+"""`python -m bench --quick`, the benchmark's smoke run: it starts the real processes,
+measures every figure beside its ceiling, writes its results and cleans up.
+
+Nothing here asserts on speed: only that every figure is there and nothing failed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support import PostgresServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KINDS = ("list", "get", "history", "create", "update", "complete", "delete")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
+    pg_server: PostgresServer, tmp_path: Path
+):
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--pg-url", pg_server.url,
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    [path] = tmp_path.glob("*.json")
+    assert path.with_suffix(".md").exists()
+    r = json.loads(path.read_text())
+
+    assert {"cores", "memory_gb", "postgres", "python"} <= r["machine"].keys()
+    assert r["generator_ceiling"]["rps"] > 0
+
+    steady = r["steady"]["kinds"]
+    assert set(steady) == set(KINDS)
+    for kind, row in steady.items():
+        assert row["count"] > 0, kind
+        assert None not in (row["p50_ms"], row["p95_ms"], row["p99_ms"]), kind
+        assert row["ceiling_p95_ms"] is not None and row["p95_vs_ceiling"] is not None, kind
+
+    assert r["lag"]["count"] > 0 and r["lag"]["p95_ms"] is not None
+
+    saturation = r["saturation"]
+    assert set(saturation["ceilings"]) == {"insert", "select_50", "select_1000"}
+    assert set(saturation["kinds"]) == set(KINDS)
+    for kind, row in saturation["kinds"].items():
+        assert row["rps"] > 0 and row["ratio"] is not None, kind
+
+    replay = r["replay"]
+    assert replay["events"] >= 20_000
+    assert replay["events_per_s"] > 0 and replay["ceiling_rows_per_s"] > 0
+    assert replay["ratio"] is not None
+
+    assert {t["figure"] for t in r["targets"]} >= {"errors", "replay (events/s)"}
+    assert r["errors_total"] == 0, json.dumps(r, indent=1)[-4000:]
+
+    # its databases are dropped
+    with psycopg.connect(pg_server.url) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (r["data"]["database"] + "%",),
+        ).fetchall()
+    assert left == []
