@@ -17,9 +17,9 @@ from shared.settings import Settings, SettingsError
 
 
 
-def _settings(**overrides: object) -> Settings:
+def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
     try:
-        return Settings.from_env(**overrides)
+        return Settings.from_env(require_auth=require_auth, **overrides)
     except SettingsError as e:
         sys.exit(f"taskctl: {e}")
 
@@ -27,13 +27,16 @@ def _settings(**overrides: object) -> Settings:
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
     import uvicorn  # noqa: PLC0415
 
-    logging.basicConfig(level=settings.log_level.upper())
+    from shared.observability import configure_logging  # noqa: PLC0415
+
+    configure_logging(settings.log_level)
     uvicorn.run(
         app_path,
         factory=True,
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep configure_logging's JSON lines
         proxy_headers=True,
         timeout_graceful_shutdown=10,
     )
@@ -42,7 +45,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 def cmd_db_init(_: argparse.Namespace) -> None:
     from shared.schema import init_database  # noqa: PLC0415
 
-    settings = _settings()
+    settings = _settings(require_auth=False)
     init_database(settings)
     print("database initialised")
 
@@ -58,10 +61,10 @@ def cmd_query_api(args: argparse.Namespace) -> None:
 def cmd_projector(args: argparse.Namespace) -> None:
     from projections.projector import main as follow  # noqa: PLC0415
 
-    settings = _settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    settings = _settings(require_auth=False)
+    from shared.observability import configure_logging  # noqa: PLC0415
+
+    configure_logging(settings.log_level)
     sys.exit(
         follow(
             settings.require_database_url(),
