@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from shared.tasks import DESCRIPTION_MAX, TITLE_MAX
 
@@ -26,9 +26,24 @@ def _title(value: str) -> str:
     return value
 
 
-Title = Annotated[str, AfterValidator(_title)]
+# The documented schemas say what the validators accept (a non-blank title, no NUL, no
+# null where a field may only be left out), so clients and the fuzzer see the contract.
+NO_NUL = "^[^\\u0000]*$"
+TITLE_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": TITLE_MAX,
+    "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+    "description": f"trimmed; 1-{TITLE_MAX} characters, not blank",
+}
+Title = Annotated[str, AfterValidator(_title), WithJsonSchema(TITLE_SCHEMA)]
 Description = Annotated[
-    str | None, Field(max_length=DESCRIPTION_MAX), AfterValidator(_no_nul)
+    str | None,
+    Field(max_length=DESCRIPTION_MAX),
+    AfterValidator(_no_nul),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "maxLength": DESCRIPTION_MAX, "pattern": NO_NUL}, {"type": "null"}]}
+    ),
 ]
 
 
@@ -44,9 +59,9 @@ class CreateTask(_Command):
 class ChangeTask(_Command):
     """PATCH: any of the fields; a field left out is left as it is."""
 
-    title: Title | None = Field(default=None, json_schema_extra={"nullable": False})
+    title: Annotated[Title | None, WithJsonSchema(TITLE_SCHEMA)] = None
     description: Description = None
-    completed: bool | None = Field(default=None, json_schema_extra={"nullable": False})
+    completed: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = None
 
     @field_validator("title", "completed", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from uuid import UUID
 from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import Response
+from pydantic import WithJsonSchema
 
 from command_api.commands import ChangeTask, CreateTask, ReplaceTask, SetCompletion
 from command_api.handlers import Actor, Outcome, TaskCommands
@@ -32,8 +33,17 @@ async def commands(request: Request) -> TaskCommands:
 
 
 Commands = Annotated[TaskCommands, Depends(commands)]
-IfMatchHeader = Annotated[str | None, Header(alias="If-Match")]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+IfMatchHeader = Annotated[
+    str | None,
+    Header(alias="If-Match", description='an ETag such as "v3", a list of them, or *'),
+    WithJsonSchema({"type": "string"}),
+]
+# Documented as the route checks it (in `_actor`, which answers 422 with its own message).
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="1-255 printable ASCII characters"),
+    WithJsonSchema({"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}),
+]
 
 
 def _actor(request: Request, user_id: str, key: str | None, body: Any = None) -> Actor:
