@@ -60,3 +60,7 @@ class ValidationFailed(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code, default_message = 503, "SERVICE_UNAVAILABLE", "Service unavailable"
+
+    def __init__(self, message: str | None = None, *, details: Any = None) -> None:
+        # Every 503 says when to retry, like the handler for a lost database connection.
+        super().__init__(message, details=details, headers={"Retry-After": "1"})

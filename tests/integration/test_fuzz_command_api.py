@@ -25,7 +25,7 @@ from shared.settings import Settings
 from tests.fuzz_support import envelope_conformance, own_user_and_task, unique_idempotency_key
 from tests.support import TEST_SECRET, bearer, new_user
 
-MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "30"))
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 FUZZ_USER = new_user()
 CALLS: Counter[tuple[str, int]] = Counter()
 
