@@ -85,10 +85,9 @@ class ReadSide:
                         )
                     except DATABASE_DOWN as e:
                         log.warning("read database unavailable: %s", e)
-                        raise ServiceUnavailable(
-                            "Database unavailable, try again shortly",
-                            headers={"Retry-After": "1"},
-                        ) from None
+                        unavailable = ServiceUnavailable("Database unavailable, try again shortly")
+                        unavailable.headers["Retry-After"] = "1"
+                        raise unavailable from None
         return Reader(self.pool, self.watch, self.settings.read_wait_timeout)
 
     async def close(self) -> None:
