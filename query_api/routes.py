@@ -63,7 +63,9 @@ def _no_nul(value: str | None) -> str | None:
 
 class TaskFilter(BaseModel):
     status: Status = "all"
-    q: str | None = Field(default=None, max_length=500)
+    q: str | None = Field(
+        default=None, max_length=500, json_schema_extra={"pattern": "^[^\\u0000]*$"}
+    )
     sort: Sort = "-created_at"
     limit: int | None = Field(default=None, ge=1, le=1000)
     offset: int = Field(default=0, ge=0, le=1_000_000_000)
@@ -74,7 +76,7 @@ class TaskFilter(BaseModel):
 class FeedFilter(BaseModel):
     since: datetime | None = None
     until: datetime | None = None
-    type: str | None = None
+    type: str | None = Field(default=None, json_schema_extra={"enum": list(EVENT_TOPICS)})
     task_id: UUID | None = None
     limit: int = Field(default=50, ge=1, le=1000)
     cursor: str | None = Field(default=None, max_length=200)

@@ -11,7 +11,6 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import schemathesis
@@ -22,7 +21,12 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from command_api.app import create_app
 from shared.settings import Settings
-from tests.fuzz_support import envelope_conformance, own_user_and_task, unique_idempotency_key
+from tests.fuzz_support import (
+    DeferredApp,
+    envelope_conformance,
+    own_user_and_task,
+    unique_idempotency_key,
+)
 from tests.support import TEST_SECRET, bearer, new_user
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
@@ -39,25 +43,6 @@ CHECKS = [
     openapi_checks.positive_data_acceptance,
     envelope_conformance,
 ]
-
-
-class DeferredApp:
-    """The ASGI app behind the schema. Schemathesis loads the schema when this module is
-    imported (its fixture-based loader does not work with pytest 9), before any fixture
-    has a database: the OpenAPI document comes from an app built with placeholder settings
-    (building connects to nothing), and the `command_app_client` fixture swaps in the real
-    app, whose lifespan it runs itself."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":  # the fixture runs the real app's lifespan, once
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        await self.app(scope, receive, send)
 
 
 PLACEHOLDER = Settings(
