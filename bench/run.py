@@ -234,6 +234,18 @@ class Bench:
             time.sleep(0.05)
         return False
 
+    def settle(self, timeout: float = 60) -> None:
+        """Wait (bounded) until no server burns more than 10% of a core over half a second:
+        an overloaded phase leaves a backlog the servers keep working through after the
+        client gave up, which would otherwise be charged to the next phase."""
+        deadline = time.monotonic() + timeout
+        servers = {n: p for n, p in self.pids().items() if n != "generator"}
+        while time.monotonic() < deadline:
+            with CpuMeter(servers) as cpu:
+                time.sleep(0.5)
+            if all((v or 0) < 10 for k, v in cpu.result.items() if k != "machine_busy_pct"):
+                return
+
     def pids(self) -> dict[str, int]:
         out = {"generator": os.getpid()}
         out.update({n: p.pid for n, p in self.servers.items() if p.pid is not None})
@@ -297,6 +309,7 @@ class Bench:
         run_async(lambda: ours(a.warmup, 99, False))
         with CpuMeter(self.pids()) as cpu:
             result, probes = run_async(lambda: ours(a.steady_seconds, 1, True))
+        self.settle()
         self.say(f"steady: {a.rate:g} req/s for {a.ceiling_steady_seconds:g}s (ceiling app)")
         run_async(lambda: ceiling(a.warmup, 98))
         with CpuMeter(self.pids()) as ceiling_cpu:
@@ -342,6 +355,7 @@ class Bench:
         ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
 
         def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
+            self.settle()
             with CpuMeter(self.pids()) as cpu:
                 r = run_async(lambda: closed_loop(port, a.connections, a.saturation_seconds,
                                                   next_request, warmup=a.warmup))
