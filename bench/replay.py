@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from bench.procs import ROOT, taskctl
 
 # Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
-REPLAY_COMMAND = ["replay"]
+REPLAY_COMMAND = ["replay", "--json"]
 
 
 def taskctl_has_replay() -> bool:
@@ -47,7 +48,9 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
             timeout: float) -> dict[str, Any]:
     if via == "auto":
         via = "taskctl" if taskctl_has_replay() else "projector"
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           # taskctl's settings insist on an auth method even for offline commands
+           "BETTER_AUTH_SECRET": secrets.token_urlsafe(48), "ENVIRONMENT": "production"}
     log = log_dir / "replay.log"
     if via == "projector":
         argv = _pinned(cpus, [sys.executable, "-m", "bench.replay_worker", url])
