@@ -65,6 +65,17 @@ class Connection:
         self.reader = self.writer = None
 
     async def send(self, req: Request) -> Response:
+        reused = self.writer is not None
+        try:
+            return await self._send(req)
+        except asyncio.IncompleteReadError as e:
+            # A kept-alive connection the server closed while idle (uvicorn's keep-alive
+            # timeout): nothing was answered, so a GET goes again on a new connection.
+            if not (reused and not e.partial and req.method == "GET"):
+                raise
+            return await self._send(req)
+
+    async def _send(self, req: Request) -> Response:
         if self.writer is None:
             await self.open()
         assert self.reader is not None and self.writer is not None
