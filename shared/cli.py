@@ -118,6 +118,40 @@ def cmd_bench(args: argparse.Namespace) -> None:
     sys.exit(bench(args.bench_args))
 
 
+def _database_url() -> str:
+    """For the operator commands (replay, status, audit, export): they need the
+    database, not the HTTP settings (no auth secret)."""
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        sys.exit("taskctl: DATABASE_URL is not set")
+    return url
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from projections.admin import replay_main  # noqa: PLC0415
+
+    sys.exit(replay_main(_database_url(), args.projection,
+                         in_place=args.in_place, as_json=args.json, batch_size=args.batch_size))
+
+
+def cmd_projections_status(args: argparse.Namespace) -> None:
+    from projections.admin import status_main  # noqa: PLC0415
+
+    sys.exit(status_main(_database_url(), as_json=args.json))
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from projections.audit import audit_main  # noqa: PLC0415
+
+    sys.exit(audit_main(_database_url(), args))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from projections.audit import export_main  # noqa: PLC0415
+
+    sys.exit(export_main(_database_url(), args.user))
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     """Everything on one port for a first run: embedded PostgreSQL when DATABASE_URL is
     unset, tables, demo data, and a token for each demo user."""
@@ -188,6 +222,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-interval", type=float, default=1.0, help="seconds between polls without NOTIFY"
     )
     projector.set_defaults(func=cmd_projector)
+
+    replay = sub.add_parser(
+        "replay",
+        help="rebuild read tables from the first event beside the live ones, verify, switch",
+    )
+    replay.add_argument("--projection", action="append", metavar="NAME",
+                        help="a projection to rebuild (repeatable; default all: task_views)")
+    replay.add_argument("--in-place", action="store_true",
+                        help="development only: truncate and rebuild the live tables directly")
+    replay.add_argument("--batch-size", type=int, default=10_000, help="events per transaction")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay.set_defaults(func=cmd_replay)
+
+    projections = sub.add_parser("projections", help="inspect the projections")
+    projections_sub = projections.add_subparsers(dest="projections_command", required=True)
+    status = projections_sub.add_parser(
+        "status", help="position, head, lag, projector lock and served table version")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_projections_status)
+
+    audit = sub.add_parser(
+        "audit", help="read the event store itself (not the read tables), oldest first",
+        description="Stream events from the event store in its global order. Filters combine."
+        " --user matches events of tasks the user owns OR events the user performed (actor).")
+    audit.add_argument("--user", help="task owner OR actor of the event")
+    audit.add_argument("--task", help="task id (UUID)")
+    audit.add_argument("--since", help="ISO 8601, inclusive (no offset means UTC)")
+    audit.add_argument("--until", help="ISO 8601, exclusive")
+    audit.add_argument("--type", action="append", dest="types", metavar="TYPE",
+                       help="event type, e.g. TaskCompleted (repeatable)")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.add_argument("--verify", action="store_true",
+                       help="check versions, actors and the history read table; exit 1 on a"
+                            " difference")
+    audit.set_defaults(func=cmd_audit)
+
+    export = sub.add_parser("export", help="every event of one user's tasks, as JSON lines")
+    export.add_argument("--user", required=True, help="the owner whose tasks to export")
+    export.set_defaults(func=cmd_export)
 
     seed = sub.add_parser("seed", help="create the plan's two demo users' tasks through commands")
     seed.add_argument("--reset", action="store_true", help="delete the demo users' tasks first")

@@ -1,0 +1,256 @@
+"""`taskctl audit` and `taskctl export`: the event store itself, not the read tables.
+
+Events stream from a server-side cursor in the store's global order (tx_id,
+notification_id), so a million events need a page of memory, not a million. `--verify`
+checks the store (each task's versions run 1, 2, 3... without a gap; every event names
+its actor) and that the history read table agrees with it for every task, folding the
+events independently (`projections.verify`) in one snapshot with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from uuid import UUID
+
+import asyncpg
+
+from projections import checkpoints as cp
+from projections.tables import DEFAULT, Tables
+from projections.verify import MASK, Fold, row_hash
+from shared.eventcodec import UndecodableEvent, decode_event
+from shared.eventstore import EVENTS_TABLE
+from shared.position import Position
+
+PAGE = 2_000
+# The owner of an event's task: from the task's creation (version 1), by primary key.
+_OWNER = (
+    f"(SELECT convert_from(c.state, 'UTF8')::jsonb ->> 'owner' FROM {EVENTS_TABLE} c"
+    " WHERE c.originator_id = e.originator_id AND c.originator_version = 1)"
+)
+_SELECT = (
+    "SELECT * FROM (SELECT e.notification_id, e.tx_id::text AS tx_id, e.originator_id,"
+    " e.originator_version, e.topic, e.state,"
+    f" {_OWNER} AS owner, convert_from(e.state, 'UTF8')::jsonb AS j"
+    f" FROM {EVENTS_TABLE} e{{inner}}) x{{outer}} ORDER BY {cp.EVENT_ORDER}"
+)
+
+
+@dataclass
+class Filters:
+    user: str | None = None  # the task's owner OR the event's actor
+    owner: str | None = None  # the task's owner only (export)
+    task: UUID | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    types: list[str] = field(default_factory=list)
+
+    def sql(self) -> tuple[str, list[Any]]:
+        inner: list[str] = []
+        outer: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if self.task is not None:
+            inner.append(f"e.originator_id = {arg(self.task)}")
+        if self.types:
+            inner.append(f"e.topic = ANY({arg(self.types)}::text[])")
+        if self.user is not None:
+            p = arg(self.user)
+            outer.append(f"(x.owner = {p} OR x.j ->> 'actor' = {p})")
+        if self.owner is not None:
+            outer.append(f"x.owner = {arg(self.owner)}")
+        when = "(x.j -> 'timestamp' ->> '_data_')::timestamptz"
+        if self.since is not None:
+            outer.append(f"{when} >= {arg(self.since)}")
+        if self.until is not None:
+            outer.append(f"{when} < {arg(self.until)}")
+        text = _SELECT.format(
+            inner=" WHERE " + " AND ".join(inner) if inner else "",
+            outer=" WHERE " + " AND ".join(outer) if outer else "",
+        )
+        return text, args
+
+
+def _record(row: asyncpg.Record) -> dict[str, Any]:
+    event = decode_event(row["notification_id"], row["originator_id"],
+                         row["originator_version"], row["topic"], row["state"])
+    return {
+        "position": str(Position(int(row["tx_id"]), row["notification_id"])),
+        "occurred_at": event.timestamp.astimezone(UTC).isoformat(),
+        "type": event.topic,
+        "task_id": str(event.task_id),
+        "version": event.version,
+        "owner": row["owner"],
+        "actor": event.actor,
+        "request_id": event.request_id,
+        "data": {k: v for k, v in event.data.items() if k != "owner"},
+    }
+
+
+async def stream(dsn: str, filters: Filters) -> AsyncIterator[dict[str, Any]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        sql, args = filters.sql()
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            async for row in conn.cursor(sql, *args, prefetch=PAGE):
+                yield _record(row)
+    finally:
+        await conn.close()
+
+
+COLUMNS = ("position", "occurred_at", "type", "task_id", "version", "owner", "actor", "data")
+WIDTHS = (14, 32, 22, 36, 7, 32, 32, 0)
+
+
+def _cell(record: dict[str, Any], column: str) -> str:
+    value = record[column]
+    if column == "data":
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return "-" if value is None else str(value)
+
+
+async def _print(dsn: str, filters: Filters, as_json: bool, out: TextIO) -> int:
+    count = 0
+    if not as_json:
+        out.write("  ".join(c.ljust(w) for c, w in zip(COLUMNS, WIDTHS)).rstrip() + "\n")
+    async for record in stream(dsn, filters):
+        if as_json:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            out.write("  ".join(_cell(record, c).ljust(w) for c, w in zip(COLUMNS, WIDTHS))
+                      .rstrip() + "\n")
+        count += 1
+    if not as_json:
+        out.write(f"({count} events)\n")
+    return count
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def audit_main(dsn: str, args: argparse.Namespace) -> int:
+    if args.verify:
+        report = asyncio.run(verify(dsn))
+        for line in report.lines():
+            print(line, file=sys.stdout if report.ok else sys.stderr)
+        return 0 if report.ok else 1
+    try:
+        filters = Filters(
+            user=args.user,
+            task=UUID(args.task) if args.task else None,
+            since=_time(args.since),
+            until=_time(args.until),
+            types=args.types or [],
+        )
+    except ValueError as e:
+        print(f"taskctl audit: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(_print(dsn, filters, args.json, sys.stdout))
+    return 0
+
+
+def export_main(dsn: str, user: str) -> int:
+    """Every event of the user's own tasks (as owner), one JSON object per line."""
+    asyncio.run(_print(dsn, Filters(owner=user), True, sys.stdout))
+    return 0
+
+
+# -- --verify --------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    events: int = 0
+    tasks: int = 0
+    position: str = ""
+    gaps: list[str] = field(default_factory=list)
+    no_actor: list[str] = field(default_factory=list)
+    undecodable: list[str] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.gaps or self.no_actor or self.undecodable or self.history)
+
+    def lines(self, limit: int = 50) -> list[str]:
+        out = [f"checked {self.events:,} events of {self.tasks:,} tasks; history read table"
+               f" at checkpoint {self.position}"]
+        for title, items in (("version gaps", self.gaps), ("events without an actor",
+                             self.no_actor), ("undecodable events", self.undecodable),
+                             ("history differs from the event store", self.history)):
+            if items:
+                out.append(f"{title}: {len(items)}")
+                out.extend(f"  {item}" for item in items[:limit])
+        out.append("OK" if self.ok else "FAILED")
+        return out
+
+
+async def verify(dsn: str, tables: Tables = DEFAULT) -> Report:
+    report = Report()
+    fold = Fold()
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            checkpoint = await cp.read_checkpoint(conn, tables)
+            report.position = str(checkpoint)
+            last_task: UUID | None = None
+            expected_version = 1
+            async for row in conn.cursor(
+                "SELECT notification_id, originator_id, originator_version, topic, state,"
+                f" tx_id::text FROM {EVENTS_TABLE} ORDER BY originator_id, originator_version",
+                prefetch=5_000,
+            ):
+                position, task_id, version, topic, state, tx = row
+                report.events += 1
+                if task_id != last_task:
+                    last_task, expected_version = task_id, 1
+                    report.tasks += 1
+                if version != expected_version:
+                    report.gaps.append(f"task {task_id}: version {version} where"
+                                       f" {expected_version} was expected")
+                expected_version = version + 1
+                try:
+                    event = decode_event(position, task_id, version, topic, state)
+                except UndecodableEvent as e:
+                    report.undecodable.append(f"event {position} of task {task_id}: {e}")
+                    continue
+                if not isinstance(event.actor, str) or not event.actor:
+                    report.no_actor.append(f"event {position} of task {task_id} version"
+                                           f" {version} ({topic})")
+                    continue
+                if checkpoint is not None and Position(int(tx), position) <= checkpoint:
+                    fold.fold(position, task_id, version, topic, state)
+            actual: dict[UUID, list[int]] = {}
+            async for r in conn.cursor(
+                "SELECT task_id, user_id, position, version, event_type, actor, request_id,"
+                f" occurred_at, changes FROM {tables.history}", prefetch=5_000,
+            ):
+                sums = actual.setdefault(r[0], [0, 0])
+                sums[0] += 1
+                sums[1] = (sums[1] + row_hash(r[1], r[2], r[0], *r[3:8], json.loads(r[8])))
+                sums[1] &= MASK
+    finally:
+        await conn.close()
+    for task_id in sorted(set(fold.task_history) | set(actual), key=str):
+        want = fold.task_history.get(task_id, [0, 0])
+        have = actual.get(task_id, [0, 0])
+        if want != have:
+            detail = ("rows differ in content" if want[0] == have[0]
+                      else f"{have[0]} history rows, the event store says {want[0]}")
+            report.history.append(f"task {task_id}: {detail}")
+    report.history.extend(fold.problems)
+    return report

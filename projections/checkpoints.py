@@ -1,0 +1,119 @@
+"""How replay, status and audit read positions: every query that knows what a checkpoint
+or the event store's order looks like, in this one place.
+
+The projector (`projections.projector`) owns the checkpoint table's columns and the
+order it follows. A checkpoint is the pair (tx_id, position) and the order is (tx_id,
+notification_id) (see `shared.position`); if either changes, the constants below change
+and nothing else in replay/status/audit does. Copying a checkpoint between
+tables reads the column list from the catalog, so it needs no change at all.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from projections.projector import PROJECTION
+from projections.tables import Tables
+from shared.eventstore import EVENTS_TABLE
+from shared.position import ZERO, Position
+
+# The order of the event store, as the projector and the audit follow it.
+EVENT_ORDER = "tx_id, notification_id"
+# An event's place in that order, and a checkpoint's, as SQL row values.
+EVENT_KEY = "(tx_id, notification_id)"
+CHECKPOINT_COLUMNS = "tx_id::text, position"
+
+HEAD = (
+    f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
+    " ORDER BY tx_id DESC, notification_id DESC LIMIT 1"
+)
+AFTER = f"{EVENT_KEY} > ($1::text::xid8, $2::bigint)"
+COUNT_AFTER = f"SELECT count(*) FROM {EVENTS_TABLE} WHERE {AFTER}"
+OLDEST_AFTER = f"SELECT state FROM {EVENTS_TABLE} WHERE {AFTER} ORDER BY {EVENT_ORDER} LIMIT 1"
+# The events a checkpoint ($3, $4) covers, after the checkpoint ($1, $2), in order.
+EVENTS_UP_TO = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    f" FROM {EVENTS_TABLE} WHERE {AFTER} AND {EVENT_KEY} <= ($3::text::xid8, $4::bigint)"
+    f" ORDER BY {EVENT_ORDER}"
+)
+
+
+def _position(row: Any) -> Position | None:
+    return None if row is None else Position(int(row[0]), int(row[1]))
+
+
+def args(position: Position) -> tuple[str, int]:
+    """A position as the parameters of the SQL above."""
+    return str(position.tx_id), position.notification_id
+
+
+async def read_checkpoint(
+    conn: asyncpg.Connection, t: Tables, projection: str = PROJECTION
+) -> Position | None:
+    """The projection's checkpoint in `t.checkpoints`, None without a row."""
+    return _position(await conn.fetchrow(
+        f"SELECT {CHECKPOINT_COLUMNS} FROM {t.checkpoints} WHERE projection = $1", projection
+    ))
+
+
+async def lock_checkpoint(
+    conn: asyncpg.Connection, t: Tables, projection: str = PROJECTION
+) -> Position | None:
+    """Lock the checkpoint row until the transaction ends: the projector's `step` waits."""
+    return _position(await conn.fetchrow(
+        f"SELECT {CHECKPOINT_COLUMNS} FROM {t.checkpoints} WHERE projection = $1 FOR UPDATE",
+        projection,
+    ))
+
+
+async def head(conn: asyncpg.Connection) -> Position:
+    """The event store's last event, in the global order."""
+    return _position(await conn.fetchrow(HEAD)) or ZERO
+
+
+async def count_after(conn: asyncpg.Connection, position: Position) -> int:
+    return int(await conn.fetchval(COUNT_AFTER, *args(position)))
+
+
+async def lag(conn: asyncpg.Connection, checkpoint: Position) -> tuple[int, float]:
+    """(events committed after `checkpoint`, age in seconds of the oldest of them)."""
+    events = await count_after(conn, checkpoint)
+    if not events:
+        return 0, 0.0
+    state = await conn.fetchval(OLDEST_AFTER, *args(checkpoint))
+    return events, max(0.0, (datetime.now(UTC) - event_time(state)).total_seconds())
+
+
+def event_time(state: bytes | str) -> datetime:
+    return datetime.fromisoformat(json.loads(state)["timestamp"]["_data_"])
+
+
+async def checkpoint_columns(conn: asyncpg.Connection, table: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = $1"
+        " AND column_name NOT IN ('projection', 'updated_at') ORDER BY ordinal_position",
+        table,
+    )
+    return [r["column_name"] for r in rows]
+
+
+async def copy_checkpoint(
+    conn: asyncpg.Connection, source: Tables, target: Tables, projection: str = PROJECTION
+) -> None:
+    """Set the target's checkpoint row to the source's, whatever its columns are.
+    An UPDATE (not delete + insert): a projector waiting on the row lock then reads it."""
+    columns = await checkpoint_columns(conn, target.checkpoints)
+    assignments = ", ".join(f"{c} = s.{c}" for c in columns)
+    status = await conn.execute(
+        f"UPDATE {target.checkpoints} t SET {assignments}, updated_at = now()"
+        f" FROM {source.checkpoints} s WHERE t.projection = $1 AND s.projection = $1",
+        projection,
+    )
+    if status != "UPDATE 1":
+        raise RuntimeError(f"cannot copy checkpoint {projection!r}: {status}")
+

@@ -1,0 +1,345 @@
+"""`taskctl replay`: rebuild a projection's read tables from the first event, beside the
+live ones, then switch the query side over in one transaction.
+
+1. Under a session advisory lock (one replay at a time), drop what an interrupted replay
+   left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables with
+   only the indexes the handlers need, and apply every event with the projector's own
+   `step` (same handlers, same transaction per batch, their own checkpoint row) in
+   large pages. The live projector and the query API keep using the live tables.
+2. Create the secondary indexes, catch up again, and check the tables against an
+   independent fold of the events (`projections.verify`): per-user row counts and
+   checksums. A difference aborts, names the users, and leaves the live tables alone.
+3. Switch, in one transaction: lock the live checkpoint row (the live projector's next
+   `step` waits on it), apply the events that arrived meanwhile and check the users they
+   touched, rename live -> `read_*_old_<n>` and rebuilt -> live (indexes too), copy the
+   checkpoint, record the version in `projection_versions`. Then drop the old tables.
+
+Readers name the tables (`read_tasks`...), so a query sees the old tables or the new
+ones, both complete, never a mix. Killed at any point before the switch commits, the
+live tables are untouched and the next run starts clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from projections import checkpoints as cp
+from projections.projector import PROJECTION, ensure_checkpoint, step
+from projections.schema import ddl
+from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
+from projections.verify import Fold, compare, summarise
+from shared.eventstore import EVENTS_TABLE
+
+# Every projection replay knows, and the live tables it rebuilds. Today one checkpoint
+# (the projector's PROJECTION) covers all three read tables.
+PROJECTIONS: dict[str, Tables] = {PROJECTION: DEFAULT}
+
+BATCH_SIZE = 10_000
+VERSIONS = "projection_versions"
+VERSIONS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {VERSIONS} ("
+    " projection text PRIMARY KEY, version bigint NOT NULL, events bigint NOT NULL,"
+    " switched_at timestamptz NOT NULL DEFAULT now())"
+)
+RECORD_VERSION = (
+    f"INSERT INTO {VERSIONS} (projection, version, events) VALUES ($1, $2, $3)"
+    " ON CONFLICT (projection) DO UPDATE SET version = EXCLUDED.version,"
+    " events = EXCLUDED.events, switched_at = now()"
+)
+REPLAY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('taskservice.replay:' || $1, 0))"
+APPLICATION_NAME = "taskservice-replay"
+# Indexes the handlers read by while loading: kept during the bulk load.
+KEEP_DURING_LOAD = ("_task_idx",)
+SWITCH_LOCK_TIMEOUT = "5s"
+SWITCH_ATTEMPTS = 5
+OLD_TRANSACTION_WAIT = 10.0
+
+
+class VerificationFailed(Exception):
+    def __init__(self, differing: dict[str, list[str]], problems: list[str]) -> None:
+        self.differing = differing
+        self.problems = problems
+        super().__init__(f"{len(differing)} user(s) differ")
+
+
+class ReplayBusy(Exception):
+    pass
+
+
+def rebuild_tables(live: Tables, n: int) -> Tables:
+    return Tables(
+        tasks=f"rebuild_{live.tasks.removeprefix('read_')}_{n}",
+        history=f"rebuild_{live.history.removeprefix('read_')}_{n}",
+        stats=f"rebuild_{live.stats.removeprefix('read_')}_{n}",
+        checkpoints=f"rebuild_checkpoints_{n}",
+    )
+
+
+def _leftover_pattern(live: Tables) -> re.Pattern[str]:
+    names = [live.tasks, live.history, live.stats]
+    rebuilt = "|".join(re.escape(n.removeprefix("read_")) for n in names)
+    old = "|".join(re.escape(n) for n in names)
+    return re.compile(rf"^(rebuild_({rebuilt}|checkpoints)|({old})_old)_[0-9]+$")
+
+
+@dataclass
+class Progress:
+    """What the replay reports as it goes (`on_progress(done, total)`)."""
+
+    total: int = 0
+    done: int = 0
+    on_progress: Callable[[int, int], None] | None = None
+
+    def add(self, count: int) -> None:
+        from shared.observability import REPLAY_EVENTS  # noqa: PLC0415
+
+        self.done += count
+        REPLAY_EVENTS.labels(PROJECTION).set(self.done)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+
+@dataclass
+class Result:
+    projection: str
+    version: int | None
+    events: int
+    seconds: float
+    events_per_s: float
+    rows: dict[str, int]
+    switched: bool
+    in_place: bool
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+async def replay(
+    dsn: str,
+    *,
+    projection: str = PROJECTION,
+    batch_size: int = BATCH_SIZE,
+    in_place: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    before_verify: Callable[[asyncpg.Connection, Tables], Any] | None = None,
+) -> Result:
+    """Rebuild `projection` and switch to it (or rebuild the live tables `in_place`).
+    Raises `VerificationFailed` (nothing switched) or `ReplayBusy`."""
+    from shared.observability import REPLAY_TOTAL  # noqa: PLC0415
+
+    live = PROJECTIONS[projection]
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    conn = await asyncpg.connect(
+        dsn,
+        server_settings={
+            "application_name": APPLICATION_NAME,
+            # A crash loses at most the last batches, and their checkpoint with them.
+            "synchronous_commit": "off",
+        },
+    )
+    try:
+        if not await conn.fetchval(REPLAY_LOCK, projection):
+            raise ReplayBusy(f"another replay of {projection!r} is running")
+        await conn.execute(VERSIONS_DDL)
+        await _drop_leftovers(conn, live)
+        version = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) + 1 FROM {VERSIONS} WHERE projection = $1",
+            projection,
+        )
+        progress = Progress(total=int(await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")),
+                            on_progress=on_progress)
+        REPLAY_TOTAL.labels(projection).set(progress.total)
+        if in_place:
+            target = live
+            await _truncate_live(conn, live)
+        else:
+            target = rebuild_tables(live, version)
+            await _create_for_load(conn, target)
+        await ensure_checkpoint(conn, target)
+        phases["setup"] = time.perf_counter() - started
+
+        mark = time.perf_counter()
+        await _drain(conn, target, batch_size, progress)
+        phases["load"] = time.perf_counter() - mark
+        if not in_place:
+            mark = time.perf_counter()
+            await _create_indexes(conn, target)
+            await _drain(conn, target, batch_size, progress)
+            phases["index"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        if before_verify is not None:  # tests: corrupt the rebuilt rows on purpose
+            await before_verify(conn, target)
+        fold = Fold()
+        if not in_place:  # in place, the live projector moves the tables: check under lock
+            await _verify(conn, target, fold, None)
+        phases["verify"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        await _wait_for_old_transactions(conn)
+        await _switch(conn, live, target, fold, progress, projection, version, in_place,
+                      batch_size)
+        if not in_place:
+            await _drop_leftovers(conn, live)
+        phases["switch"] = time.perf_counter() - mark
+        rows = {
+            name: int(await conn.fetchval(f"SELECT count(*) FROM {name}"))
+            for name in (live.tasks, live.history, live.stats)
+        }
+    finally:
+        conn.terminate() if conn.is_in_transaction() else await conn.close()
+    seconds = time.perf_counter() - started
+    return Result(projection, None if in_place else version, progress.done, seconds,
+                  progress.done / seconds if seconds else 0.0, rows, True, in_place,
+                  {k: round(v, 3) for k, v in phases.items()})
+
+
+async def _drain(conn: asyncpg.Connection, t: Tables, batch_size: int, progress: Progress) -> None:
+    while True:
+        _, count = await step(conn, t, batch_size)
+        progress.add(count)
+        if count < batch_size:
+            return
+
+
+async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:
+    pattern = _leftover_pattern(live)
+    names = [
+        r["tablename"]
+        for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+        if pattern.match(r["tablename"])
+    ]
+    for name in names:
+        await conn.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> None:
+    """The rebuild tables with the indexes the handlers need; the rest come later.
+    The task list gets room for in-page (HOT) updates: a task is rewritten per event."""
+    async with conn.transaction():
+        for statement in ddl(t):
+            if _deferred(statement):
+                continue
+            await conn.execute(statement)
+        await conn.execute(f"ALTER TABLE {t.tasks} SET (fillfactor = 70)")
+
+
+def _deferred(statement: str) -> bool:
+    return statement.startswith("CREATE INDEX") and not any(
+        f"{keep} " in statement for keep in KEEP_DURING_LOAD
+    )
+
+
+async def _create_indexes(conn: asyncpg.Connection, t: Tables) -> None:
+    for statement in ddl(t):
+        if _deferred(statement):
+            await conn.execute(statement)
+    await conn.execute(f"ALTER TABLE {t.tasks} RESET (fillfactor)")
+    for name in (t.tasks, t.history, t.stats):
+        await conn.execute(f"ANALYZE {name}")
+
+
+async def _truncate_live(conn: asyncpg.Connection, live: Tables) -> None:
+    """--in-place: empty the live tables and zero their checkpoint, atomically."""
+    await ensure_checkpoint(conn, live)
+    zero = Tables(checkpoints="replay_zero_checkpoints")
+    async with conn.transaction():
+        await cp.lock_checkpoint(conn, live)
+        await conn.execute(
+            f"CREATE TEMP TABLE {zero.checkpoints}"
+            f" (LIKE {live.checkpoints} INCLUDING ALL) ON COMMIT DROP"
+        )
+        await ensure_checkpoint(conn, zero)
+        await cp.copy_checkpoint(conn, zero, live)
+        await conn.execute(f"TRUNCATE {live.tasks}, {live.history}, {live.stats}")
+
+
+async def _verify(
+    conn: asyncpg.Connection, t: Tables, fold: Fold, users: list[str] | None
+) -> None:
+    """Fold the events up to `t`'s checkpoint and compare (every user, or `users`)."""
+    position = await cp.read_checkpoint(conn, t)
+    assert position is not None
+    await fold.advance(conn, position)
+    expected = fold.expected(users)
+    actual = await summarise(conn, t, users)
+    differing = compare(expected, actual)
+    if differing or fold.problems:
+        raise VerificationFailed(differing, fold.problems)
+
+
+async def _wait_for_old_transactions(conn: asyncpg.Connection) -> None:
+    """A transaction whose snapshot predates the rebuild could read the new tables as
+    empty after the switch; give any such reader a bounded time to finish first."""
+    deadline = time.monotonic() + OLD_TRANSACTION_WAIT
+    since = await conn.fetchval("SELECT now()")
+    while time.monotonic() < deadline:
+        old = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND xact_start < $1"
+            " AND xact_start < now() - interval '1 second'",
+            since,
+        )
+        if not old:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _switch(
+    conn: asyncpg.Connection,
+    live: Tables,
+    target: Tables,
+    fold: Fold,
+    progress: Progress,
+    projection: str,
+    version: int,
+    in_place: bool,
+    batch_size: int,
+) -> None:
+    await ensure_checkpoint(conn, live)
+    for attempt in range(1, SWITCH_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{SWITCH_LOCK_TIMEOUT}'")
+                await cp.lock_checkpoint(conn, live)  # the live projector waits from here
+                before = progress.done
+                fold.touched.clear()
+                await _drain(conn, target, batch_size, progress)
+                if in_place:
+                    await _verify(conn, target, fold, None)
+                    return
+                if progress.done > before:
+                    await _verify(conn, target, fold, sorted(fold.touched))
+                for name, new in ((live.tasks, target.tasks), (live.history, target.history),
+                                  (live.stats, target.stats)):
+                    await _rename(conn, name, f"{name}_old_{version}")
+                    await _rename(conn, new, name)
+                await cp.copy_checkpoint(conn, target, live)
+                await conn.execute(RECORD_VERSION, projection, version, progress.done)
+                position = await cp.read_checkpoint(conn, live)
+                await conn.execute(f"SELECT pg_notify('{ADVANCED_CHANNEL}', $1)", str(position))
+            return
+        except asyncpg.exceptions.LockNotAvailableError:
+            if attempt == SWITCH_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * attempt)
+
+
+async def _rename(conn: asyncpg.Connection, old: str, new: str) -> None:
+    """Rename a table and the indexes named after it (primary key included)."""
+    for r in await conn.fetch(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1",
+        old,
+    ):
+        name = r["indexname"]
+        if name.startswith(old):
+            await conn.execute(f"ALTER INDEX {name} RENAME TO {new}{name[len(old):]}")
+    await conn.execute(f"ALTER TABLE {old} RENAME TO {new}")

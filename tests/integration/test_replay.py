@@ -1,0 +1,286 @@
+"""`taskctl replay` against a real PostgreSQL: the rebuild equals the live projector,
+verification refuses a corrupted rebuild, writes and reads go on during a replay, and
+`projections status` tells where things stand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import asyncpg
+import psycopg
+import pytest
+
+from projections.projector import TRY_LOCK, catch_up, run
+from projections.replay import VerificationFailed, replay
+from projections.tables import DEFAULT
+from tests.projection_support import Writer, fresh_database, snapshot
+from tests.support import PostgresServer, new_user
+
+
+@pytest.fixture
+def own_db(pg_server: PostgresServer) -> Iterator[str]:
+    url = fresh_database(pg_server)
+    yield url
+    pg_server.drop_database(url)
+
+
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()}
+
+
+def every_event_type(writer: Writer) -> list[str]:
+    """Several users, every event type, deletions included."""
+    writer.bulk(users=3, tasks_per_user=12)
+    users = [new_user() for _ in range(3)]
+    for n, user in enumerate(users):
+        a = writer.create(user, f"alpha {n}", "first")
+        b = writer.create(user, f"beta {n}")
+        writer.change(user, a, title=f"alpha {n}, renamed", description=None)
+        writer.change(user, a, completed=True)
+        writer.change(user, b, completed=True)
+        writer.change(user, b, completed=False)
+        writer.change(user, b, description="later")
+        writer.delete(user, b)
+    return users
+
+
+def run_taskctl(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "shared.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+async def test_replay_equals_the_live_projector_and_switches_to_a_new_version(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        every_event_type(writer)
+    finally:
+        writer.close()
+    await catch_up(own_db)
+    live = snapshot(own_db)
+    assert len(live["history"]) > 100 and live["stats"] and live["tasks"]
+
+    first = await replay(own_db, batch_size=37)  # odd pages: batches split tasks
+    second = await replay(own_db)
+
+    assert snapshot(own_db) == live
+    assert (first.version, second.version) == (1, 2)
+    assert first.events == len(live["history"]) and first.switched
+    assert first.rows == {"read_tasks": len(live["tasks"]),
+                          "read_task_history": len(live["history"]),
+                          "read_user_stats": len(live["stats"])}
+    left = {t for t in tables(own_db) if t.startswith("rebuild_") or "_old_" in t}
+    assert left == set()
+    with psycopg.connect(own_db) as conn:
+        indexes = {r[0] for r in conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'read_tasks'").fetchall()}
+        served = conn.execute(
+            "SELECT version FROM projection_versions WHERE projection = 'task_views'").fetchone()
+    assert indexes == {"read_tasks_pkey", "read_tasks_user_created_idx",
+                       "read_tasks_user_updated_idx", "read_tasks_user_title_idx",
+                       "read_tasks_task_idx"}
+    assert served == (2,)
+
+
+async def test_verification_refuses_a_corrupted_rebuild_and_keeps_the_live_tables(
+    own_db: str,
+) -> None:
+    writer = Writer(own_db)
+    try:
+        users = every_event_type(writer)
+    finally:
+        writer.close()
+    await catch_up(own_db)
+    live = snapshot(own_db)
+    victim = users[1]
+
+    async def corrupt(conn: asyncpg.Connection, t: object) -> None:
+        await conn.execute(
+            f"UPDATE {t.tasks} SET title = 'tampered' WHERE user_id = $1",  # type: ignore[attr-defined]
+            victim,
+        )
+
+    with pytest.raises(VerificationFailed) as failed:
+        await replay(own_db, before_verify=corrupt)
+
+    assert list(failed.value.differing) == [victim]
+    assert "tasks rows" in failed.value.differing[victim][0]
+    assert snapshot(own_db) == live
+    with psycopg.connect(own_db) as conn:
+        assert conn.execute("SELECT count(*) FROM projection_versions").fetchone() == (0,)
+    # The next run cleans up what the failed one left and succeeds.
+    result = await replay(own_db)
+    assert result.version == 1 and snapshot(own_db) == live
+
+
+async def test_replay_while_writes_continue_loses_none_and_reads_never_see_a_partial_table(
+    own_db: str,
+) -> None:
+    writer = Writer(own_db)
+    writer.bulk(users=4, tasks_per_user=150)
+    steady = new_user()
+    for n in range(20):
+        writer.create(steady, f"steady {n}")
+    stop = asyncio.Event()
+    projector = asyncio.ensure_future(run(own_db, poll_interval=0.05, stop=stop))
+
+    writing = threading.Event()
+    writing.set()
+    written: list[str] = []
+    busy = new_user()
+
+    def write() -> None:
+        n = 0
+        while writing.is_set():
+            task = writer.create(busy, f"during {n}")
+            writer.change(busy, task, completed=n % 2 == 0)
+            written.append(str(task))
+            n += 1
+
+    thread = threading.Thread(target=write)
+    thread.start()
+
+    reads: list[int] = []
+    errors: list[BaseException] = []
+    reading = True
+
+    async def read() -> None:
+        conn = await asyncpg.connect(own_db)
+        try:
+            while reading:
+                try:
+                    async with conn.transaction(isolation="repeatable_read", readonly=True):
+                        count = await conn.fetchval(
+                            "SELECT count(*) FROM read_tasks WHERE user_id = $1", steady)
+                        history = await conn.fetchval(
+                            "SELECT count(*) FROM read_task_history WHERE user_id = $1", steady)
+                    reads.append(count)
+                    assert (count, history) == (20, 20), (count, history)
+                except Exception as e:  # noqa: BLE001 - collected and asserted below
+                    errors.append(e)
+                await asyncio.sleep(0)
+        finally:
+            await conn.close()
+
+    def steady_projected() -> bool:
+        with psycopg.connect(own_db) as conn:
+            return conn.execute("SELECT count(*) FROM read_tasks WHERE user_id = %s",
+                                (steady,)).fetchone() == (20,)
+
+    for _ in range(400):
+        if steady_projected():
+            break
+        await asyncio.sleep(0.05)
+    reader = asyncio.ensure_future(read())
+    try:
+        result = await replay(own_db, batch_size=200)
+    finally:
+        writing.clear()
+        await asyncio.to_thread(thread.join, 30)
+        reading = False
+        await reader
+    try:
+        await asyncio.sleep(0.2)
+        with psycopg.connect(own_db) as conn:
+            expected = conn.execute("SELECT count(*) FROM tasks_events").fetchone()[0]
+
+        def caught_up() -> bool:
+            with psycopg.connect(own_db) as conn:
+                return conn.execute(
+                    "SELECT count(*) FROM read_task_history").fetchone()[0] == expected
+
+        for _ in range(200):
+            if caught_up():
+                break
+            await asyncio.sleep(0.05)
+        assert caught_up()
+    finally:
+        stop.set()
+        await asyncio.wait_for(projector, 10)
+        writer.close()
+
+    assert errors == []
+    assert len(reads) > 10
+    assert result.switched and result.version == 1
+    assert len(written) > 5
+    with psycopg.connect(own_db) as conn:
+        rows = conn.execute("SELECT task_id::text FROM read_tasks WHERE user_id = %s",
+                            (busy,)).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(written)
+    # The switched-to tables are what a fresh projector makes of the whole store.
+    live = snapshot(own_db)
+    with psycopg.connect(own_db) as conn:
+        conn.execute("DELETE FROM projection_versions")
+    again = await replay(own_db)
+    assert again.version == 1 and snapshot(own_db) == live
+
+
+async def test_in_place_rebuilds_the_live_tables(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        every_event_type(writer)
+    finally:
+        writer.close()
+    await catch_up(own_db)
+    live = snapshot(own_db)
+    with psycopg.connect(own_db) as conn:
+        conn.execute("UPDATE read_user_stats SET total = total + 5")  # drifted
+
+    result = await replay(own_db, in_place=True, batch_size=100)
+
+    assert result.in_place and result.version is None
+    assert snapshot(own_db) == live
+
+
+def test_cli_replay_prints_a_json_summary_and_status_reports_the_lag(own_db: str) -> None:
+    writer = Writer(own_db)
+    try:
+        every_event_type(writer)
+        asyncio.run(catch_up(own_db))
+        writer.create(new_user(), "not projected yet")
+        writer.create(new_user(), "nor this")
+    finally:
+        writer.close()
+
+    status = run_taskctl(own_db, "projections", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    before = json.loads(status.stdout)["projections"][0]
+    assert before["lag_events"] == 2 and before["lag_seconds"] >= 0
+    assert before["held_by_projector"] is False and before["serving_version"] == 0
+
+    done = run_taskctl(own_db, "replay", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["projection"] == "task_views" and summary["version"] == 1
+    assert summary["events"] == summary["rows"]["read_task_history"] > 100
+    assert "events" in done.stderr  # the progress line
+
+    async def hold_lock_and_ask() -> dict:
+        lock = await asyncpg.connect(own_db)
+        try:
+            assert await lock.fetchval(TRY_LOCK, "taskservice.projector:task_views")
+            out = await asyncio.to_thread(run_taskctl, own_db, "projections", "status", "--json")
+            return json.loads(out.stdout)["projections"][0] | {"pid": lock.get_server_pid()}
+        finally:
+            await lock.close()
+
+    after = asyncio.run(hold_lock_and_ask())
+    assert after["lag_events"] == 0 and after["serving_version"] == 1
+    assert after["held_by_projector"] is True and after["projector_pid"] == after["pid"]
+    assert after["position"] == after["head"]
+    text = run_taskctl(own_db, "projections", "status")
+    assert "serving      version 1" in text.stdout
+
+
+def test_cli_replay_rejects_an_unknown_projection(own_db: str) -> None:
+    out = run_taskctl(own_db, "replay", "--projection", "nope")
+    assert out.returncode == 2 and "unknown projection" in out.stderr
+    assert DEFAULT.tasks in tables(own_db)
