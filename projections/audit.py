@@ -199,6 +199,14 @@ class Report:
         return out
 
 
+def _actor(state: bytes) -> str | None:
+    try:
+        actor = json.loads(state).get("actor")
+    except (ValueError, AttributeError):
+        return "?"  # not JSON at all: reported as undecodable
+    return actor if isinstance(actor, str) and actor else None
+
+
 async def verify(dsn: str, tables: Tables = DEFAULT) -> Report:
     report = Report()
     fold = Fold()
@@ -223,14 +231,15 @@ async def verify(dsn: str, tables: Tables = DEFAULT) -> Report:
                     report.gaps.append(f"task {task_id}: version {version} where"
                                        f" {expected_version} was expected")
                 expected_version = version + 1
-                try:
-                    event = decode_event(position, task_id, version, topic, state)
-                except UndecodableEvent as e:
-                    report.undecodable.append(f"event {position} of task {task_id}: {e}")
-                    continue
-                if not isinstance(event.actor, str) or not event.actor:
+                actor = _actor(state)
+                if not actor:
                     report.no_actor.append(f"event {position} of task {task_id} version"
                                            f" {version} ({topic})")
+                    continue
+                try:
+                    decode_event(position, task_id, version, topic, state)
+                except UndecodableEvent as e:
+                    report.undecodable.append(f"event {position} of task {task_id}: {e}")
                     continue
                 if checkpoint is not None and Position(int(tx), position) <= checkpoint:
                     fold.fold(position, task_id, version, topic, state)
