@@ -26,8 +26,15 @@ from psycopg.sql import SQL, Identifier
 from command_api.commands import ChangeTask, CreateTask
 from shared.etag import IfMatch
 from shared.observability import EVENTS_APPENDED
+from shared.position import Position
 from shared.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationFailed
-from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
+from shared.eventstore import (
+    EVENTS_TABLE,
+    IDEMPOTENCY_TABLE,
+    IdempotencyRecord,
+    Receipt,
+    TaskStore,
+)
 from shared.tasks import Task
 
 
@@ -45,7 +52,7 @@ class Actor:
 class Outcome:
     status: int
     task: dict[str, Any] | None
-    position: int | None
+    position: Position | None
 
 
 def task_view(task: Task) -> dict[str, Any]:
@@ -73,7 +80,8 @@ class TaskCommands:
             " WHERE user_id = %s AND key = %s"
         ).format(t=Identifier(schema, IDEMPOTENCY_TABLE))
         self._select_position = SQL(
-            "SELECT notification_id FROM {t} WHERE originator_id = %s AND originator_version = %s"
+            "SELECT tx_id::text AS tx_id, notification_id FROM {t}"
+            " WHERE originator_id = %s AND originator_version = %s"
         ).format(t=Identifier(schema, EVENTS_TABLE))
 
     # -- the commands ----------------------------------------------------------------
@@ -172,8 +180,9 @@ class TaskCommands:
                     task_id=task.id,
                     version=task.version,
                 )
+            receipt = Receipt()
             try:
-                recordings = self.store.save(task, idempotency=record)
+                recordings = self.store.save(task, idempotency=record, receipt=receipt)
             except IntegrityError as e:
                 if record is not None and _violates(e, f"{IDEMPOTENCY_TABLE}_pkey"):
                     earlier = self._replay(actor)
@@ -183,7 +192,7 @@ class TaskCommands:
                 continue
             EVENTS_APPENDED.inc(len(recordings))
             if recordings:
-                position = recordings[-1].notification.id
+                position = Position(receipt.tx_id, receipt.notification_id)
             else:
                 position = self._position_of(task.id, task.version)
             return Outcome(status, None if status == 204 else task_view(task), position)
@@ -232,10 +241,10 @@ class TaskCommands:
         task: Task = self.store.repository.get(task_id, version=version)
         return Outcome(row["status"], task_view(task), position)
 
-    def _position_of(self, task_id: UUID, version: int) -> int | None:
+    def _position_of(self, task_id: UUID, version: int) -> Position | None:
         with self.store.recorder.datastore.get_connection() as conn:
             row = conn.execute(self._select_position, (task_id, version)).fetchone()
-        return row["notification_id"] if row else None
+        return Position(int(row["tx_id"]), row["notification_id"]) if row else None
 
 
 def _violates(error: Exception, constraint: str) -> bool:

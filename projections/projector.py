@@ -28,6 +28,7 @@ from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
 from projections.task_list import TaskState
 from shared.eventcodec import CREATED, TaskEvent, UndecodableEvent, decode_event
 from shared.eventstore import EVENTS_TABLE
+from shared.position import Position
 
 log = logging.getLogger("projections.projector")
 
@@ -40,17 +41,55 @@ APPLICATION_NAME = "taskservice-projector"
 LOCK_APPLICATION_NAME = "taskservice-projector-lock"
 
 ENSURE_CHECKPOINT = (
-    "INSERT INTO {checkpoints} (projection, position) VALUES ($1, 0)"
+    "INSERT INTO {checkpoints} (projection, tx_id, position) VALUES ($1, '0', 0)"
     " ON CONFLICT (projection) DO NOTHING"
 )
-LOCK_CHECKPOINT = "SELECT position FROM {checkpoints} WHERE projection = $1 FOR UPDATE"
+LOCK_CHECKPOINT = (
+    "SELECT tx_id, position FROM {checkpoints} WHERE projection = $1 FOR UPDATE"
+)
 SAVE_CHECKPOINT = (
-    "UPDATE {checkpoints} SET position = $2, updated_at = now() WHERE projection = $1"
+    "UPDATE {checkpoints} SET tx_id = $2, position = $3, updated_at = now()"
+    " WHERE projection = $1"
+)
+# The global order is (tx_id, notification_id). A step takes only events of
+# transactions older than every transaction of THIS database still running: such a
+# transaction has committed (its rows are visible to the later SELECT) or aborted (it
+# has none), so no event can ever commit behind a position already passed. Writers
+# take no table lock for this. The bound is read in two statements, in this order,
+# before the SELECT: first the next transaction id to be assigned, then the running
+# transactions of this database (a transaction that gets its id after the first read
+# gets a higher one). Unlike pg_snapshot_xmin, a long transaction in another database
+# of the cluster does not hold the projector back. pg_stat_activity's backend_xid is
+# 32 bits: it is widened against the next id (running xids are < 2^31 behind it).
+NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+# x is a 32-bit xid, n ($1) the 64-bit reference: x's signed distance from n, in
+# [-2^31, 2^31), added to n. (A running xid may be above n: xmax is the latest
+# completed xid + 1, not the next one to be assigned.)
+WIDEN_XID = (
+    "($1::bigint + (((({x}::text::bigint - $1::bigint + 2147483648) % 4294967296)"
+    " + 4294967296) % 4294967296 - 2147483648))"
+)
+SAFE_BOUND = (
+    f"SELECT least($1::bigint, min({WIDEN_XID.format(x='backend_xid')}))::text::xid8"
+    " FROM pg_stat_activity"
+    " WHERE datname = current_database() AND backend_xid IS NOT NULL"
 )
 SELECT_EVENTS = (
-    "SELECT notification_id, originator_id, originator_version, topic, state"
-    f" FROM {EVENTS_TABLE} WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
+    "SELECT notification_id, originator_id, originator_version, topic, state, tx_id"
+    f" FROM {EVENTS_TABLE}"
+    " WHERE (tx_id, notification_id) > ($1::xid8, $2::bigint) AND tx_id < $3::xid8"
+    " ORDER BY tx_id, notification_id LIMIT $4"
 )
+
+
+async def safe_bound(conn: asyncpg.Connection) -> int:
+    """Every event with a tx_id below this is committed and visible, or never will be.
+    Must be called before the statement that reads events (and, for pg_stat_activity's
+    per-transaction cache, first in its transaction)."""
+    next_xid = await conn.fetchval(NEXT_XID)
+    return int(await conn.fetchval(SAFE_BOUND, next_xid))
+
+
 NOTIFY_ADVANCED = f"SELECT pg_notify('{ADVANCED_CHANNEL}', $1)"
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
 WAIT_LOCK = "SELECT pg_advisory_lock(hashtextextended($1, 0))"
@@ -81,7 +120,7 @@ class HandlerFailed(Exception):
 
 def _decode(rows: Sequence[asyncpg.Record]) -> list[TaskEvent]:
     events = []
-    for position, task_id, version, topic, state in rows:
+    for position, task_id, version, topic, state, _ in rows:
         try:
             events.append(decode_event(position, task_id, version, topic, state))
         except UndecodableEvent as e:
@@ -138,20 +177,23 @@ async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = DEFAULT) -> No
 
 async def step(
     conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
-) -> tuple[int, int]:
+) -> tuple[Position, int]:
     """Apply the next batch in one transaction; (checkpoint, events applied)."""
     async with conn.transaction():
-        position = await conn.fetchval(
-            LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION
-        )
-        if position is None:
+        row = await conn.fetchrow(LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
+        if row is None:
             raise RuntimeError(f"no checkpoint row {PROJECTION!r}: run ensure_checkpoint first")
-        rows = await conn.fetch(SELECT_EVENTS, position, batch_size)
+        position = Position(int(row["tx_id"]), row["position"])
+        bound = await safe_bound(conn)
+        rows = await conn.fetch(SELECT_EVENTS, *position, bound, batch_size)
         if not rows:
             return position, 0
         await apply_events(conn, _decode(rows), t)
-        position = rows[-1]["notification_id"]
-        await conn.execute(SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, position)
+        last = rows[-1]
+        position = Position(int(last["tx_id"]), last["notification_id"])
+        await conn.execute(
+            SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *position
+        )
         if t == DEFAULT:
             await conn.execute(NOTIFY_ADVANCED, str(position))
     return position, len(rows)
@@ -159,16 +201,18 @@ async def step(
 
 async def drain(
     conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
-) -> int:
+) -> Position:
     while True:
         position, count = await step(conn, t, batch_size)
         if count:
-            log.debug("applied %d events up to position %d", count, position)
+            log.debug("applied %d events up to position %s", count, position)
         if count < batch_size:
             return position
 
 
-async def catch_up(dsn: str, *, tables: Tables = DEFAULT, batch_size: int = BATCH_SIZE) -> int:
+async def catch_up(
+    dsn: str, *, tables: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+) -> Position:
     """Apply every event committed so far; the new checkpoint position."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -253,7 +297,7 @@ async def _follow(
                 raise _LostConnection("a projector connection closed")
             wake.clear()
             position = await drain(conn, DEFAULT, batch_size)
-            log.debug("caught up at position %d", position)
+            log.debug("caught up at position %s", position)
             waiter = asyncio.ensure_future(wake.wait())
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopping}, timeout=poll_interval,

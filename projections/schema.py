@@ -6,15 +6,25 @@ import asyncpg
 
 from projections import task_history, task_list, user_stats
 from projections.tables import DEFAULT, Tables
+from shared.eventstore import EVENTS_TABLE
 
 READ_MODELS = (task_list, task_history, user_stats)
 
 
 def ddl(t: Tables = DEFAULT) -> list[str]:
     statements = [
+        # (tx_id, position) is the last event applied, in the event store's global
+        # order (see shared/position.py); position is its notification id.
         f"CREATE TABLE IF NOT EXISTS {t.checkpoints} ("
-        " projection text PRIMARY KEY, position bigint NOT NULL,"
-        " updated_at timestamptz NOT NULL DEFAULT now())"
+        " projection text PRIMARY KEY, tx_id xid8 NOT NULL DEFAULT '0',"
+        " position bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+        # Stores made before the global order: give old checkpoints the transaction id
+        # of the event they name (old events share the migrating transaction's id).
+        f"ALTER TABLE {t.checkpoints} ADD COLUMN IF NOT EXISTS tx_id xid8 NOT NULL DEFAULT '0'",
+        f"DO $$ BEGIN IF to_regclass('{EVENTS_TABLE}') IS NOT NULL THEN"
+        f" UPDATE {t.checkpoints} c SET tx_id = e.tx_id FROM {EVENTS_TABLE} e"
+        " WHERE c.tx_id = '0' AND c.position > 0 AND e.notification_id = c.position;"
+        " END IF; END $$",
     ]
     for model in READ_MODELS:
         statements.extend(model.ddl(t))

@@ -18,6 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from query_api import tables
+from shared.position import ZERO, Position
 
 Status = Literal["all", "pending", "completed"]
 Sort = Literal["created_at", "-created_at", "updated_at", "-updated_at", "title", "-title"]
@@ -127,18 +128,23 @@ def like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-async def read_position(conn: asyncpg.Connection) -> int:
+async def read_position(conn: asyncpg.Connection) -> Position:
     """How far the read tables have caught up: the lowest checkpoint of the
-    projections they come from (0 before the projector's first batch)."""
+    projections they come from (ZERO before the projector's first batch, or while a
+    projection they need has no checkpoint yet)."""
     if tables.PROJECTIONS:
-        value = await conn.fetchval(
-            f"SELECT CASE WHEN count(*) = cardinality($1::text[]) THEN min(position) END"
-            f" FROM {tables.CHECKPOINTS} WHERE projection = ANY($1::text[])",
+        rows = await conn.fetch(
+            f"SELECT tx_id, position FROM {tables.CHECKPOINTS}"
+            " WHERE projection = ANY($1::text[])",
             list(tables.PROJECTIONS),
         )
+        if len(rows) < len(tables.PROJECTIONS):
+            return ZERO
     else:
-        value = await conn.fetchval(f"SELECT min(position) FROM {tables.CHECKPOINTS}")
-    return int(value or 0)
+        rows = await conn.fetch(f"SELECT tx_id, position FROM {tables.CHECKPOINTS}")
+    if not rows:
+        return ZERO
+    return min(Position(int(row["tx_id"]), row["position"]) for row in rows)
 
 
 async def list_tasks(

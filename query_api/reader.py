@@ -11,7 +11,7 @@ import asyncpg
 
 from query_api.queries import read_position
 from query_api.watch import PositionWatch
-from shared.position import encode
+from shared.position import Position, encode
 
 T = TypeVar("T")
 
@@ -19,7 +19,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Read(Generic[T]):
     result: T
-    position: int
+    position: Position
     stale: bool | None  # None when the request named no position
 
     def meta(self) -> dict[str, Any]:
@@ -36,7 +36,7 @@ class Reader:
         self.wait_timeout = wait_timeout
 
     async def read(
-        self, wanted: int | None, query: Callable[[asyncpg.Connection], Awaitable[T]]
+        self, wanted: Position | None, query: Callable[[asyncpg.Connection], Awaitable[T]]
     ) -> Read[T]:
         if wanted is not None:
             await self.watch.wait_for(wanted, self.wait_timeout)

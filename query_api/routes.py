@@ -21,7 +21,7 @@ from shared.auth import CurrentUser
 from shared.errors import Forbidden, NotFound, ValidationFailed
 from shared.etag import etag
 from shared.http import Envelope
-from shared.position import BadPosition, decode
+from shared.position import BadPosition, Position, decode
 from shared.schemas import error_responses
 from shared.tasks import EVENT_TOPICS
 
@@ -37,7 +37,7 @@ async def reader(request: Request) -> Reader:
 async def wanted_position(
     min_position: Annotated[str | None, Query(max_length=64)] = None,
     x_min_position: Annotated[str | None, Header(alias="X-Min-Position", max_length=64)] = None,
-) -> int | None:
+) -> Position | None:
     """The position a read must reflect, from `X-Min-Position` or `min_position`."""
     tokens = [t for t in (x_min_position, min_position) if t is not None]
     if not tokens:
@@ -52,7 +52,7 @@ async def wanted_position(
 
 
 Reads = Annotated[Reader, Depends(reader)]
-Wanted = Annotated[int | None, Depends(wanted_position)]
+Wanted = Annotated[Position | None, Depends(wanted_position)]
 
 
 def _no_nul(value: str | None) -> str | None:

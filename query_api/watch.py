@@ -21,6 +21,7 @@ import asyncpg
 
 from query_api import tables
 from query_api.queries import read_position
+from shared.position import ZERO, Position
 
 log = logging.getLogger("taskservice.query_api.watch")
 
@@ -43,18 +44,18 @@ class PositionWatch:
         self.reconnect_delay = reconnect_delay
         self.connect_timeout = connect_timeout
         self.listening = False
-        self._known = 0
-        self._futures: dict[int, asyncio.Future[None]] = {}
-        self._waiters: dict[int, int] = {}
+        self._known = ZERO
+        self._futures: dict[Position, asyncio.Future[None]] = {}
+        self._waiters: dict[Position, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def known(self) -> int:
+    def known(self) -> Position:
         """The highest position the checkpoints were seen to reach."""
         return self._known
 
-    async def wait_for(self, position: int, timeout: float) -> bool:
+    async def wait_for(self, position: Position, timeout: float) -> bool:
         """Wait until the checkpoints reach `position`, at most `timeout` seconds;
         whether they did."""
         if position <= self._known:
@@ -76,7 +77,7 @@ class PositionWatch:
             self._release(position)
         return position <= self._known
 
-    def _release(self, position: int) -> None:
+    def _release(self, position: Position) -> None:
         left = self._waiters.get(position, 0) - 1
         if left > 0:
             self._waiters[position] = left
@@ -86,7 +87,7 @@ class PositionWatch:
         if future is not None and not future.done():
             future.cancel()
 
-    def _advance(self, position: int) -> None:
+    def _advance(self, position: Position) -> None:
         if position <= self._known:
             return
         self._known = position

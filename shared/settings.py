@@ -49,7 +49,7 @@ class Settings(BaseModel):
     db_max_overflow: int = Field(default=10, ge=0)
     db_connect_timeout: int = Field(default=5, ge=1)
     # True: the library's table-locking writer (for before/after measurements only).
-    event_store_table_lock: bool = True
+    event_store_table_lock: bool = False
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
     log_level: str = "INFO"
 

@@ -14,6 +14,7 @@ import psycopg
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor, TaskCommands
 from projections.tables import DEFAULT, Tables
+from shared.position import ZERO, Position
 from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
 from shared.schema import init_database
 from shared.settings import Settings
@@ -58,12 +59,12 @@ class Writer:
         assert outcome.task is not None
         return UUID(outcome.task["id"])
 
-    def change(self, user: str, task_id: UUID, **fields: Any) -> int | None:
+    def change(self, user: str, task_id: UUID, **fields: Any) -> Position | None:
         return self.commands.change(
             Actor(user, f"req-{uuid.uuid4().hex[:8]}"), task_id, ChangeTask(**fields), None
         ).position
 
-    def delete(self, user: str, task_id: UUID) -> int | None:
+    def delete(self, user: str, task_id: UUID) -> Position | None:
         return self.commands.delete(Actor(user, "req-del"), task_id, None).position
 
     def bulk(self, users: int, tasks_per_user: int) -> int:
@@ -85,17 +86,18 @@ class Writer:
         return len(recordings)
 
 
-def insert_raw_event(url: str, task_id: UUID, version: int, topic: str, state: bytes) -> int:
+def insert_raw_event(
+    url: str, task_id: UUID, version: int, topic: str, state: bytes
+) -> Position:
     """An event row written without the recorder (so without NOTIFY); its position."""
     with psycopg.connect(url) as conn:
-        conn.execute(f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE")
         row = conn.execute(
             f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
-            " VALUES (%s, %s, %s, %s) RETURNING notification_id",
+            " VALUES (%s, %s, %s, %s) RETURNING tx_id::text, notification_id",
             (task_id, version, topic, state),
         ).fetchone()
     assert row is not None
-    return int(row[0])
+    return Position(int(row[0]), int(row[1]))
 
 
 def snapshot(url: str, t: Tables = DEFAULT) -> dict[str, list[tuple[Any, ...]]]:
@@ -110,19 +112,22 @@ def snapshot(url: str, t: Tables = DEFAULT) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
-def checkpoint(url: str, t: Tables = DEFAULT) -> int | None:
+def checkpoint(url: str, t: Tables = DEFAULT) -> Position | None:
     with psycopg.connect(url) as conn:
         row = conn.execute(
-            f"SELECT position FROM {t.checkpoints} WHERE projection = 'task_views'"
+            f"SELECT tx_id::text, position FROM {t.checkpoints} WHERE projection = 'task_views'"
         ).fetchone()
-    return None if row is None else int(row[0])
+    return None if row is None else Position(int(row[0]), int(row[1]))
 
 
-def max_position(url: str) -> int:
+def max_position(url: str) -> Position:
+    """The last event in the global order (ZERO for an empty store)."""
     with psycopg.connect(url) as conn:
-        row = conn.execute(f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}").fetchone()
-    assert row is not None
-    return int(row[0])
+        row = conn.execute(
+            f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
+            " ORDER BY tx_id DESC, notification_id DESC LIMIT 1"
+        ).fetchone()
+    return ZERO if row is None else Position(int(row[0]), int(row[1]))
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import psycopg
 import pytest
 
 from projections.projector import HandlerFailed, catch_up
 from shared.eventstore import EVENTS_TABLE
 from shared.tasks import Task
+from shared.position import ZERO
 from tests.projection_support import (
     REBUILD,
     Writer,
@@ -176,9 +179,15 @@ async def test_reapplying_events_from_an_earlier_checkpoint_changes_nothing(own_
     end = await catch_up(own_db, batch_size=37)
     applied = snapshot(own_db)
 
-    for restart_at in (0, end // 3, end - 1):
+    order = rows(
+        own_db, f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
+        " ORDER BY tx_id, notification_id"
+    )
+    for restart_at in (("0", 0), order[len(order) // 3], order[-2]):
         with psycopg.connect(own_db) as conn:
-            conn.execute("UPDATE projection_checkpoints SET position = %s", (restart_at,))
+            conn.execute(
+                "UPDATE projection_checkpoints SET tx_id = %s::xid8, position = %s", restart_at
+            )
         assert await catch_up(own_db, batch_size=29) == end
         assert snapshot(own_db) == applied
 
@@ -274,7 +283,7 @@ async def test_a_handler_error_stops_before_the_event_without_advancing(own_db: 
         await catch_up(own_db)
 
     message = str(failure.value)
-    for part in (f"position={bad}", f"task_id={stranger}", "version=2", "topic=TaskTitleChanged"):
+    for part in (f"position={bad.notification_id}", f"task_id={stranger}", "version=2", "topic=TaskTitleChanged"):
         assert part in message
     assert checkpoint(own_db) == good
     assert rows(own_db, "SELECT 1 FROM read_tasks WHERE task_id = %s", earlier) == []
@@ -287,17 +296,20 @@ async def test_an_undecodable_event_stops_the_projector(own_db: str) -> None:
     task_id = uuid.uuid4()
     bad = insert_raw_event(own_db, task_id, 1, "TaskRenamedByMistake", b"{}")
 
-    with pytest.raises(HandlerFailed, match=f"position={bad} .*topic=TaskRenamedByMistake"):
+    with pytest.raises(
+        HandlerFailed, match=f"position={bad.notification_id} .*topic=TaskRenamedByMistake"
+    ):
         await catch_up(own_db)
-    assert checkpoint(own_db) == 0
+    assert checkpoint(own_db) == ZERO
 
 
 # -- no event is passed over -----------------------------------------------------------
 
 
 async def test_an_event_committed_late_under_an_open_writer_is_not_skipped(own_db: str) -> None:
-    """A writer holds its transaction open; others queue on the recorder's table lock;
-    the projector runs meanwhile, and still ends with every event exactly once."""
+    """A writer holds its transaction open while others commit after it (writers take no
+    table lock); the projector runs meanwhile, takes nothing behind the open transaction,
+    and still ends with every event exactly once."""
     writer = Writer(own_db)
     user = new_user()
     try:
@@ -306,34 +318,115 @@ async def test_an_event_committed_late_under_an_open_writer_is_not_skipped(own_d
         held_task = Task.create(owner=user, title="Held", description=None, actor=user,
                                 request_id="held")
         stored = writer.store.mapper.to_stored_event(held_task.collect_events()[0])
-        held.execute(f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE")
         held.execute(
             f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
             " VALUES (%s, %s, %s, %s)",
             (stored.originator_id, stored.originator_version, stored.topic, stored.state),
         )
-        others = [
-            threading.Thread(target=writer.create, args=(user, f"Queued {n}")) for n in range(3)
-        ]
-        for thread in others:
-            thread.start()
-        await asyncio.sleep(0.3)
+        for n in range(3):  # these commit while the held one is still open
+            writer.create(user, f"Later {n}")
+        committed = rows(
+            own_db, f"SELECT count(*) FROM {EVENTS_TABLE} WHERE convert_from(state, 'UTF8')"
+            " LIKE %s", f'%"owner":"{user}"%'
+        )
+        assert committed == [(4,)]
         during = await catch_up(own_db)
-        assert rows(own_db, "SELECT count(*) FROM read_tasks WHERE user_id = %s", user) == [(1,)]
+        assert rows(own_db, "SELECT title FROM read_tasks WHERE user_id = %s", user) == [
+            ("Before",)
+        ]
 
         held.commit()
         held.close()
-        for thread in others:
-            thread.join(timeout=10)
         end = await catch_up(own_db)
     finally:
         writer.close()
 
     assert end > during
     titles = rows(own_db, "SELECT title FROM read_tasks WHERE user_id = %s ORDER BY title", user)
-    assert titles == [("Before",), ("Held",), ("Queued 0",), ("Queued 1",), ("Queued 2",)]
-    positions = rows(own_db, "SELECT position FROM read_task_history ORDER BY position")
-    assert [p for (p,) in positions] == list(range(1, end + 1))
+    assert titles == [("Before",), ("Held",), ("Later 0",), ("Later 1",), ("Later 2",)]
+    history = [p for (p,) in rows(own_db, "SELECT position FROM read_task_history")]
+    events = [p for (p,) in rows(own_db, f"SELECT notification_id FROM {EVENTS_TABLE}")]
+    assert sorted(history) == sorted(events)  # every event, exactly once
     assert rows(own_db, "SELECT total, pending FROM read_user_stats WHERE user_id = %s", user) == [
         (5, 5)
     ]
+
+
+async def test_many_writers_with_random_delays_never_make_the_projector_skip(own_db: str) -> None:
+    """Writers hold their transactions open for random times and commit in random order
+    while a projector keeps stepping; at the end the read tables hold
+    every event once and equal a rebuild from scratch."""
+    import random
+
+    store_writer = Writer(own_db)
+    rng = random.Random(8)
+    users = [new_user() for _ in range(3)]
+    task_ids = [store_writer.create(u, "seed") for u in users]
+    def write(n: int) -> None:
+        local = random.Random(n)
+        with psycopg.connect(own_db) as conn:
+            for i in range(8):
+                task = Task.create(owner=local.choice(users), title=f"w{n}-{i}", description=None,
+                                   actor="w", request_id=f"w{n}-{i}")
+                stored = store_writer.store.mapper.to_stored_event(task.collect_events()[0])
+                with conn.transaction():
+                    conn.execute(
+                        f"INSERT INTO {EVENTS_TABLE}"
+                        " (originator_id, originator_version, topic, state) VALUES (%s, %s, %s, %s)",
+                        (stored.originator_id, 1, stored.topic, stored.state),
+                    )
+                    time.sleep(local.uniform(0, 0.05))
+
+    def update(n: int) -> None:
+        for i in range(6):
+            task_id = rng.choice(task_ids)
+            owner = users[task_ids.index(task_id)]
+            store_writer.change(owner, task_id, title=f"u{n}-{i}")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+    threads += [threading.Thread(target=update, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        # Large batches keep the projector at the frontier, where uncommitted rows are.
+        while any(thread.is_alive() for thread in threads):
+            await catch_up(own_db, batch_size=1000)
+            await asyncio.sleep(0.002)
+        await catch_up(own_db, batch_size=1000)
+    finally:
+        for thread in threads:
+            thread.join(timeout=30)
+        store_writer.close()
+
+    history = [p for (p,) in rows(own_db, "SELECT position FROM read_task_history")]
+    events = [p for (p,) in rows(own_db, f"SELECT notification_id FROM {EVENTS_TABLE}")]
+    assert len(events) == 3 + 6 * 8 + 3 * 6
+    assert sorted(history) == sorted(events)
+    await _create_rebuild_tables(own_db)
+    await catch_up(own_db, tables=REBUILD)
+    assert snapshot(own_db) == snapshot(own_db, REBUILD)
+
+
+@pytest.mark.parametrize(
+    ("reference", "xid32", "widened"),
+    [
+        (120_690, 120_693, 120_693),  # just assigned, above the snapshot's xmax
+        (120_690, 120_680, 120_680),
+        (2**32 + 5, 2**32 - 6, 2**32 - 6),  # running since before the epoch turned
+        (2**32 - 6, 3, 2**32 + 3),  # assigned just after the epoch turned
+        (5 * 2**32 + 7, 7, 5 * 2**32 + 7),
+    ],
+)
+async def test_running_xids_are_widened_against_the_reference(
+    own_db: str, reference: int, xid32: int, widened: int
+) -> None:
+    from projections.projector import WIDEN_XID
+
+    conn = await asyncpg.connect(own_db)
+    try:
+        value = await conn.fetchval(
+            f"SELECT {WIDEN_XID.format(x='$2::bigint::text::xid')}", reference, xid32
+        )
+    finally:
+        await conn.close()
+    assert value == widened

@@ -14,6 +14,7 @@ import pytest
 
 from projections import projector
 from shared.tasks import Task
+from shared.position import ZERO
 from tests.projection_support import (
     Writer,
     checkpoint,
@@ -148,9 +149,11 @@ async def test_only_one_of_two_projectors_is_active_and_the_other_takes_over(
     with psycopg.connect(own_db) as conn:
         holders = conn.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
         waiters = conn.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     assert (holders, waiters) == ((1,), (1,))
 
@@ -174,6 +177,6 @@ async def test_run_raises_naming_the_event_it_cannot_apply(
                         "actor": "a", "request_id": "r"}).encode()
     bad = insert_raw_event(own_db, task_id, 3, Task.Completed.TOPIC, state)
 
-    with pytest.raises(projector.HandlerFailed, match=f"position={bad} task_id={task_id}"):
+    with pytest.raises(projector.HandlerFailed, match=f"position={bad.notification_id} task_id={task_id}"):
         await asyncio.wait_for(projector.run(own_db, poll_interval=0.2), 10)
-    assert checkpoint(own_db) == 0
+    assert checkpoint(own_db) == ZERO

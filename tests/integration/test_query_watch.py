@@ -13,6 +13,7 @@ import pytest
 from projections.projector import PROJECTION
 from projections.schema import create_read_tables_at
 from query_api.watch import APPLICATION_NAME, PositionWatch
+from shared.position import Position
 from tests.support import PostgresServer
 
 
@@ -28,8 +29,8 @@ async def dsn(pg_server: PostgresServer) -> AsyncIterator[str]:
 async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(
-        "INSERT INTO projection_checkpoints (projection, position) VALUES ($1, 0)"
-        " ON CONFLICT (projection) DO UPDATE SET position = 0",
+        "INSERT INTO projection_checkpoints (projection, tx_id, position) VALUES ($1, '0', 0)"
+        " ON CONFLICT (projection) DO UPDATE SET tx_id = '0', position = 0",
         PROJECTION,
     )
     yield conn
@@ -43,10 +44,16 @@ async def watch(dsn: str) -> AsyncIterator[PositionWatch]:
     await w.close()
 
 
+def P(n: int) -> Position:
+    """A position in the global order; the tests move both parts together."""
+    return Position(n, n)
+
+
 async def advance(db: asyncpg.Connection, position: int, *, notify: bool = True) -> None:
     async with db.transaction():
         await db.execute(
-            "UPDATE projection_checkpoints SET position = $2 WHERE projection = $1",
+            "UPDATE projection_checkpoints SET tx_id = $2::bigint::text::xid8, position = $2"
+            " WHERE projection = $1",
             PROJECTION,
             position,
         )
@@ -63,13 +70,13 @@ async def test_wakes_a_waiter_on_notify_long_before_its_recheck_timer(
     db: asyncpg.Connection, watch: PositionWatch
 ):
     started = time.monotonic()
-    waiting = asyncio.create_task(watch.wait_for(7, timeout=10))
+    waiting = asyncio.create_task(watch.wait_for(P(7), timeout=10))
     await asyncio.sleep(0.2)
     assert not waiting.done()
     await advance(db, 7)
     assert await waiting is True
     assert time.monotonic() - started < 2  # the recheck timer is 30 s
-    assert watch.known == 7 and watch.listening
+    assert watch.known == P(7) and watch.listening
 
 
 async def test_a_position_already_reached_returns_at_once(
@@ -77,8 +84,8 @@ async def test_a_position_already_reached_returns_at_once(
 ):
     await advance(db, 40, notify=False)
     started = time.monotonic()
-    assert await watch.wait_for(40, timeout=5) is True
-    assert await watch.wait_for(12, timeout=5) is True
+    assert await watch.wait_for(P(40), timeout=5) is True
+    assert await watch.wait_for(P(12), timeout=5) is True
     assert time.monotonic() - started < 2
 
 
@@ -87,7 +94,7 @@ async def test_gives_up_after_the_timeout_when_the_checkpoint_stays_behind(
 ):
     await advance(db, 3)
     started = time.monotonic()
-    assert await watch.wait_for(4, timeout=0.3) is False
+    assert await watch.wait_for(P(4), timeout=0.3) is False
     assert 0.3 <= time.monotonic() - started < 2
     assert watch._futures == {} and watch._waiters == {}
 
@@ -95,9 +102,9 @@ async def test_gives_up_after_the_timeout_when_the_checkpoint_stays_behind(
 async def test_wakes_only_the_waiters_whose_position_was_reached(
     db: asyncpg.Connection, watch: PositionWatch
 ):
-    low = asyncio.create_task(watch.wait_for(5, timeout=10))
-    same = asyncio.create_task(watch.wait_for(5, timeout=10))
-    high = asyncio.create_task(watch.wait_for(9, timeout=10))
+    low = asyncio.create_task(watch.wait_for(P(5), timeout=10))
+    same = asyncio.create_task(watch.wait_for(P(5), timeout=10))
+    high = asyncio.create_task(watch.wait_for(P(9), timeout=10))
     await asyncio.sleep(0.2)
     await advance(db, 6)
     assert await low is True and await same is True
@@ -110,7 +117,7 @@ async def test_wakes_only_the_waiters_whose_position_was_reached(
 async def test_a_lost_notification_is_caught_by_the_slow_recheck(dsn: str, db: asyncpg.Connection):
     watch = PositionWatch(dsn, recheck_interval=0.2)
     try:
-        waiting = asyncio.create_task(watch.wait_for(11, timeout=5))
+        waiting = asyncio.create_task(watch.wait_for(P(11), timeout=5))
         await asyncio.sleep(0.3)
         await advance(db, 11, notify=False)
         started = time.monotonic()
@@ -123,8 +130,8 @@ async def test_a_lost_notification_is_caught_by_the_slow_recheck(dsn: str, db: a
 async def test_reconnects_by_itself_after_its_connection_is_killed(
     db: asyncpg.Connection, watch: PositionWatch
 ):
-    assert await watch.wait_for(0, timeout=1) is True
-    first = asyncio.create_task(watch.wait_for(2, timeout=5))
+    assert await watch.wait_for(P(0), timeout=1) is True
+    first = asyncio.create_task(watch.wait_for(P(2), timeout=5))
     await asyncio.sleep(0.2)
     await advance(db, 2)
     assert await first is True
@@ -135,7 +142,7 @@ async def test_reconnects_by_itself_after_its_connection_is_killed(
         APPLICATION_NAME,
     )
     assert killed == 1
-    second = asyncio.create_task(watch.wait_for(3, timeout=5))
+    second = asyncio.create_task(watch.wait_for(P(3), timeout=5))
     for _ in range(50):  # until the watch listens again
         await asyncio.sleep(0.05)
         listening = await db.fetchval(

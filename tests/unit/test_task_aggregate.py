@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.etag import IfMatch, etag
-from shared.position import BadPosition, decode, encode
+from shared.position import BadPosition, Position, decode, encode
 from shared.tasks import EVENT_TOPICS, Task, TaskDeleted
 
 
@@ -55,8 +55,9 @@ def test_every_event_topic_is_registered_once():
 
 
 def test_positions_round_trip_and_reject_foreign_tokens():
-    assert decode(encode(42)) == 42
-    for bad in ("42", "p2.1", "p1.", "p1.-3", "p1.1e9", ""):
+    assert decode(encode(Position(7, 42))) == Position(7, 42)
+    assert Position(7, 42) < Position(8, 1) < Position(8, 2)  # transaction first
+    for bad in ("42", "p2.1", "p1.5", "p2.1.", "p2.-3.1", "p2.1.1e9", "p2.1.99999999999999999999", ""):
         with pytest.raises(BadPosition):
             decode(bad)
 
