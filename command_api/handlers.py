@@ -10,6 +10,7 @@ transaction as its events, so a retry either finds the record or writes everythi
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,9 +70,11 @@ def task_view(task: Task) -> dict[str, Any]:
 
 
 class TaskCommands:
-    def __init__(self, store: TaskStore, *, retries: int = 20) -> None:
+    def __init__(self, store: TaskStore, *, retries: int = 20, cache_size: int = 10_000) -> None:
         self.store = store
         self.retries = retries
+        self.cache_size = cache_size
+        self._cache: OrderedDict[UUID, Task] = OrderedDict()
         self._task_locks: WeakValueDictionary[UUID, threading.Lock] = WeakValueDictionary()
         self._locks_guard = threading.Lock()
         schema = store.recorder.datastore.schema
@@ -163,12 +166,16 @@ class TaskCommands:
         status: int,
     ) -> Outcome:
         for attempt in range(self.retries):
-            current = self._load(actor.user_id, task_id) if task_id else None
+            current = self._load(actor.user_id, task_id, cached=attempt == 0) if task_id else None
             if expected is not None and current and not expected.accepts(current.version):
-                raise PreconditionFailed(
-                    "The task has changed since the given ETag",
-                    details={"current_version": current.version},
-                )
+                # The cached copy may be behind another process's write: check afresh.
+                current = self._load(actor.user_id, task_id, cached=False)
+                if not expected.accepts(current.version):
+                    self._keep(current)
+                    raise PreconditionFailed(
+                        "The task has changed since the given ETag",
+                        details={"current_version": current.version},
+                    )
             task = decide(current)
             record = None
             if actor.idempotency_key:
@@ -190,6 +197,7 @@ class TaskCommands:
                         return earlier
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
                 continue
+            self._keep(task)
             EVENTS_APPENDED.inc(len(recordings))
             if recordings:
                 position = Position(receipt.tx_id, receipt.notification_id)
@@ -212,16 +220,35 @@ class TaskCommands:
         with lock:
             yield
 
-    def _load(self, user_id: str, task_id: UUID) -> Task:
-        try:
-            task: Task = self.store.repository.get(task_id)
-        except AggregateNotFoundError:
-            raise NotFound("Task not found") from None
+    def _load(self, user_id: str, task_id: UUID, *, cached: bool = True) -> Task:
+        """The task as this process last saved it, else from the event store. A cached
+        copy that is behind another process's write fails its save on the
+        (task id, version) key, and the retry loads afresh; so the cache saves the
+        read of a command without ever deciding on stale state."""
+        task: Task | None = None
+        with self._locks_guard:
+            task = self._cache.pop(task_id, None)
+        if task is None or not cached:
+            try:
+                task = self.store.repository.get(task_id)
+            except AggregateNotFoundError:
+                raise NotFound("Task not found") from None
         if task.deleted:
             raise NotFound("Task not found")
         if task.owner != user_id:
+            self._keep(task)
             raise Forbidden("You do not have access to this task")
         return task
+
+    def _keep(self, task: Task) -> None:
+        """Remember a task whose state matches the event store after our save."""
+        if task.deleted or self.cache_size <= 0:
+            return
+        with self._locks_guard:
+            self._cache[task.id] = task
+            self._cache.move_to_end(task.id)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def _replay(self, actor: Actor) -> Outcome | None:
         """The outcome of the first request with this key, or None if there was none."""

@@ -260,3 +260,32 @@ def test_ready_and_commands_answer_503_when_the_database_is_unreachable():
         command = client.post("/api/tasks", json={"title": "x"}, headers=bearer(new_user(), ttl_seconds=60))
         assert command.status_code in (401, 503)
         assert client.get("/api/health").status_code == 200
+
+
+def test_a_process_whose_cached_task_is_behind_another_process_decides_on_fresh_state(
+    store: TaskStore,
+):
+    # Two handler instances stand for two API processes; each keeps the tasks it saved.
+    first, second = TaskCommands(store), TaskCommands(store)
+    user = new_user()
+    created = first.create(Actor(user, "r1"), CreateTask(title="v1"))
+    task_id = uuid.UUID(created.task["id"])
+    first.change(Actor(user, "r2"), task_id, ChangeTask(title="v2 by first"), None)  # cached at v2
+    second.change(Actor(user, "r3"), task_id, ChangeTask(completed=True), None)  # v3 elsewhere
+
+    # An ETag from the other process is current, not a 412.
+    fresh = first.change(
+        Actor(user, "r4"), task_id, ChangeTask(title="v4 by first"), IfMatch.parse('"v3"')
+    )
+    assert fresh.task["version"] == 4 and fresh.task["completed"] is True
+    # The other process is now behind: its write lands after ours, losing nothing.
+    later = second.change(Actor(user, "r5"), task_id, ChangeTask(description="d"), None)
+    assert later.task["version"] == 5 and later.task["title"] == "v4 by first"
+    # And a stale ETag is still refused, whoever cached what.
+    with pytest.raises(PreconditionFailed):
+        first.change(Actor(user, "r6"), task_id, ChangeTask(title="x"), IfMatch.parse('"v4"'))
+    events = list(store.events.get(task_id))
+    assert [e.originator_version for e in events] == [1, 2, 3, 4, 5]
+    assert [type(e).TOPIC for e in events][1:] == [
+        "TaskTitleChanged", "TaskCompleted", "TaskTitleChanged", "TaskDescriptionChanged",
+    ]
