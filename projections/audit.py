@@ -38,7 +38,7 @@ _SELECT = (
     "SELECT * FROM (SELECT e.notification_id, e.tx_id::text AS tx_id, e.originator_id,"
     " e.originator_version, e.topic, e.state,"
     f" {_OWNER} AS owner, convert_from(e.state, 'UTF8')::jsonb AS j"
-    f" FROM {EVENTS_TABLE} e{{inner}}) x{{outer}} ORDER BY {cp.EVENT_ORDER}"
+    f" FROM {EVENTS_TABLE} e{{inner}}) x{{outer}} ORDER BY x.tx_id::xid8, x.notification_id"
 )
 
 

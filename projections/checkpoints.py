@@ -27,9 +27,11 @@ EVENT_ORDER = "tx_id, notification_id"
 EVENT_KEY = "(tx_id, notification_id)"
 CHECKPOINT_COLUMNS = "tx_id::text, position"
 
+# Ordered by the table's columns (e.): a bare `tx_id` in ORDER BY would name the
+# output column `tx_id::text` and sort as text ('998' after '2120').
 HEAD = (
-    f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
-    " ORDER BY tx_id DESC, notification_id DESC LIMIT 1"
+    f"SELECT e.tx_id::text, e.notification_id FROM {EVENTS_TABLE} e"
+    " ORDER BY e.tx_id DESC, e.notification_id DESC LIMIT 1"
 )
 AFTER = f"{EVENT_KEY} > ($1::text::xid8, $2::bigint)"
 COUNT_AFTER = f"SELECT count(*) FROM {EVENTS_TABLE} WHERE {AFTER}"

@@ -124,8 +124,8 @@ def max_position(url: str) -> Position:
     """The last event in the global order (ZERO for an empty store)."""
     with psycopg.connect(url) as conn:
         row = conn.execute(
-            f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
-            " ORDER BY tx_id DESC, notification_id DESC LIMIT 1"
+            f"SELECT e.tx_id::text, e.notification_id FROM {EVENTS_TABLE} e"
+            " ORDER BY e.tx_id DESC, e.notification_id DESC LIMIT 1"  # xid8 order, not text
         ).fetchone()
     return ZERO if row is None else Position(int(row[0]), int(row[1]))
 

@@ -180,8 +180,8 @@ async def test_reapplying_events_from_an_earlier_checkpoint_changes_nothing(own_
     applied = snapshot(own_db)
 
     order = rows(
-        own_db, f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
-        " ORDER BY tx_id, notification_id"
+        own_db, f"SELECT e.tx_id::text, e.notification_id FROM {EVENTS_TABLE} e"
+        " ORDER BY e.tx_id, e.notification_id"
     )
     for restart_at in (("0", 0), order[len(order) // 3], order[-2]):
         with psycopg.connect(own_db) as conn:
