@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from command_api import routes
 from command_api.handlers import TaskCommands
 from shared.auth import Authenticator
+from shared.cors import install_cors
 from shared.errors import ServiceUnavailable
 from shared.eventstore import TaskStore, open_store
 from shared.health import health_router
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, unavailable=DATABASE_DOWN)
     app.add_middleware(Observe, service="command-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    install_cors(app, settings)
 
     async def ready(_: Request) -> dict[str, Any]:
         commands = await side.open()

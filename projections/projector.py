@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,14 @@ from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
 from projections.task_list import TaskState
 from shared.eventcodec import CREATED, TaskEvent, UndecodableEvent, decode_event
 from shared.eventstore import EVENTS_TABLE
+from shared.observability import (
+    EVENT_STORE_HEAD,
+    PROJECTION_LAG_EVENTS,
+    PROJECTION_LAG_SECONDS,
+    PROJECTOR_BATCH_SECONDS,
+    PROJECTOR_BATCH_SIZE,
+    PROJECTOR_POSITION,
+)
 from shared.position import Position
 
 log = logging.getLogger("projections.projector")
@@ -232,22 +241,26 @@ async def run(
     poll_interval: float = POLL_INTERVAL,
     max_backoff: float = 5.0,
     stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event."""
     stop = stop or asyncio.Event()
     backoff = [0.1]
+    progress = progress or Progress()
 
     def reset() -> None:
         backoff[0] = 0.1
 
     while not stop.is_set():
         try:
-            await _follow(dsn, batch_size, poll_interval, stop, on_active=reset)
+            await _follow(dsn, batch_size, poll_interval, stop, on_active=reset,
+                          progress=progress)
             return
         except RETRYABLE as e:
             delay = backoff[0] * random.uniform(0.5, 1.0)  # noqa: S311
-            log.warning("projector lost the database (%s: %s); retrying in %.1fs",
-                        type(e).__name__, e, delay)
+            log.warning("projector lost the database at position %s (%s: %s); retrying in %.1fs",
+                        progress.position, type(e).__name__, e, delay,
+                        extra={"position": str(progress.position)})
             backoff[0] = min(max_backoff, backoff[0] * 2)
             await _sleep_unless(stop, delay)
 
@@ -263,9 +276,77 @@ class _LostConnection(ConnectionError):
     pass
 
 
-async def _follow(
-    dsn: str, batch_size: int, poll_interval: float, stop: asyncio.Event, on_active: Any
+class Progress:
+    """The live projector's metrics (PROJECTOR_*, lag, head) and its batch log lines:
+    every batch at debug level, a summary at info level at most every `info_every`
+    seconds; head and lag are measured at most every `lag_every` seconds."""
+
+    def __init__(self, info_every: float = 5.0, lag_every: float = 1.0) -> None:
+        self.position: Position | None = None
+        self.role = "starting"  # then "standby" (waiting for the lock) or "active"
+        self.info_every = info_every
+        self.lag_every = lag_every
+        self._applied = 0
+        self._last_info = time.monotonic()
+        self._last_lag = 0.0
+
+    def batch(self, position: Position, count: int, seconds: float) -> None:
+        self.position = position
+        PROJECTOR_POSITION.labels(PROJECTION).set(position.notification_id)
+        if not count:
+            return
+        PROJECTOR_BATCH_SIZE.observe(count)
+        PROJECTOR_BATCH_SECONDS.observe(seconds)
+        self._applied += count
+        log.debug("applied %d events up to position %s in %.3fs", count, position, seconds,
+                  extra={"position": str(position), "events": count})
+        now = time.monotonic()
+        if now - self._last_info >= self.info_every:
+            log.info("projected %d events in %.0fs, now at position %s",
+                     self._applied, now - self._last_info, position,
+                     extra={"position": str(position), "events": self._applied})
+            self._applied, self._last_info = 0, now
+
+    async def measure(self, conn: asyncpg.Connection, *, caught_up: bool) -> None:
+        """Head and lag, read at most every `lag_every` seconds (5x less while behind)."""
+        now = time.monotonic()
+        every = self.lag_every if caught_up else self.lag_every * 5
+        if self.position is None or now - self._last_lag < every:
+            return
+        self._last_lag = now
+        from projections import checkpoints  # noqa: PLC0415 - it imports this module
+
+        head = await checkpoints.head(conn)
+        events, seconds = await checkpoints.lag(conn, self.position)
+        EVENT_STORE_HEAD.set(head.notification_id)
+        PROJECTION_LAG_EVENTS.labels(PROJECTION).set(events)
+        PROJECTION_LAG_SECONDS.labels(PROJECTION).set(seconds)
+
+
+async def _apply_until_caught_up(
+    conn: asyncpg.Connection, batch_size: int, stop: asyncio.Event, progress: Progress
 ) -> None:
+    """Batches until caught up, or until `stop` is set: the batch in hand commits (or
+    rolls back) whole first, so SIGTERM waits for one batch, never for the backlog."""
+    while True:
+        started = time.perf_counter()
+        position, count = await step(conn, DEFAULT, batch_size)
+        progress.batch(position, count, time.perf_counter() - started)
+        caught_up = count < batch_size
+        await progress.measure(conn, caught_up=caught_up)
+        if caught_up or stop.is_set():
+            return
+
+
+async def _follow(
+    dsn: str,
+    batch_size: int,
+    poll_interval: float,
+    stop: asyncio.Event,
+    on_active: Any,
+    progress: Progress | None = None,
+) -> None:
+    progress = progress or Progress()
     lock_conn = await asyncpg.connect(
         dsn, server_settings={"application_name": LOCK_APPLICATION_NAME}
     )
@@ -273,6 +354,7 @@ async def _follow(
     try:
         key = f"taskservice.projector:{PROJECTION}"
         if not await lock_conn.fetchval(TRY_LOCK, key):
+            progress.role = "standby"
             log.info("another projector is active; waiting to take over")
             waiting = asyncio.ensure_future(lock_conn.fetchval(WAIT_LOCK, key))
             stopping = asyncio.ensure_future(stop.wait())
@@ -283,6 +365,7 @@ async def _follow(
                 return
             stopping.cancel()
             waiting.result()
+        progress.role = "active"
         log.info("projector active")
 
         wake = asyncio.Event()
@@ -296,8 +379,7 @@ async def _follow(
             if conn.is_closed() or lock_conn.is_closed():
                 raise _LostConnection("a projector connection closed")
             wake.clear()
-            position = await drain(conn, DEFAULT, batch_size)
-            log.debug("caught up at position %s", position)
+            await _apply_until_caught_up(conn, batch_size, stop, progress)
             waiter = asyncio.ensure_future(wake.wait())
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopping}, timeout=poll_interval,
@@ -305,14 +387,42 @@ async def _follow(
             waiter.cancel()
             stopping.cancel()
     finally:
+        if progress.role == "active":
+            progress.role = "starting"
         for c in (conn, lock_conn):
             if c is not None and not c.is_closed():
                 c.terminate()
 
 
-def main(dsn: str, *, batch_size: int = BATCH_SIZE, poll_interval: float = POLL_INTERVAL) -> int:
-    """`taskctl projector`: follow the event store until SIGTERM/SIGINT; the exit status."""
+def main(
+    dsn: str,
+    *,
+    batch_size: int = BATCH_SIZE,
+    poll_interval: float = POLL_INTERVAL,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int = 0,
+) -> int:
+    """`taskctl projector`: follow the event store until SIGTERM/SIGINT; the exit status.
+    With `metrics_port`, serves /metrics and /health there (a thread of this process)."""
     import signal  # noqa: PLC0415
+
+    from shared.observability import start_metrics_server  # noqa: PLC0415
+
+    progress = Progress()
+
+    def health() -> dict[str, Any]:
+        position = progress.position
+        return {"status": "healthy", "service": "projector", "role": progress.role,
+                "position": None if position is None else str(position)}
+
+    server = None
+    if metrics_port:
+        try:
+            server = start_metrics_server(metrics_host, metrics_port, health)
+        except OSError as e:
+            # Projecting matters more than its metrics: go on, loudly (the health
+            # check that polls this port then marks the process unhealthy).
+            log.error("cannot serve /metrics on %s:%d: %s", metrics_host, metrics_port, e)
 
     async def follow() -> int:
         stop = asyncio.Event()
@@ -320,11 +430,17 @@ def main(dsn: str, *, batch_size: int = BATCH_SIZE, poll_interval: float = POLL_
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await run(dsn, batch_size=batch_size, poll_interval=poll_interval, stop=stop)
+            await run(dsn, batch_size=batch_size, poll_interval=poll_interval, stop=stop,
+                      progress=progress)
         except HandlerFailed as e:
-            log.critical("projector stopped: %s", e)
+            log.critical("projector stopped: %s", e, extra={"position": e.position})
             return 1
-        log.info("projector stopped")
+        log.info("projector stopped", extra={"position": str(progress.position)})
         return 0
 
-    return asyncio.run(follow())
+    try:
+        return asyncio.run(follow())
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

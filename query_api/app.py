@@ -14,13 +14,15 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from query_api import routes
-from query_api.queries import read_position
+from query_api.queries import lag_seconds, read_position
 from query_api.reader import Reader
 from query_api.watch import PositionWatch
 from shared.auth import Authenticator
+from shared.cors import install_cors
 from shared.errors import ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
+from shared.observability import Observe, metrics_router
 from shared.position import encode
 from shared.settings import Settings
 
@@ -125,18 +127,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_side = side
     install_error_handlers(app, unavailable=DATABASE_DOWN)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(Observe, service="query-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    install_cors(app, settings)
 
     async def ready(_: Request) -> dict[str, Any]:
         reader = await side.open()
         async with reader.pool.acquire() as conn:
             position = await read_position(conn)
-        return {
+            lag = await lag_seconds(conn, position)
+        checks = {
             "database": "ok",
             "position": encode(position),
             "listening": reader.watch.listening,
+            "lag_seconds": round(lag, 3),
+            "max_lag_seconds": settings.ready_max_lag_seconds,
         }
+        if lag > settings.ready_max_lag_seconds:
+            raise ServiceUnavailable("The read tables are behind the event store", details=checks)
+        return checks
 
     app.include_router(health_router("query-api", ready))
     app.include_router(routes.router)
+    app.include_router(metrics_router())
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -145,6 +145,25 @@ async def read_position(conn: asyncpg.Connection) -> Position:
     if not rows:
         return ZERO
     return min(Position(int(row["tx_id"]), row["position"]) for row in rows)
+
+
+OLDEST_UNPROJECTED = (
+    f"SELECT state FROM {tables.EVENTS}"
+    " WHERE (tx_id, notification_id) > ($1::text::xid8, $2::bigint)"
+    " ORDER BY tx_id, notification_id LIMIT 1"
+)
+
+
+async def lag_seconds(conn: asyncpg.Connection, position: Position) -> float:
+    """Age of the oldest event after `position` (the read tables' position), in seconds;
+    0 when they are caught up. Read where the read tables are read, so on a replica it
+    is the replica's own lag."""
+    state = await conn.fetchval(OLDEST_UNPROJECTED, str(position.tx_id), position.notification_id)
+    if state is None:
+        return 0.0
+    raw = state.decode() if isinstance(state, bytes) else state
+    occurred = datetime.fromisoformat(json.loads(raw)["timestamp"]["_data_"])
+    return max(0.0, (datetime.now(UTC) - occurred).total_seconds())
 
 
 async def list_tasks(

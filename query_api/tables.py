@@ -11,6 +11,8 @@ TASKS = "read_tasks"
 HISTORY = "read_task_history"
 STATS = "read_user_stats"
 CHECKPOINTS = "projection_checkpoints"
+# The event store, read only by /api/ready to measure how far behind the tables are.
+EVENTS = "tasks_events"
 
 # The projections whose checkpoints tell how far the read tables above have caught
 # up (the projector's `PROJECTION`; the three tables share one checkpoint). A read's

@@ -43,10 +43,13 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 
 
 def cmd_db_init(_: argparse.Namespace) -> None:
-    from shared.schema import init_database  # noqa: PLC0415
+    from shared.schema import TransactionCounterBehind, init_database  # noqa: PLC0415
 
     settings = _settings(require_auth=False)
-    init_database(settings)
+    try:
+        init_database(settings)
+    except TransactionCounterBehind as e:
+        sys.exit(f"taskctl db init: refusing: {e}")
     print("database initialised")
 
 
@@ -70,6 +73,8 @@ def cmd_projector(args: argparse.Namespace) -> None:
             settings.require_database_url(),
             batch_size=args.batch_size,
             poll_interval=args.poll_interval,
+            metrics_host=args.metrics_host or settings.metrics_host,
+            metrics_port=settings.metrics_port if args.metrics_port is None else args.metrics_port,
         )
     )
 
@@ -221,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     projector.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between polls without NOTIFY"
     )
+    projector.add_argument("--metrics-host", default=None,
+                           help="address of /metrics and /health (default METRICS_HOST, 127.0.0.1)")
+    projector.add_argument("--metrics-port", type=int, default=None,
+                           help="port of /metrics and /health (default METRICS_PORT, 9100; 0: off)")
     projector.set_defaults(func=cmd_projector)
 
     replay = sub.add_parser(

@@ -163,9 +163,12 @@ class RequestContext:
             scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
 
         raw_id = request_id.encode()
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
                 headers.append((b"x-request-id", raw_id))
                 message = {**message, "headers": headers}
@@ -189,7 +192,16 @@ class RequestContext:
                 )
                 await response(scope, receive, send_with_id)
                 return
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                # Rendered here rather than by Starlette's outermost ServerErrorMiddleware,
+                # so the 500 envelope carries X-Request-ID and the CORS headers too.
+                if started:
+                    raise
+                log.exception("unhandled error")
+                response = error_response(500, "INTERNAL_ERROR", "Internal server error")
+                await response(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
 

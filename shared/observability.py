@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.http import REQUEST_ID
@@ -141,3 +145,33 @@ def metrics_router() -> APIRouter:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        pass
+
+
+def start_metrics_server(
+    host: str, port: int, health: Callable[[], dict[str, Any]]
+) -> ThreadingWSGIServer:
+    """For processes without an HTTP API (the projector): `/metrics` in the Prometheus
+    format and `/health` (200, `{"data": health()}`) on `host:port`, served by a daemon
+    thread. Stop it with `.shutdown()`."""
+    metrics = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "").rstrip("/")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/health":
+            body = json.dumps({"data": health()}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics or /health\n"]
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -33,7 +33,52 @@ APPEND_ONLY_DDL = (
 )
 
 
+class TransactionCounterBehind(RuntimeError):
+    """The cluster's transaction counter is behind the stored events' tx_id values
+    (a restore into a new cluster): new events would sort before old ones."""
+
+
+# Events are ordered by the id of the transaction that wrote them (`tx_id xid8`). A dump
+# restored into a NEW cluster keeps the old tx_id values while the new cluster's counter
+# starts low: every new event would then sort before the restored ones, and readers
+# that have passed them would never see the new events.
+MAX_TX_ID = f"SELECT max(tx_id)::text FROM {EVENTS_TABLE}"
+CURRENT_TX_ID = "SELECT pg_current_xact_id()::text"
+
+
+def check_transaction_counter(settings: Settings) -> None:
+    """Refuse (TransactionCounterBehind) when max(tx_id) of the stored events is not
+    below this cluster's current transaction id."""
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (EVENTS_TABLE,)).fetchone()
+        if not (exists and exists[0]):
+            return
+        if not conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'tx_id'"
+            " AND NOT attisdropped", (EVENTS_TABLE,)
+        ).fetchone():
+            return  # a store from before tx_id: the column is added now, with current ids
+        row = conn.execute(MAX_TX_ID).fetchone()
+        highest = int(row[0]) if row and row[0] is not None else None
+        current_row = conn.execute(CURRENT_TX_ID).fetchone()
+        assert current_row is not None
+        current = int(current_row[0])
+    if highest is not None and highest >= current:
+        epoch = (highest >> 32) + 1
+        raise TransactionCounterBehind(
+            f"{EVENTS_TABLE} holds events written by transaction {highest}, but this"
+            f" PostgreSQL cluster's transaction id is only {current}: was it restored into"
+            " a new cluster? New events would sort before the restored ones. Stop the"
+            f" cluster, run `pg_resetwal -e {epoch} <data directory>` to advance its"
+            " transaction id epoch, start it again and rerun `taskctl db init`"
+            " (docs/operations.md, 'Back up and restore'). Nothing was changed."
+        )
+
+
 def init_database(settings: Settings) -> None:
+    check_transaction_counter(settings)
     create_schema(settings)
     _make_events_append_only(settings)
     _create_read_tables(settings)

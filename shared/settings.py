@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -13,11 +14,13 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "your-secret-here", "placeholder"}
 MIN_SECRET_LENGTH = 32
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$")
 
 
 class SettingsError(Exception):
@@ -51,7 +54,40 @@ class Settings(BaseModel):
     # True: the library's table-locking writer (for before/after measurements only).
     event_store_table_lock: bool = False
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
-    log_level: str = "INFO"
+    # /api/ready on the query API answers 503 while the oldest event not yet projected
+    # is older than this many seconds.
+    ready_max_lag_seconds: float = Field(default=30.0, gt=0)
+    # Browser origins allowed to call the APIs with credentials, comma-separated
+    # (scheme://host[:port]); empty: no cross-origin access. Never "*".
+    cors_origins: str = ""
+    # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if origin == "*" or "*" in origin:
+                raise ValueError(
+                    "CORS_ORIGINS must list origins explicitly ('*' is not allowed with"
+                    " credentials)"
+                )
+            if not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com"
+                )
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @model_validator(mode="after")
     def _check_auth(self, info: ValidationInfo) -> Settings:

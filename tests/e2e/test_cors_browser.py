@@ -1,0 +1,153 @@
+"""A REAL headless Chromium, on a page served from another origin (another 127.0.0.1
+port), calls the command API with preflighted requests (PATCH with If-Match and
+Authorization) and reads the responses and their exposed headers: CORS as a browser
+enforces it, error envelopes included."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from shared.auth import mint_token
+from tests.process_support import Proc, free_port, require_binary
+from tests.support import TEST_SECRET, new_user
+
+pytestmark = pytest.mark.slow
+
+PAGE = """<!doctype html>
+<html><body><pre id="result">pending</pre>
+<script>
+var API = %(api)s, TOKEN = %(token)s;
+function call(method, path, headers, body) {
+  var x = new XMLHttpRequest();
+  x.open(method, API + path, false);  // synchronous: done before the DOM is dumped
+  for (var k in headers) x.setRequestHeader(k, headers[k]);
+  x.send(body === undefined ? null : JSON.stringify(body));
+  return {status: x.status, body: x.responseText,
+          etag: x.getResponseHeader("ETag"), request_id: x.getResponseHeader("X-Request-ID"),
+          position: x.getResponseHeader("X-Position")};
+}
+var out = {};
+try {
+  var auth = {"Authorization": "Bearer " + TOKEN, "Content-Type": "application/json"};
+  out.created = call("POST", "/api/tasks", auth, {title: "from the browser"});
+  var id = JSON.parse(out.created.body).data.id;
+  out.patched = call("PATCH", "/api/tasks/" + id, Object.assign({}, auth,
+      {"If-Match": out.created.etag, "X-Request-ID": "browser-patch-1",
+       "Idempotency-Key": "browser-key-1"}), {completed: true});
+  out.stale = call("PATCH", "/api/tasks/" + id, Object.assign({}, auth,
+      {"If-Match": out.created.etag}), {title: "too late"});
+} catch (e) { out.error = String(e); }
+document.getElementById("result").textContent = JSON.stringify(out);
+</script></body></html>
+"""
+
+
+class Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def page_server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    root = tmp_path / "site"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def command_api(database_url: str, origin: str, log: Path) -> tuple[Proc, str]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "ENVIRONMENT": "test",
+           "BETTER_AUTH_SECRET": TEST_SECRET, "LOG_LEVEL": "WARNING", "CORS_ORIGINS": origin}
+    proc = Proc([sys.executable, "-m", "shared.cli", "command-api", "--host", "127.0.0.1",
+                 "--port", str(port)], log, env)
+    base = f"http://127.0.0.1:{port}"
+    proc.wait_http(f"{base}/api/health")
+    return proc, base
+
+
+def dump_dom(url: str, profile: Path, timeout: float = 60) -> str:
+    chromium = require_binary("chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
+    proc = subprocess.Popen(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+         "--dump-dom", url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+        proc.communicate(timeout=10)
+        raise AssertionError(f"chromium did not finish in {timeout}s") from None
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode()
+
+
+def run_page(root: Path, page_port: int, api: str, token: str, profile: Path) -> dict:
+    (root / "index.html").write_text(PAGE % {"api": json.dumps(api), "token": json.dumps(token)})
+    dom = dump_dom(f"http://127.0.0.1:{page_port}/index.html", profile)
+    match = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert match, dom
+    return json.loads(html.unescape(match.group(1)))
+
+
+def test_a_browser_on_another_origin_reads_responses_and_exposed_headers(
+    database_url: str, page_server: tuple[Path, int], tmp_path: Path
+):
+    root, page_port = page_server
+    proc, api = command_api(database_url, f"http://127.0.0.1:{page_port}", tmp_path / "api.log")
+    try:
+        out = run_page(root, page_port, api, mint_token(TEST_SECRET, new_user()),
+                       tmp_path / "profile")
+    finally:
+        proc.stop()
+    assert "error" not in out, out
+    assert out["created"]["status"] == 201
+    assert out["created"]["etag"] == '"v1"'
+    patched = out["patched"]
+    assert patched["status"] == 200, patched
+    assert json.loads(patched["body"])["data"]["completed"] is True
+    assert patched["etag"] == '"v2"'
+    assert patched["request_id"] == "browser-patch-1"
+    assert patched["position"].startswith("p2.")
+    # The error envelope is readable too: it carries the CORS headers.
+    assert out["stale"]["status"] == 412
+    assert json.loads(out["stale"]["body"])["error"]["code"] == "PRECONDITION_FAILED"
+    assert out["stale"]["request_id"]
+
+
+def test_a_browser_on_an_origin_not_listed_cannot_read_anything(
+    database_url: str, page_server: tuple[Path, int], tmp_path: Path
+):
+    root, page_port = page_server
+    proc, api = command_api(database_url, "https://someone-else.example.com",
+                            tmp_path / "api.log")
+    try:
+        out = run_page(root, page_port, api, mint_token(TEST_SECRET, new_user()),
+                       tmp_path / "profile")
+    finally:
+        proc.stop()
+    # The preflight fails: the browser reports a network error, and shows nothing.
+    assert "NetworkError" in out.get("error", ""), out
+    assert "created" not in out

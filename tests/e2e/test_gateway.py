@@ -1,0 +1,205 @@
+"""compose.yaml's services as real processes, with the commands and environment the file
+gives them (hosts mapped to 127.0.0.1, ports replaced by free ones consistently), behind
+the REAL nginx running deploy/nginx.conf: one origin for reads and writes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.compose_support import (
+    NGINX_CONF,
+    load_compose,
+    nginx_for_test,
+    service_environment,
+)
+from tests.process_support import Proc, free_port, require_binary
+from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+
+pytestmark = pytest.mark.slow
+APIS = ("command-api", "query-api")
+
+
+@dataclass
+class Stack:
+    gateway: str
+    ports: dict[str, int]
+    metrics_ports: list[int]
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+
+def process_env(service: dict, database_url: str, **extra: str) -> dict[str, str]:
+    env = service_environment(service)
+    assert "@postgres:5432/" in env["DATABASE_URL"]  # the compose host, mapped below
+    env["DATABASE_URL"] = database_url
+    return {"PATH": os.environ.get("PATH", ""), **env, **extra}
+
+
+def taskctl(command: list[str], port: int | None = None) -> list[str]:
+    """The service's command, run from this checkout, listening on 127.0.0.1:`port`."""
+    assert command[0] == "taskctl"
+    args = list(command[1:])
+    if "--host" in args:
+        args[args.index("--host") + 1] = "127.0.0.1"
+    if port is not None:
+        args[args.index("--port") + 1] = str(port)
+    return [sys.executable, "-m", "shared.cli", *args]
+
+
+def healthcheck(service: dict, port: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the service's compose health check command here, on the substituted port."""
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "python"
+    args = [re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", a) for a in test[2:]]
+    return subprocess.run([sys.executable, *args], env=env, timeout=10, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    nginx = require_binary("nginx", "/usr/sbin/nginx")
+    tmp = tmp_path_factory.mktemp("gateway")
+    compose = load_compose({"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET})
+    services = compose["services"]
+    url = pg_server.create_database("taskservice_gateway")
+    stack = Stack(gateway="", ports={name: free_port() for name in APIS},
+                  metrics_ports=[free_port() for _ in range(services["projector"]["deploy"]["replicas"])])
+    try:
+        # The init job first, as compose orders it.
+        init = subprocess.run(taskctl(services["init"]["command"]),
+                              env=process_env(services["init"], url), timeout=60,
+                              capture_output=True, text=True)
+        assert init.returncode == 0, init.stdout + init.stderr
+
+        for name in APIS:
+            env = process_env(services[name], url)
+            stack.procs[name] = Proc(taskctl(services[name]["command"], stack.ports[name]),
+                                     tmp / f"{name}.log", env)
+        for i, port in enumerate(stack.metrics_ports):
+            env = process_env(services["projector"], url, METRICS_HOST="127.0.0.1",
+                              METRICS_PORT=str(port))
+            stack.procs[f"projector-{i}"] = Proc(taskctl(services["projector"]["command"]),
+                                                 tmp / f"projector-{i}.log", env)
+
+        listen = free_port()
+        prefix = tmp / "nginx"
+        prefix.mkdir()
+        conf = prefix / "nginx.conf"
+        conf.write_text(nginx_for_test(NGINX_CONF.read_text(), prefix, listen, stack.ports))
+        stack.procs["nginx"] = Proc([nginx, "-p", str(prefix), "-c", str(conf), "-e", "stderr"],
+                                    tmp / "nginx.log")
+        stack.gateway = f"http://127.0.0.1:{listen}"
+
+        for name in APIS:
+            stack.procs[name].wait_http(f"http://127.0.0.1:{stack.ports[name]}/api/health")
+        for i, port in enumerate(stack.metrics_ports):
+            stack.procs[f"projector-{i}"].wait_http(f"http://127.0.0.1:{port}/health")
+        stack.procs["nginx"].wait_http(f"{stack.gateway}/healthz")
+        yield stack
+    finally:
+        for name, proc in stack.procs.items():
+            proc.stop(signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
+        pg_server.drop_database(url)
+    for name, proc in stack.procs.items():
+        assert "Traceback" not in proc.output(), f"{name}:\n{proc.output()}"
+
+
+def test_compose_health_checks_pass_against_the_running_services(stack: Stack):
+    compose = load_compose({"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET})
+    env = {"PATH": os.environ.get("PATH", "")}
+    for name in APIS:
+        result = healthcheck(compose["services"][name], stack.ports[name], env)
+        assert result.returncode == 0, result.stderr
+    for port in stack.metrics_ports:
+        result = healthcheck(compose["services"]["projector"], port,
+                             {**env, "METRICS_PORT": str(port)})
+        assert result.returncode == 0, result.stderr
+    # ...and fail when nothing answers.
+    dead = healthcheck(compose["services"]["command-api"], free_port(), env)
+    assert dead.returncode != 0
+
+
+def test_writes_then_reads_its_writes_through_one_origin(stack: Stack):
+    with httpx.Client(base_url=stack.gateway, headers=bearer(new_user()), timeout=10) as client:
+        created = client.post("/api/tasks", json={"title": "through the gateway"})
+        assert created.status_code == 201, created.text
+        task = created.json()["data"]
+        changed = client.patch(f"/api/tasks/{task['id']}", json={"completed": True},
+                               headers={"If-Match": created.headers["ETag"]})
+        assert changed.status_code == 200, changed.text
+        read = client.get(f"/api/tasks/{task['id']}",
+                          headers={"X-Min-Position": changed.headers["X-Position"]})
+        assert read.status_code == 200, read.text
+        assert read.json()["meta"]["stale"] is False
+        assert read.json()["data"] == changed.json()["data"]
+        assert read.json()["data"]["completed"] is True
+        assert "position" in read.json()["meta"]  # answered by the query API
+        head = client.head("/api/tasks")
+        assert head.status_code == 200 and head.content == b""
+
+
+def test_a_body_over_max_body_bytes_gets_413_in_the_envelope(stack: Stack):
+    headers = {**bearer(new_user()), "X-Request-ID": "gw-big-body"}
+    big = httpx.post(f"{stack.gateway}/api/tasks", headers=headers, timeout=10,
+                     json={"title": "x", "description": "y" * 100_000})
+    assert big.status_code == 413
+    assert big.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert big.headers["X-Request-ID"] == "gw-big-body"
+    assert big.json()["meta"]["request_id"] == "gw-big-body"
+    # Just under the limit, the body reaches the API (which judges its content: 422).
+    near = httpx.post(f"{stack.gateway}/api/tasks", headers=bearer(new_user()), timeout=10,
+                      json={"title": "x", "description": "y" * 60_000})
+    assert near.status_code == 422, near.text
+    assert "description" in near.json()["error"]["details"]
+
+
+def test_request_id_is_passed_both_ways(stack: Stack):
+    own = f"gw-{uuid.uuid4().hex}"
+    for method in ("GET", "POST"):
+        response = httpx.request(method, f"{stack.gateway}/api/tasks", timeout=10,
+                                 headers={**bearer(new_user()), "X-Request-ID": own},
+                                 json={"title": "with an id"} if method == "POST" else None)
+        assert response.status_code in (200, 201), response.text
+        assert response.headers["X-Request-ID"] == own
+        assert response.json()["meta"]["request_id"] == own
+    # An unusable id is replaced by the gateway's own, which the API then uses.
+    response = httpx.get(f"{stack.gateway}/api/tasks", timeout=10,
+                         headers={**bearer(new_user()), "X-Request-ID": "not ok!"})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+    assert response.json()["meta"]["request_id"] == response.headers["X-Request-ID"]
+
+
+def test_metrics_are_not_reachable_through_the_gateway(stack: Stack):
+    for path in ("/metrics", "/metrics/", "/api/../metrics", "/docs"):
+        response = httpx.get(f"{stack.gateway}{path}", timeout=10)
+        assert response.status_code == 404, (path, response.text)
+        assert "http_requests_total" not in response.text
+    # ...while each service serves them on its own port.
+    for name in APIS:
+        metrics = httpx.get(f"http://127.0.0.1:{stack.ports[name]}/metrics", timeout=10)
+        assert f'http_requests_total{{method="GET",route="/api/health",service="{name}"' in (
+            metrics.text
+        )
+
+
+def test_one_projector_is_active_and_reports_its_position(stack: Stack):
+    httpx.post(f"{stack.gateway}/api/tasks", headers=bearer(new_user()), timeout=10,
+               json={"title": "counted"}).raise_for_status()
+    roles = []
+    for port in stack.metrics_ports:
+        roles.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["data"]["role"])
+    assert sorted(roles) == ["active", "standby"]
+    active = stack.metrics_ports[roles.index("active")]
+    metrics = httpx.get(f"http://127.0.0.1:{active}/metrics", timeout=5).text
+    position = re.search(r'^projector_position\{projection="task_views"\} (\S+)$', metrics, re.M)
+    assert position and float(position.group(1)) > 0, metrics
+    assert re.search(r"^projector_batch_events_count (\S+)$", metrics, re.M)
