@@ -136,6 +136,18 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
             "Commands are compared with the bare insert; get/history with the bare 50-row"
             " select; list with the bare 1,000-row select.",
         ))
+        base = sat.get("table_lock_baseline") or {}
+        if base:
+            out.append((
+                "Before/after the lock-free writer: the same commands against a command API"
+                " with EVENT_STORE_TABLE_LOCK=true (the library's recorder), same run",
+                ["kind", "table lock req/s", "p95 ms", "errors", "/ insert", "ours req/s",
+                 "ours / table lock"],
+                [[kind, _f(b["rps"]), _f(b["p95_ms"]), _f(b["errors"]), _f(b["ratio"], 2),
+                  _f(sat["kinds"][kind]["rps"]), _f(b["ours_vs_table_lock"], 2)]
+                 for kind, b in base.items()],
+                "Ours: no table lock, events ordered by (tx_id, notification_id).",
+            ))
     rp = r.get("replay")
     if rp:
         out.append((

@@ -211,7 +211,14 @@ class Bench:
         ):
             port = free_port()
             self.servers[name] = self.procs.start(name, [*argv, "--port", str(port)], port=port)
-        for name in ("command-api", "query-api", "ceiling"):
+        # Issue 8's "before": the same command API with the library's table-locking
+        # writer, measured at saturation in the same run (idle otherwise).
+        port = free_port()
+        self.servers["command-api-locked"] = self.procs.start(
+            "command-api-locked", [*tc, "command-api", "--host", "127.0.0.1", "--port", str(port)],
+            port=port, env={"EVENT_STORE_TABLE_LOCK": "true"},
+        )
+        for name in ("command-api", "query-api", "ceiling", "command-api-locked"):
             self.procs.wait_healthy(self.servers[name])
         self.say("servers up; waiting for the projector to catch up")
         caught_up = self.wait_projector(timeout=60 + events / 1000)
@@ -352,6 +359,7 @@ class Bench:
                  "query-api": self.servers["query-api"].port,
                  "ceiling": self.servers["ceiling"].port}
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*KINDS, *CEILINGS)}
+        locked: dict[str, list[dict[str, Any]]] = {}
         ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
 
         def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
@@ -382,6 +390,9 @@ class Bench:
 
                 port = ports["query-api" if kind in QUERY_KINDS else "command-api"]
                 runs[kind].append(one(kind, port, next_request))
+                if kind in COMMAND_KINDS:
+                    locked.setdefault(kind, []).append(
+                        one(kind, self.servers["command-api-locked"].port, next_request))
 
         def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
             return {
@@ -404,9 +415,16 @@ class Bench:
             row["ceiling_rps"] = ceilings[CEILING_OF[kind]]["rps"]
             row["ratio"] = ratio(row["rps"], row["ceiling_rps"])
             kinds[kind] = row
+        table_lock = {}
+        for kind, rs in locked.items():
+            row = summary(rs)
+            row["ratio"] = ratio(row["rps"], ceilings["insert"]["rps"])
+            row["ours_vs_table_lock"] = ratio(kinds[kind]["rps"], row["rps"])
+            table_lock[kind] = row
         self.results["saturation"] = {
             "connections": a.connections, "seconds": a.saturation_seconds,
             "warmup": a.warmup, "repeats": a.repeats, "kinds": kinds, "ceilings": ceilings,
+            "table_lock_baseline": table_lock,
         }
 
     def stop_servers(self) -> None:
