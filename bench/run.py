@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
-from bench.procs import ROOT, Processes, Proc, free_port, split_cpus, taskctl
+from bench.procs import ROOT, Proc, Processes, free_port, split_cpus, taskctl
 from bench.replay import rebuild
 from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
 from bench.workload import (

@@ -10,9 +10,9 @@ transaction as its events, so a retry either finds the record or writes everythi
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +25,8 @@ from eventsourcing.persistence import IntegrityError
 from psycopg.sql import SQL, Identifier
 
 from command_api.commands import ChangeTask, CreateTask
-from shared.etag import IfMatch
-from shared.observability import EVENTS_APPENDED
-from shared.position import Position
 from shared.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationFailed
+from shared.etag import IfMatch
 from shared.eventstore import (
     EVENTS_TABLE,
     IDEMPOTENCY_TABLE,
@@ -36,6 +34,8 @@ from shared.eventstore import (
     Receipt,
     TaskStore,
 )
+from shared.observability import EVENTS_APPENDED
+from shared.position import Position
 from shared.tasks import Task
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from projections import checkpoints as cp
+from projections.progress import ProgressReport
 from projections.replay import (
     PROJECTIONS,
     VERSIONS,
@@ -18,7 +19,6 @@ from projections.replay import (
     VerificationFailed,
     replay,
 )
-from projections.progress import ProgressReport
 
 
 def replay_main(

@@ -20,8 +20,8 @@ from uuid import UUID
 import asyncpg
 
 from projections.checkpoints import EVENTS_UP_TO, args
-from shared.position import ZERO, Position
 from projections.tables import Tables
+from shared.position import ZERO, Position
 
 MASK = (1 << 64) - 1
 PAGE = 10_000

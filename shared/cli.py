@@ -16,7 +16,6 @@ from pathlib import Path
 from shared.settings import Settings, SettingsError
 
 
-
 def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
     try:
         return Settings.from_env(require_auth=require_auth, **overrides)

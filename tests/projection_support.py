@@ -14,8 +14,8 @@ import psycopg
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor, TaskCommands
 from projections.tables import DEFAULT, Tables
-from shared.position import ZERO, Position
 from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
+from shared.position import ZERO, Position
 from shared.schema import init_database
 from shared.settings import Settings
 from shared.tasks import Task

@@ -30,7 +30,14 @@ import pytest
 
 from shared.schema import init_database
 from shared.settings import Settings
-from tests.support import TEST_SECRET, PostgresServer, bearer, database_name, new_user, with_database
+from tests.support import (
+    TEST_SECRET,
+    PostgresServer,
+    bearer,
+    database_name,
+    new_user,
+    with_database,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKCTL = str(Path(sys.executable).with_name("taskctl"))

@@ -28,6 +28,7 @@ import pytest
 
 from projections.projector import catch_up
 from projections.schema import create_read_tables_at
+from shared.position import ZERO
 from tests.projection_support import (
     REBUILD,
     Writer,
@@ -37,7 +38,6 @@ from tests.projection_support import (
     snapshot,
     wait_until,
 )
-from shared.position import ZERO
 from tests.support import TEST_SECRET, PostgresServer, new_user
 
 ROOT = Path(__file__).resolve().parents[2]

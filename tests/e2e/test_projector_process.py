@@ -17,8 +17,8 @@ import pytest
 
 from projections.projector import APPLICATION_NAME, catch_up
 from projections.schema import create_read_tables_at
-from shared.tasks import Task
 from shared.position import ZERO
+from shared.tasks import Task
 from tests.projection_support import (
     REBUILD,
     Writer,

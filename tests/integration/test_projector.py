@@ -16,8 +16,8 @@ import pytest
 
 from projections.projector import HandlerFailed, catch_up
 from shared.eventstore import EVENTS_TABLE
-from shared.tasks import Task
 from shared.position import ZERO
+from shared.tasks import Task
 from tests.projection_support import (
     REBUILD,
     Writer,

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 
 from projections import projector
-from shared.tasks import Task
 from shared.position import ZERO
+from shared.tasks import Task
 from tests.projection_support import (
     Writer,
     checkpoint,

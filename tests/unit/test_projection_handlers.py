@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -25,7 +25,7 @@ TASK = uuid.uuid4()
 def test_decodes_the_transcoders_wrapped_values_and_the_stamp() -> None:
     e = event("TaskCreated", 1, ',"originator_topic":"Task","owner":"u1","title":"T",'
               '"description":null')
-    assert e.timestamp == datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    assert e.timestamp == datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
     assert (e.actor, e.request_id, e.position, e.version) == ("u1", "r1", 11, 1)
     assert e.data == {"owner": "u1", "title": "T", "description": None}
 
