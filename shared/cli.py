@@ -52,6 +52,16 @@ def cmd_db_init(_: argparse.Namespace) -> None:
     print("database initialised")
 
 
+def cmd_db_purge_idempotency(args: argparse.Namespace) -> None:
+    from shared.eventstore import purge_idempotency  # noqa: PLC0415
+
+    try:
+        removed = purge_idempotency(_settings(require_auth=False), args.older_than_hours)
+    except ValueError as e:
+        sys.exit(f"taskctl db purge-idempotency: {e}")
+    print(f"forgot {removed} idempotency keys")
+
+
 def cmd_command_api(args: argparse.Namespace) -> None:
     _serve("command_api.app:create_app", args.host, args.port, _settings())
 
@@ -209,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("init", help="create the event store and read tables (idempotent)").set_defaults(
         func=cmd_db_init
     )
+    purge = db_sub.add_parser(
+        "purge-idempotency",
+        help="forget Idempotency-Keys older than IDEMPOTENCY_TTL_HOURS (default 24; run daily)",
+    )
+    purge.add_argument("--older-than-hours", type=float, default=None)
+    purge.set_defaults(func=cmd_db_purge_idempotency)
 
     api = sub.add_parser("command-api", help="serve the command API with uvicorn")
     api.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))

@@ -258,6 +258,22 @@ def open_store(settings: Settings) -> TaskStore:
     return TaskStore(env=store_env(settings))
 
 
+def purge_idempotency(settings: Settings, older_than_hours: float | None = None) -> int:
+    """Forget Idempotency-Keys older than the retention (IDEMPOTENCY_TTL_HOURS, at least
+    24 h); how many. A retry with a forgotten key is a new command."""
+    import psycopg  # noqa: PLC0415
+
+    hours = settings.idempotency_ttl_hours if older_than_hours is None else older_than_hours
+    if hours < 24:
+        raise ValueError("Idempotency-Keys are kept at least 24 hours")
+    with psycopg.connect(settings.require_database_url(), autocommit=True) as conn:
+        cursor = conn.execute(
+            f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE created_at < now() - make_interval(secs => %s)",
+            (hours * 3600,),
+        )
+        return cursor.rowcount
+
+
 def create_schema(settings: Settings) -> None:
     """Create the event store's tables, types and indexes; safe to run again."""
     store = TaskStore(env=store_env(settings, create_tables=True))
