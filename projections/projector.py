@@ -141,10 +141,34 @@ def _failed(event: TaskEvent, cause: object) -> HandlerFailed:
     return HandlerFailed(event.position, event.task_id, event.version, event.topic, str(cause))
 
 
-async def apply_events(conn: asyncpg.Connection, events: list[TaskEvent], t: Tables) -> None:
+class Fresh:
+    """Replay's write mode for tables that were empty when the run began and that only
+    this run writes. The same handlers decide every row; only the writing differs:
+    the task states stay in memory across batches (authoritative: nothing else writes
+    these tables), so no batch reads them back; history rows are COPYed instead of
+    upserted; and the task rows are written once, by `flush`, at the end of the load.
+    Until then the checkpoint runs ahead of the task rows: a run killed before `flush`
+    leaves tables the next replay drops. Never for live tables."""
+
+    def __init__(self) -> None:
+        self.states: dict[Any, TaskState] = {}
+
+    async def flush(self, conn: asyncpg.Connection, t: Tables) -> None:
+        """Write every task state held (inside the caller's transaction), then forget them."""
+        await task_list.copy_states(conn, t, self.states.values())
+        self.states = {}
+
+
+async def apply_events(
+    conn: asyncpg.Connection, events: list[TaskEvent], t: Tables, fresh: Fresh | None = None
+) -> None:
     """Fold `events` into every read model and write their rows (inside the caller's
-    transaction). Events the read tables already hold are left alone."""
-    states = await task_list.load_states(conn, t, list({e.task_id for e in events}))
+    transaction). Events the read tables already hold are left alone. With `fresh`
+    (replay into new tables only), the rows are written as `Fresh` says."""
+    if fresh is None:
+        states = await task_list.load_states(conn, t, list({e.task_id for e in events}))
+    else:
+        states = fresh.states
     # A task with no row and no creation in this batch: its events can only be ones
     # applied before the task was deleted (a re-application); history says which.
     created = {e.task_id for e in events if e.topic == CREATED}
@@ -153,7 +177,9 @@ async def apply_events(conn: asyncpg.Connection, events: list[TaskEvent], t: Tab
     ]
     applied = await task_history.applied_positions(conn, t, orphans) if orphans else set()
 
-    batches = (task_list.Batch(), task_history.Batch(), user_stats.Batch())
+    tasks, history, counts = batches = (
+        task_list.Batch(), task_history.Batch(), user_stats.Batch()
+    )
     deleted: set[Any] = set()
     for event in events:
         before: TaskState | None = states.get(event.task_id)
@@ -176,8 +202,12 @@ async def apply_events(conn: asyncpg.Connection, events: list[TaskEvent], t: Tab
             deleted.add(event.task_id)
         else:
             states[event.task_id] = after
-    for batch in batches:
-        await batch.write(conn, t)
+    if fresh is None:
+        for batch in batches:
+            await batch.write(conn, t)
+    else:  # the task rows wait in fresh.states for its flush
+        await history.copy(conn, t)
+        await counts.write(conn, t)
 
 
 async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = DEFAULT) -> None:
@@ -185,9 +215,13 @@ async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = DEFAULT) -> No
 
 
 async def step(
-    conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+    conn: asyncpg.Connection,
+    t: Tables = DEFAULT,
+    batch_size: int = BATCH_SIZE,
+    fresh: Fresh | None = None,
 ) -> tuple[Position, int]:
-    """Apply the next batch in one transaction; (checkpoint, events applied)."""
+    """Apply the next batch in one transaction; (checkpoint, events applied).
+    `fresh`: replay's write mode for its new tables (see `Fresh`)."""
     async with conn.transaction():
         row = await conn.fetchrow(LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
         if row is None:
@@ -197,7 +231,7 @@ async def step(
         rows = await conn.fetch(SELECT_EVENTS, *position, bound, batch_size)
         if not rows:
             return position, 0
-        await apply_events(conn, _decode(rows), t)
+        await apply_events(conn, _decode(rows), t, fresh)
         last = rows[-1]
         position = Position(int(last["tx_id"]), last["notification_id"])
         await conn.execute(

@@ -43,6 +43,8 @@ def ddl(t: Tables) -> list[str]:
     ]
 
 
+COLUMNS = ("user_id", "position", "task_id", "version", "event_type", "actor", "request_id",
+           "occurred_at", "changes")
 INSERT_ROWS = (
     "INSERT INTO {history} (user_id, position, task_id, version, event_type, actor,"
     " request_id, occurred_at, changes)"
@@ -129,3 +131,8 @@ class Batch:
     async def write(self, conn: asyncpg.Connection, t: Tables) -> None:
         if self.rows:
             await conn.execute(INSERT_ROWS.format(history=t.history), *map(list, zip(*self.rows)))
+
+    async def copy(self, conn: asyncpg.Connection, t: Tables) -> None:
+        """Replay only, into a table holding none of these positions: COPY the rows."""
+        if self.rows:
+            await conn.copy_records_to_table(t.history, records=self.rows, columns=COLUMNS)

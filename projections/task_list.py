@@ -11,9 +11,10 @@ event.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from operator import attrgetter
 from uuid import UUID
 
 import asyncpg
@@ -145,6 +146,18 @@ async def load_states(
 ) -> dict[UUID, TaskState]:
     rows = await conn.fetch(SELECT_STATES.format(tasks=t.tasks), task_ids)
     return {row["task_id"]: TaskState(*row) for row in rows}
+
+
+COLUMNS = ("user_id", "task_id", "title", "description", "completed", "created_at",
+           "updated_at", "version", "position")
+
+
+async def copy_states(
+    conn: asyncpg.Connection, t: Tables, states: Iterable[TaskState]
+) -> None:
+    """Replay only, into a table holding none of these tasks: COPY their rows."""
+    row = attrgetter(*COLUMNS)
+    await conn.copy_records_to_table(t.tasks, records=map(row, states), columns=COLUMNS)
 
 
 class Batch:
