@@ -56,23 +56,39 @@ def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succee
     rng = random.Random(os.environ.get("REPLAY_KILL_SEED", time.time_ns()))
     killed_mid_rebuild = 0
 
+    # How long a whole run takes here (it switches to equal tables), so the kills can be
+    # spread over a run rather than land after it on a fast machine.
+    started = time.monotonic()
+    full = start_replay(own_db, "--batch-size", "300")
+    full.communicate(timeout=120)
+    assert full.returncode == 0
+    assert snapshot(own_db) == live
+    duration = time.monotonic() - started
+
     # From the process start (set-up, or anywhere), then twice from when the rebuild
-    # tables exist (mid-load, indexing, verifying or switching).
+    # tables exist (mid-load, indexing, verifying or switching). A run that finishes
+    # before its kill is tried again with a shorter delay.
     for anchor in ("start", "rebuild", "rebuild"):
-        proc = start_replay(own_db, "--batch-size", "300")
-        if anchor == "rebuild":
-            limit = time.monotonic() + 30
-            while not rebuild_tables(own_db) and proc.poll() is None:
-                assert time.monotonic() < limit
-                time.sleep(0.01)
-        deadline = time.monotonic() + rng.uniform(0.0, 1.5)
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            killed_mid_rebuild += bool(rebuild_tables(own_db))
-            proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        assert snapshot(own_db) == live  # untouched (or, if it finished, rebuilt equal)
+        window = duration * 0.8
+        for _ in range(4):
+            proc = start_replay(own_db, "--batch-size", "300")
+            if anchor == "rebuild":
+                limit = time.monotonic() + 30
+                while not rebuild_tables(own_db) and proc.poll() is None:
+                    assert time.monotonic() < limit
+                    time.sleep(0.005)
+            deadline = time.monotonic() + rng.uniform(0.0, window)
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.005)
+            killed = proc.poll() is None
+            if killed:
+                killed_mid_rebuild += bool(rebuild_tables(own_db))
+                proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+            assert snapshot(own_db) == live  # untouched (or, if it finished, rebuilt equal)
+            if killed:
+                break
+            window /= 2
 
     assert killed_mid_rebuild >= 1
     proc = start_replay(own_db, "--json")
