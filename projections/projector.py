@@ -113,6 +113,10 @@ RETRYABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
+    # asyncpg's protocol state can be left mid-operation when the server kills the
+    # connection ("cannot switch to state ...; another operation is in progress"):
+    # the connection is unusable, so reconnect like for any lost connection.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
