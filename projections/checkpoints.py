@@ -33,6 +33,11 @@ HEAD = (
     f"SELECT e.tx_id::text, e.notification_id FROM {EVENTS_TABLE} e"
     " ORDER BY e.tx_id DESC, e.notification_id DESC LIMIT 1"
 )
+# The last event of the transactions below a bound ($1, an xid8 as text), if any.
+HEAD_BELOW = (
+    f"SELECT e.tx_id::text, e.notification_id FROM {EVENTS_TABLE} e"
+    " WHERE e.tx_id < $1::text::xid8 ORDER BY e.tx_id DESC, e.notification_id DESC LIMIT 1"
+)
 AFTER = f"{EVENT_KEY} > ($1::text::xid8, $2::bigint)"
 COUNT_AFTER = f"SELECT count(*) FROM {EVENTS_TABLE} WHERE {AFTER}"
 OLDEST_AFTER = f"SELECT state FROM {EVENTS_TABLE} WHERE {AFTER} ORDER BY {EVENT_ORDER} LIMIT 1"
@@ -75,6 +80,11 @@ async def lock_checkpoint(
 async def head(conn: asyncpg.Connection) -> Position:
     """The event store's last event, in the global order."""
     return _position(await conn.fetchrow(HEAD)) or ZERO
+
+
+async def head_below(conn: asyncpg.Connection, bound: int) -> Position:
+    """The last event of the transactions older than `bound` (`projector.safe_bound`)."""
+    return _position(await conn.fetchrow(HEAD_BELOW, str(bound))) or ZERO
 
 
 async def count_after(conn: asyncpg.Connection, position: Position) -> int:

@@ -26,19 +26,20 @@ import asyncio
 import gc
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
 from projections import checkpoints as cp
-from projections.projector import PROJECTION, Fresh, ensure_checkpoint, step
+from projections.projector import PROJECTION, Fresh, ensure_checkpoint, safe_bound, step
 from projections.schema import ddl
 from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
-from projections.verify import Fold, compare, summarise
+from projections.verify import FoldProcess, compare, summarise
 from shared.eventstore import EVENTS_TABLE
+from shared.position import Position
 
 # Every projection replay knows, and the live tables it rebuilds. Today one checkpoint
 # (the projector's PROJECTION) covers all three read tables.
@@ -172,6 +173,8 @@ async def _replay(
             "synchronous_commit": "off",
         },
     )
+    fold: FoldProcess | None = None
+    folding: asyncio.Future[None] | None = None
     try:
         if not await conn.fetchval(REPLAY_LOCK, projection):
             raise ReplayBusy(f"another replay of {projection!r} is running")
@@ -191,6 +194,10 @@ async def _replay(
             target = rebuild_tables(live, version)
             await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
+        # The independent fold starts now, in its own process, up to where the load is
+        # bound to get (every event committed so far): it runs beside the load.
+        fold = FoldProcess(dsn)
+        folding = asyncio.ensure_future(fold.advance(await _reachable(conn)))
         phases["setup"] = time.perf_counter() - started
 
         mark = time.perf_counter()
@@ -211,13 +218,13 @@ async def _replay(
         mark = time.perf_counter()
         if before_verify is not None:  # tests: corrupt the rebuilt rows on purpose
             await before_verify(conn, target)
-        fold = Fold()
+        await folding
         if not in_place:  # in place, the live projector moves the tables: check under lock
-            # The server sums the tables on a second connection while this one folds.
+            # The server sums the tables on a second connection while the fold catches up.
             summing = await asyncpg.connect(
                 dsn, server_settings={"application_name": APPLICATION_NAME})
             try:
-                await _verify(conn, target, fold, None, summing)
+                await _verify(conn, target, fold, "all", summing=summing)
             finally:
                 await summing.close()
         phases["verify"] = time.perf_counter() - mark
@@ -234,6 +241,10 @@ async def _replay(
             for name in (live.tasks, live.history, live.stats)
         }
     finally:
+        if folding is not None and not folding.done():
+            folding.cancel()
+        if fold is not None:
+            fold.close()
         conn.terminate() if conn.is_in_transaction() else await conn.close()
     seconds = time.perf_counter() - started
     return Result(projection, None if in_place else version, progress.done, seconds,
@@ -309,27 +320,36 @@ async def _truncate_live(conn: asyncpg.Connection, live: Tables) -> None:
         await conn.execute(f"TRUNCATE {live.tasks}, {live.history}, {live.stats}")
 
 
+async def _reachable(conn: asyncpg.Connection) -> Position:
+    """The last event committed so far: a drain started now gets at least this far."""
+    async with conn.transaction():
+        return await cp.head_below(conn, await safe_bound(conn))
+
+
 async def _verify(
     conn: asyncpg.Connection,
     t: Tables,
-    fold: Fold,
-    users: list[str] | None,
+    fold: FoldProcess,
+    users: Literal["all", "touched"],
+    also: Iterable[str] = (),
     summing: asyncpg.Connection | None = None,
-) -> None:
-    """Fold the events up to `t`'s checkpoint and compare (every user, or `users`); the
-    tables are summed on `summing` meanwhile, if given (it must see what `conn` wrote)."""
+) -> list[str] | None:
+    """Fold the events up to `t`'s checkpoint and compare: every user, or those whose
+    events this fold step covered plus `also`; the users checked (None: all). With
+    `summing`, the tables are summed there meanwhile (it must see what `conn` wrote)."""
     position = await cp.read_checkpoint(conn, t)
     assert position is not None
     if summing is None:
-        await fold.advance(conn, position)
-        actual = await summarise(conn, t, users)
+        checked, expected, problems = await fold.check(position, users, also)
+        actual = await summarise(conn, t, checked)
     else:
-        _, actual = await asyncio.gather(fold.advance(conn, position),
-                                         summarise(summing, t, users))
-    expected = fold.expected(users)
+        assert users == "all"
+        (checked, expected, problems), actual = await asyncio.gather(
+            fold.check(position, users), summarise(summing, t, None))
     differing = compare(expected, actual)
-    if differing or fold.problems:
-        raise VerificationFailed(differing, fold.problems)
+    if differing or problems:
+        raise VerificationFailed(differing, problems)
+    return checked
 
 
 async def _wait_for_old_transactions(conn: asyncpg.Connection) -> None:
@@ -353,7 +373,7 @@ async def _switch(
     conn: asyncpg.Connection,
     live: Tables,
     target: Tables,
-    fold: Fold,
+    fold: FoldProcess,
     progress: Progress,
     projection: str,
     version: int,
@@ -361,19 +381,21 @@ async def _switch(
     batch_size: int,
 ) -> None:
     await ensure_checkpoint(conn, live)
+    # Users checked in an attempt that then rolled back: their rows were written again.
+    rolled_back: set[str] = set()
     for attempt in range(1, SWITCH_ATTEMPTS + 1):
+        checked: list[str] | None = []
         try:
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{SWITCH_LOCK_TIMEOUT}'")
                 await cp.lock_checkpoint(conn, live)  # the live projector waits from here
                 before = progress.done
-                fold.touched.clear()
                 await _drain(conn, target, batch_size, progress)
                 if in_place:
-                    await _verify(conn, target, fold, None)
+                    await _verify(conn, target, fold, "all")
                     return
-                if progress.done > before:
-                    await _verify(conn, target, fold, sorted(fold.touched))
+                if progress.done > before or rolled_back:
+                    checked = await _verify(conn, target, fold, "touched", rolled_back)
                 for name, new in ((live.tasks, target.tasks), (live.history, target.history),
                                   (live.stats, target.stats)):
                     await _rename(conn, name, f"{name}_old_{version}")
@@ -386,6 +408,7 @@ async def _switch(
         except asyncpg.exceptions.LockNotAvailableError:
             if attempt == SWITCH_ATTEMPTS:
                 raise
+            rolled_back.update(checked or ())
             await asyncio.sleep(0.5 * attempt)
 
 

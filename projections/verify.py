@@ -7,16 +7,25 @@ order-independent checksum (the sum of a 64-bit hash of each row's canonical tex
 so neither side has to hold a table in memory or sort it. The tables' side is computed
 by PostgreSQL (`summarise`: the same canonical text and hash, in SQL), so the replay can
 fold the events in Python while the server sums the tables.
+
+The replay runs the fold in a process of its own (`FoldProcess`), started with the load:
+it folds the log on the second core while the projector's handlers load the tables, so
+checking costs little more than the server's sums once the load is done.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import json
+import multiprocessing
+import os
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -250,3 +259,125 @@ def compare(expected: dict[str, Summary], actual: dict[str, Summary]) -> dict[st
         if diff:
             differing[user] = [f"expected vs rebuilt: {d}" for d in diff]
     return differing
+
+
+# -- the fold in a process of its own ---------------------------------------------------
+
+APPLICATION_NAME = "taskservice-replay-fold"
+
+
+class FoldProcessFailed(RuntimeError):
+    """The fold process failed (its database connection, say) or died."""
+
+
+class FoldProcess:
+    """A `Fold` in a child process, driven from the replay's event loop: `advance` folds
+    up to a position (concurrently with whatever the caller does meanwhile), `check`
+    folds up to a position and returns the expected summaries. The child holds the
+    fold's state between calls, one call at a time, in order; it dies with its parent
+    (SIGKILL on Linux, else at its next read of the pipe) and ignores Ctrl-C (the
+    parent stops it)."""
+
+    def __init__(self, dsn: str) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with a running loop
+        self._pipe, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve, args=(dsn, child, os.getpid()), name="replay-fold", daemon=True
+        )
+        self._process.start()
+        child.close()
+        self._lock = asyncio.Lock()
+
+    async def advance(self, upto: Position) -> None:
+        await self._call("advance", tuple(upto))
+
+    async def check(
+        self, upto: Position, users: Literal["all", "touched"], also: Iterable[str] = ()
+    ) -> tuple[list[str] | None, dict[str, Summary], list[str]]:
+        """Fold up to `upto`; (the users checked, their expected summaries, problems).
+        `users`: "all", or "touched": those whose events this call folded, plus `also`
+        (None stands for every user)."""
+        reply = await self._call("check", tuple(upto), users, sorted(set(also)))
+        return reply  # type: ignore[no-any-return]
+
+    async def _call(self, *message: Any) -> Any:
+        async with self._lock:
+            self._pipe.send(message)
+            await self._readable()
+            try:
+                ok, value = self._pipe.recv()
+            except (EOFError, OSError) as e:
+                raise FoldProcessFailed(
+                    f"the verification fold process died (exit code {self._process.exitcode})"
+                ) from e
+        if not ok:
+            raise FoldProcessFailed(f"the verification fold failed: {value}")
+        return value
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self._pipe.fileno()
+        while not self._pipe.poll():
+            ready = loop.create_future()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
+    def close(self) -> None:
+        """Stop the child now (it holds nothing but a read-only connection)."""
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+        self._pipe.close()
+
+
+def _die_with(parent: int) -> None:
+    try:
+        import ctypes  # noqa: PLC0415
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the child still exits at its next read of the closed pipe
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _serve(dsn: str, pipe: Any, parent: int) -> None:
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()  # the same reasoning as the replay's: many held objects, no cycles
+    fold = Fold()
+    while True:
+        try:
+            message = pipe.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: Any = asyncio.run(_handle(dsn, fold, *message))
+        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+            reply = (False, f"{type(e).__name__}: {e}")
+        else:
+            reply = (True, reply)
+        try:
+            pipe.send(reply)
+        except OSError:
+            return
+
+
+async def _handle(dsn: str, fold: Fold, command: str, upto: tuple[int, int],
+                  users: str = "all", also: list[str] | None = None) -> Any:
+    fold.touched.clear()
+    position = Position(*upto)
+    if position > fold.position:
+        conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+        try:
+            await fold.advance(conn, position)
+        finally:
+            await conn.close()
+    if command == "advance":
+        return None
+    chosen = None if users == "all" else sorted(fold.touched | set(also or ()))
+    return chosen, fold.expected(chosen), list(fold.problems)
