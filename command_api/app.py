@@ -8,10 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import psycopg
-import psycopg_pool
-from anyio import to_thread
-from eventsourcing.persistence import InterfaceError, OperationalError
 from fastapi import FastAPI, Request
 
 from command_api import routes
@@ -19,49 +15,43 @@ from command_api.handlers import TaskCommands
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import ServiceUnavailable
-from shared.eventstore import TaskStore, open_store
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
 from shared.settings import Settings
+from shared.taskstore import DATABASE_DOWN, AsyncTaskStore
 
 log = logging.getLogger("taskservice.command_api")
 
-DATABASE_DOWN = (
-    OperationalError,
-    InterfaceError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    psycopg_pool.PoolTimeout,
-)
-
 
 class CommandSide:
-    """Holds the event store; opens it on first use, so the API starts (and answers
-    503) while the database is still down."""
+    """Holds the event store client; opens it on first use, so the API starts (and
+    answers 503) while the database is still down."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: TaskStore | None = None
+        self.store: AsyncTaskStore | None = None
         self.commands: TaskCommands | None = None
-        self._lock = asyncio.Lock()
+        self._lock: asyncio.Lock | None = None
 
     async def open(self) -> TaskCommands:
         if self.commands is not None:
             return self.commands
+        self._lock = self._lock or asyncio.Lock()
         async with self._lock:
             if self.commands is None:
                 try:
-                    self.store = await to_thread.run_sync(open_store, self.settings)
+                    self.store = await AsyncTaskStore.open(self.settings)
                 except DATABASE_DOWN as e:
                     log.warning("event store unavailable: %s", e)
                     raise ServiceUnavailable("Database unavailable, try again shortly") from None
                 self.commands = TaskCommands(self.store, retries=self.settings.command_retries)
         return self.commands
 
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+    async def close(self) -> None:
+        store, self.store, self.commands = self.store, None, None
+        if store is not None:
+            await store.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -75,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ServiceUnavailable:
             pass  # answer 503 until the database is back
         yield
-        await to_thread.run_sync(side.close)
+        await side.close()
 
     app = FastAPI(
         title="Task service: command API",
@@ -93,12 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def ready(_: Request) -> dict[str, Any]:
         commands = await side.open()
-
-        def ping() -> None:
-            with commands.store.recorder.datastore.get_connection() as conn:
-                conn.execute("SELECT 1")
-
-        await to_thread.run_sync(ping)
+        await commands.store.ping()
         return {"database": "ok"}
 
     app.include_router(health_router("command-api", ready))

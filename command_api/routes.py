@@ -8,7 +8,6 @@ import re
 from typing import Annotated, Any
 from uuid import UUID
 
-from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import Response
 from pydantic import WithJsonSchema
@@ -69,7 +68,7 @@ def _own(path_user_id: str, user_id: str) -> None:
 
 
 async def _respond(run: Any, *args: Any) -> Response:
-    outcome: Outcome = await to_thread.run_sync(run, *args)
+    outcome: Outcome = await run(*args)
     headers = {}
     position = encode(outcome.position)
     if position:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from psycopg.sql import SQL, Identifier
-
+from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
-from command_api.handlers import Actor, TaskCommands
-from shared.eventstore import EVENTS_TABLE, open_store
+from command_api.handlers import Actor
+from shared.eventstore import EVENTS_TABLE
 from shared.settings import Settings
 
 DEMO_USERS = ("11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222")
@@ -20,27 +19,24 @@ DEMO_TASKS = (
     (DEMO_USERS[1], "User B Task 2", True),
 )
 
-_LIVE_TASKS = SQL(
-    "SELECT c.originator_id FROM {t} c"
+_LIVE_TASKS = (
+    f"SELECT c.originator_id, convert_from(c.state, 'UTF8')::jsonb ->> 'owner'"
+    f" FROM {EVENTS_TABLE} c"
     " WHERE c.topic = 'TaskCreated'"
-    " AND convert_from(c.state, 'UTF8')::jsonb ->> 'owner' = ANY(%s)"
-    " AND NOT EXISTS (SELECT 1 FROM {t} d WHERE d.originator_id = c.originator_id"
+    " AND convert_from(c.state, 'UTF8')::jsonb ->> 'owner' = ANY($1::text[])"
+    f" AND NOT EXISTS (SELECT 1 FROM {EVENTS_TABLE} d WHERE d.originator_id = c.originator_id"
     " AND d.topic = 'TaskDeleted')"
 )
 
 
 def seed(settings: Settings, *, reset: bool = False) -> int:
-    store = open_store(settings)
-    try:
-        commands = TaskCommands(store)
-        query = _LIVE_TASKS.format(t=Identifier(store.recorder.datastore.schema, EVENTS_TABLE))
-        with store.recorder.datastore.get_connection() as conn:
-            live = [row["originator_id"] for row in conn.execute(query, (list(DEMO_USERS),))]
+    with LoopThread(settings) as loop:
+        commands = loop.handlers()
+        live = loop.run(loop.store.pool.fetch(_LIVE_TASKS, list(DEMO_USERS)))
         if live and not reset:
             return 0
         request_id = f"seed-{uuid.uuid4().hex[:12]}"
-        for task_id in live:
-            owner = store.repository.get(task_id).owner
+        for task_id, owner in live:
             commands.delete(Actor(owner, request_id), task_id, None)
         for owner, title, completed in DEMO_TASKS:
             actor = Actor(owner, request_id)
@@ -50,5 +46,3 @@ def seed(settings: Settings, *, reset: bool = False) -> int:
                     actor, uuid.UUID(created.task["id"]), ChangeTask(completed=True), None
                 )
         return len(DEMO_TASKS)
-    finally:
-        store.close()

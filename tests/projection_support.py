@@ -11,8 +11,9 @@ from uuid import UUID
 
 import psycopg
 
+from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
-from command_api.handlers import Actor, TaskCommands
+from command_api.handlers import Actor
 from projections.tables import DEFAULT, Tables
 from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
 from shared.position import ZERO, Position
@@ -42,13 +43,16 @@ def fresh_database(server: PostgresServer) -> str:
 
 
 class Writer:
-    """Writes events the way the command API does (through `TaskCommands`)."""
+    """Writes events the way the command API does (through `TaskCommands`); `store` is
+    the library's own application on the same tables, for raw saves and reads."""
 
     def __init__(self, url: str) -> None:
         self.store: TaskStore = open_store(settings_for(url))
-        self.commands = TaskCommands(self.store)
+        self.loop = LoopThread(settings_for(url))
+        self.commands = self.loop.handlers()
 
     def close(self) -> None:
+        self.loop.close()
         self.store.close()
 
     def create(self, user: str, title: str, description: str | None = None) -> UUID:

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
+from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
-from command_api.handlers import Actor, TaskCommands
+from command_api.handlers import Actor
 from shared.errors import PreconditionFailed
 from shared.etag import IfMatch
 from shared.eventstore import TaskStore, open_store
@@ -22,9 +23,17 @@ from tests.support import bearer, new_user
 
 @pytest.fixture(scope="module")
 def store(settings: Settings):
+    """The library's own application on the event store: reads what the handlers wrote."""
     store = open_store(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50}))
     yield store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def loop(settings: Settings):
+    """The API's handlers, called from threads (each call blocks until saved)."""
+    with LoopThread(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50})) as loop:
+        yield loop
 
 
 def stored_events(store: TaskStore, task_id: str) -> list:
@@ -102,8 +111,10 @@ def test_a_stale_if_match_is_412_and_changes_nothing(command_client: TestClient,
     assert star.status_code == 204
 
 
-def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(store: TaskStore):
-    commands = TaskCommands(store)
+def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(
+    store: TaskStore, loop: LoopThread
+):
+    commands = loop.handlers()
     user = new_user()
     created = commands.create(Actor(user, "r"), CreateTask(title="race"))
     task_id = uuid.UUID(created.task["id"])
@@ -128,10 +139,10 @@ def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(store: Ta
 # -- concurrency without If-Match -----------------------------------------------------------
 
 
-def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore):
+def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore, loop: LoopThread):
     # Five handler instances stand for five API processes: within one, commands on a task
     # take turns; between them, the (task id, version) key and the retry keep every event.
-    handlers = [TaskCommands(store, retries=200) for _ in range(5)]
+    handlers = [loop.handlers(retries=200) for _ in range(5)]
     user = new_user()
     created = handlers[0].create(Actor(user, "r"), CreateTask(title="start"))
     task_id = uuid.UUID(created.task["id"])
@@ -214,8 +225,8 @@ def test_an_invalid_idempotency_key_is_422(command_client: TestClient):
     assert "Idempotency-Key" in response.json()["error"]["details"]
 
 
-def test_concurrent_retries_with_one_key_create_one_task(store: TaskStore):
-    commands = TaskCommands(store)
+def test_concurrent_retries_with_one_key_create_one_task(store: TaskStore, loop: LoopThread):
+    commands = loop.handlers()
     user = new_user()
     barrier = threading.Barrier(12)
 
@@ -263,10 +274,10 @@ def test_ready_and_commands_answer_503_when_the_database_is_unreachable():
 
 
 def test_a_process_whose_cached_task_is_behind_another_process_decides_on_fresh_state(
-    store: TaskStore,
+    store: TaskStore, loop: LoopThread
 ):
     # Two handler instances stand for two API processes; each keeps the tasks it saved.
-    first, second = TaskCommands(store), TaskCommands(store)
+    first, second = loop.handlers(), loop.handlers()
     user = new_user()
     created = first.create(Actor(user, "r1"), CreateTask(title="v1"))
     task_id = uuid.UUID(created.task["id"])

@@ -74,7 +74,11 @@ def command_app_client(settings: Settings) -> Iterator[TestClient]:
 def test_command_api_answers_as_documented(case, command_app_client: TestClient):
     own_user_and_task(case, FUZZ_USER, command_app_client)
     unique_idempotency_key(case)
-    response = case.call(headers=bearer(FUZZ_USER))
+    # Sent through the fixture's client: the app's asyncpg pool lives on its event loop.
+    kwargs = case.as_transport_kwargs(base_url="http://testserver", headers=bearer(FUZZ_USER))
+    if not kwargs.get("cookies"):
+        kwargs.pop("cookies", None)
+    response = command_app_client.request(**kwargs)
     CALLS[(case.operation.label, response.status_code)] += 1
     case.validate_response(response, checks=CHECKS)
 

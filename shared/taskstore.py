@@ -1,0 +1,277 @@
+"""The command side's event store client: asyncpg on the tables eventsourcing made.
+
+The command API runs on one event loop; a synchronous store would cost a hop to a
+worker thread per command and a fight for the GIL between that thread and the loop
+(measured: most of a command's time). This client reads and appends on the loop with
+asyncpg, and keeps everything the library's recorder keeps:
+
+- the same tables (`taskctl db init` creates them through `shared.eventstore`), the
+  same stored form (each event encoded and decoded by the eventsourcing `Mapper` of
+  `TaskStore`, so the library reads what we write and we read what it writes);
+- per-task optimistic concurrency: the primary key on (task id, version);
+- the global order (tx_id, notification_id): the insert takes no table lock, and the
+  projector takes only events of transactions older than every running one;
+- the idempotency record in the same statement (a data-modifying CTE) as the events.
+
+NOTIFY is sent after the commit, not inside the transaction (a NOTIFY inside serialises
+every notifying commit on one lock, WAL flush included), and coalesced: one NOTIFY
+covers every save that committed before it was sent. The projector also polls, so a
+NOTIFY lost with a crash delays projection by at most its poll interval.
+
+`lock_table=True` is the library's protocol (EXCLUSIVE table lock and NOTIFY inside the
+transaction), kept only to measure against (EVENT_STORE_TABLE_LOCK=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+import asyncpg
+from eventsourcing.application import project_aggregate
+from eventsourcing.persistence import Mapper, StoredEvent
+
+from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
+from shared.position import Position
+from shared.settings import Settings
+from shared.tasks import Task
+
+log = logging.getLogger("taskservice.taskstore")
+T = TypeVar("T")
+
+# What a lost or refused database connection raises through asyncpg.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, timed out
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.InvalidCatalogNameError,  # the database does not exist (yet)
+    # A connection whose backend was terminated while it sat in the pool can fail its
+    # next use with "cannot switch to state ...": `_use` drops it and tries once more.
+    asyncpg.exceptions.InternalClientError,
+)
+
+EVENTS_KEY = f"{EVENTS_TABLE}_pkey"
+IDEMPOTENCY_KEY = f"{IDEMPOTENCY_TABLE}_pkey"
+APPLICATION_NAME = "taskservice-command-api"
+
+_INSERT_EVENTS = (
+    f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+    " SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
+    " RETURNING notification_id, tx_id::text"
+)
+_INSERT_IDEMPOTENCY = (
+    f"INSERT INTO {IDEMPOTENCY_TABLE} (user_id, key, fingerprint, status, task_id, version)"
+    " VALUES ($5, $6, $7, $8, $9, $10)"
+)
+_INSERT_BOTH = f"WITH idempotency AS ({_INSERT_IDEMPOTENCY} RETURNING 1) {_INSERT_EVENTS}"
+_INSERT_IDEMPOTENCY_ONLY = _INSERT_IDEMPOTENCY.replace("$5, $6, $7, $8, $9, $10", "$1, $2, $3, $4, $5, $6")
+_SELECT_EVENTS = (
+    f"SELECT originator_version, topic, state FROM {EVENTS_TABLE}"
+    " WHERE originator_id = $1 AND originator_version <= $2 ORDER BY originator_version"
+)
+_SELECT_KEY = (
+    f"SELECT fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
+    " WHERE user_id = $1 AND key = $2"
+)
+_SELECT_POSITION = (
+    f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
+    " WHERE originator_id = $1 AND originator_version = $2"
+)
+_NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
+_LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
+_LATEST = 2**63 - 1
+
+
+class VersionConflict(Exception):
+    """Another writer appended this task's next version first."""
+
+
+class KeyTaken(Exception):
+    """Another request with this Idempotency-Key committed first."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    fingerprint: str
+    status: int
+    task_id: UUID | None
+    version: int | None
+
+
+def mapper() -> Mapper[UUID]:
+    """The event store application's own mapper (transcodings included), without its
+    database: built on the library's in-memory persistence."""
+    return TaskStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}).mapper
+
+
+async def _no_session_state(_: asyncpg.Connection) -> None:
+    """The pool's reset between two users of a connection. asyncpg's default sends
+    `RESET ALL; UNLISTEN *; CLOSE ALL; ...` (a round trip per command); this client
+    leaves no session state behind (no SET, LISTEN, cursor or advisory lock, and every
+    statement is its own transaction), and asyncpg still rolls back a transaction left
+    open before this runs."""
+
+
+class AsyncTaskStore:
+    def __init__(self, pool: asyncpg.Pool, *, lock_table: bool = False) -> None:
+        self.pool = pool
+        self.lock_table = lock_table
+        self.mapper = mapper()
+        self._notify_wanted = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings, *, min_size: int = 1) -> AsyncTaskStore:
+        dsn = settings.require_database_url()
+        # Named like libpq names it (PGAPPNAME, else ours), unless the URL names it.
+        named = {} if "application_name=" in dsn else {
+            "application_name": os.environ.get("PGAPPNAME") or APPLICATION_NAME
+        }
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=settings.db_pool_size + settings.db_max_overflow,
+            timeout=settings.db_connect_timeout,
+            command_timeout=30,
+            server_settings=named,
+            reset=_no_session_state,
+        )
+        return cls(pool, lock_table=settings.event_store_table_lock)
+
+    async def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._notifier
+            self._notifier = None
+        try:
+            await asyncio.wait_for(self.pool.close(), 5)
+        except (TimeoutError, *DATABASE_DOWN):
+            self.pool.terminate()
+
+    async def _call(self, method: str, statement: str, *args: Any) -> Any:
+        """`conn.<method>(statement, *args)` on a pooled connection."""
+        return await self._use(lambda conn: getattr(conn, method)(statement, *args))
+
+    async def _use(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`operation(conn)` on a pooled connection. A connection whose
+        backend went away while it sat in the pool (a restart, `pg_terminate_backend`)
+        fails its next operation with asyncpg's InternalClientError before sending
+        anything; it is dropped and the call made once more on a fresh connection."""
+        for attempt in (1, 2):
+            async with self.pool.acquire() as conn:
+                try:
+                    return await operation(conn)
+                except asyncpg.exceptions.InternalClientError:
+                    conn.terminate()  # its protocol state is lost: never hand it out again
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def get(self, task_id: UUID, version: int | None = None) -> Task | None:
+        """The task as of `version` (default: the latest), or None if it has no events."""
+        rows = await self._call("fetch", _SELECT_EVENTS, task_id,
+                                _LATEST if version is None else version)
+        if not rows:
+            return None
+        to_domain = self.mapper.to_domain_event
+        events = [to_domain(StoredEvent(task_id, v, topic, state)) for v, topic, state in rows]
+        task = project_aggregate(None, events)
+        assert isinstance(task, Task)
+        return task
+
+    async def key_record(self, user_id: str, key: str) -> KeyRecord | None:
+        row = await self._call("fetchrow", _SELECT_KEY, user_id, key)
+        return None if row is None else KeyRecord(*row)
+
+    async def position_of(self, task_id: UUID, version: int) -> Position | None:
+        row = await self._call("fetchrow", _SELECT_POSITION, task_id, version)
+        return None if row is None else Position(int(row[0]), row[1])
+
+    async def ping(self) -> None:
+        await self._call("fetchval", "SELECT 1")
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def save(
+        self, task: Task, idempotency: IdempotencyRecord | None = None
+    ) -> tuple[int, Position | None]:
+        """Append the task's pending events (and the idempotency record) in one
+        transaction: how many events, and where the last one landed.
+
+        Raises VersionConflict or KeyTaken; a lost connection raises one of
+        DATABASE_DOWN and the outcome is unknown (an Idempotency-Key retry settles it).
+        """
+        pending = task.collect_events()
+        if not pending and idempotency is None:
+            return 0, None
+        stored = [self.mapper.to_stored_event(e) for e in pending]
+        args: list[Any] = []
+        if stored:
+            args = [
+                [e.originator_id for e in stored],
+                [e.originator_version for e in stored],
+                [e.topic for e in stored],
+                [e.state for e in stored],
+            ]
+        if idempotency is not None:
+            r = idempotency
+            args += [r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version]
+        statement = (
+            _INSERT_BOTH if stored and idempotency else _INSERT_EVENTS if stored
+            else _INSERT_IDEMPOTENCY_ONLY
+        )
+        try:
+            if self.lock_table:
+                rows = await self._use(
+                    lambda conn: self._insert_locked(conn, statement, args, bool(stored))
+                )
+            else:
+                rows = await self._call("fetch", statement, *args)
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name == IDEMPOTENCY_KEY:
+                raise KeyTaken from None
+            if e.constraint_name == EVENTS_KEY:
+                raise VersionConflict from None
+            raise
+        if not stored:
+            return 0, None
+        if not self.lock_table:
+            self._notify_soon()
+        last = max(rows, key=lambda row: row[0])
+        return len(stored), Position(int(last[1]), last[0])
+
+    async def _insert_locked(
+        self, conn: asyncpg.Connection, statement: str, args: Sequence[Any], events: bool
+    ) -> list[Any]:
+        async with conn.transaction():
+            if events:
+                await conn.execute(_LOCK)
+                await conn.execute(_NOTIFY)
+            return await conn.fetch(statement, *args)
+
+    def _notify_soon(self) -> None:
+        self._notify_wanted.set()
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
+
+    async def _notify_loop(self) -> None:
+        """One NOTIFY for every save that committed before it goes out."""
+        while True:
+            await self._notify_wanted.wait()
+            self._notify_wanted.clear()
+            try:
+                await self._call("execute", _NOTIFY)
+            except DATABASE_DOWN as e:  # the projector's poll picks the events up
+                log.warning("NOTIFY failed: %s", e)
+                await asyncio.sleep(0.5)
