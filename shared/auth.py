@@ -6,6 +6,11 @@ default; ES256, RS256 or PS256 when so configured). The key set is fetched once,
 cached, and refetched only for an unknown ``kid``, at most once per
 ``JWKS_REFETCH_INTERVAL`` seconds. Algorithms are fixed per key: ``alg: none`` and an
 HS256 token signed with a public key never verify.
+
+A browser sends the same token with every request until it expires, so a verified
+token is remembered (bounded, in memory): the next request with it skips the signature
+check and the claim parsing but still checks the expiry (and not-before) against the
+clock, and, for a JWKS key, that the key is still the one the server publishes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import json
 import logging
 import time
 import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import jwt
@@ -124,7 +131,18 @@ class JwksCache:
         return self._keys.get(kid)
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    sub: str
+    exp: float
+    nbf: float | None
+    kid: str | None
+    key: Any  # the JWKS key object it verified with; None for HS256
+
+
 class Authenticator:
+    CACHE_SIZE = 10_000
+
     def __init__(self, settings: Settings) -> None:
         self.secret = settings.better_auth_secret
         url = settings.effective_jwks_url
@@ -137,6 +155,7 @@ class Authenticator:
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway
         self.max_token_bytes = settings.max_token_bytes
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
 
     async def user_id(self, authorization: str | None) -> str:
         if not authorization:
@@ -147,6 +166,33 @@ class Authenticator:
         token = token.strip()
         if not token or len(token) > self.max_token_bytes:
             raise Unauthorized(INVALID)
+        known = self._verified.get(token)
+        if known is not None and await self._still_valid(token, known):
+            return known.sub
+        return await self._verify(token)
+
+    async def _still_valid(self, token: str, known: _Verified) -> bool:
+        now = time.time()
+        if now >= known.exp + self.leeway:  # PyJWT's rule
+            self._verified.pop(token, None)
+            raise Unauthorized(EXPIRED)
+        if known.nbf is not None and now < known.nbf - self.leeway:
+            return False  # verify afresh: PyJWT says why
+        if known.key is not None:
+            assert self.jwks is not None
+            found = await self.jwks.get(known.kid)
+            if found is None or found[0] is not known.key:
+                # The key was refetched (or withdrawn): verify against what is published now.
+                self._verified.pop(token, None)
+                return False
+        return True
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        self._verified[token] = verified
+        if len(self._verified) > self.CACHE_SIZE:
+            self._verified.popitem(last=False)
+
+    async def _verify(self, token: str) -> str:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -155,6 +201,8 @@ class Authenticator:
         if not isinstance(alg, str):
             raise Unauthorized(INVALID)
         key: Any
+        jwk: Any = None
+        kid = None
         if alg == "HS256" and self.secret:
             key = self.secret
         elif alg in ASYMMETRIC_ALGORITHMS and self.jwks is not None:
@@ -164,7 +212,7 @@ class Authenticator:
             found = await self.jwks.get(kid)
             if found is None or alg not in found[1]:
                 raise Unauthorized(INVALID)
-            key = found[0].key
+            jwk, key = found[0], found[0].key
         else:
             raise Unauthorized(INVALID)
         options: dict[str, Any] = {"require": ["exp", "sub"]}
@@ -192,6 +240,9 @@ class Authenticator:
             or any(ord(c) < 32 for c in sub)
         ):
             raise Unauthorized(INVALID)
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if isinstance(exp, int | float) and (nbf is None or isinstance(nbf, int | float)):
+            self._remember(token, _Verified(sub, float(exp), nbf, kid, jwk))
         return sub
 
 

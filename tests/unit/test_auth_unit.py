@@ -104,6 +104,23 @@ async def test_expired_token_says_expired_and_leeway_forgives_skew() -> None:
     assert await hs256(jwt_leeway=30).user_id(f"Bearer {stale}") == "user-1"
 
 
+async def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    authenticator = hs256()
+    now = time.time()
+    header = f"Bearer {token(valid_claims(exp=int(now) + 3))}"
+    assert await authenticator.user_id(header) == "user-1"
+    assert await authenticator.user_id(header) == "user-1"  # remembered
+    monkeypatch.setattr(time, "time", lambda: now + 10)
+    assert await refused(authenticator, header) == EXPIRED
+
+
+async def test_a_remembered_token_is_not_honoured_for_another_header() -> None:
+    authenticator = hs256()
+    good = token(valid_claims())
+    assert await authenticator.user_id(f"Bearer {good}") == "user-1"
+    assert await refused(authenticator, f"Bearer {good[:-2]}xx") == INVALID
+
+
 @pytest.mark.parametrize(
     "header",
     [
