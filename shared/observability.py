@@ -100,6 +100,19 @@ class Observe:
     def __init__(self, app: ASGIApp, *, service: str) -> None:
         self.app = app
         self.service = service
+        # The labelled children by (method, route, status): `labels()` costs a lock and a
+        # tuple per call. Bounded: routes are templates and methods/statuses few.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _metrics(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (self.service, method, route, str(status))
+            children = HTTP_REQUESTS.labels(*labels), HTTP_LATENCY.labels(*labels)
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,20 +134,22 @@ class Observe:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
             if route != "/metrics":
-                HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
-                HTTP_LATENCY.labels(self.service, method, route, str(status)).observe(elapsed)
-            access_log.info(
-                "request",
-                extra={
-                    "service": self.service,
-                    "user_id": scope.get("state", {}).get("user_id"),
-                    "method": method,
-                    "route": route,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+                requests, latency = self._metrics(method, route, status)
+                requests.inc()
+                latency.observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "request",
+                    extra={
+                        "service": self.service,
+                        "user_id": scope.get("state", {}).get("user_id"),
+                        "method": method,
+                        "route": route,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
 
 
 def metrics_router() -> APIRouter:
