@@ -59,8 +59,6 @@ RECORD_VERSION = (
 )
 REPLAY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('taskservice.replay:' || $1, 0))"
 APPLICATION_NAME = "taskservice-replay"
-# Indexes the handlers read by while loading: kept during the bulk load.
-KEEP_DURING_LOAD = ("_task_idx",)
 SWITCH_LOCK_TIMEOUT = "5s"
 SWITCH_ATTEMPTS = 5
 OLD_TRANSACTION_WAIT = 10.0
@@ -187,12 +185,13 @@ async def _replay(
         progress = Progress(total=int(await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")),
                             on_progress=on_progress)
         REPLAY_TOTAL.labels(projection).set(progress.total)
+        keys: list[str] = []  # the primary keys the load goes without
         if in_place:
             target = live
             await _truncate_live(conn, live)
         else:
             target = rebuild_tables(live, version)
-            await _create_for_load(conn, target)
+            keys = await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
         # The independent fold starts now, in its own process, up to where the load is
         # bound to get (every event committed so far): it runs beside the load.
@@ -211,7 +210,7 @@ async def _replay(
         phases["load"] = time.perf_counter() - mark
         if not in_place:
             mark = time.perf_counter()
-            await _create_indexes(conn, target)
+            await _create_indexes(conn, target, keys)
             await _drain(conn, target, batch_size, progress)
             phases["index"] = time.perf_counter() - mark
 
@@ -279,26 +278,34 @@ async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:
         await conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
-async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> None:
-    """The rebuild tables with the indexes the handlers need; the rest come later.
-    The task list gets room for in-page (HOT) updates: a task is rewritten per event."""
+async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> list[str]:
+    """The rebuild tables without their indexes, nor the primary keys of the task list
+    and the history: the `Fresh` load reads neither table (its task states are in
+    memory) and COPYs into them, and a sorted build afterwards costs less than a million
+    index insertions. The statements that put the keys back (`_create_indexes`).
+    The user counts keep theirs: each batch adds to them by ON CONFLICT.
+    The task list gets room for in-page (HOT) updates by the catch-ups that follow."""
+    keys = []
     async with conn.transaction():
         for statement in ddl(t):
-            if _deferred(statement):
-                continue
-            await conn.execute(statement)
+            if not statement.startswith("CREATE INDEX"):
+                await conn.execute(statement)
+        for table in (t.tasks, t.history):
+            for name, definition in await conn.fetch(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = $1::regclass AND contype = 'p'", table,
+            ):
+                await conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+                keys.append(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
         await conn.execute(f"ALTER TABLE {t.tasks} SET (fillfactor = 70)")
+    return keys
 
 
-def _deferred(statement: str) -> bool:
-    return statement.startswith("CREATE INDEX") and not any(
-        f"{keep} " in statement for keep in KEEP_DURING_LOAD
-    )
-
-
-async def _create_indexes(conn: asyncpg.Connection, t: Tables) -> None:
+async def _create_indexes(conn: asyncpg.Connection, t: Tables, keys: list[str]) -> None:
+    for statement in keys:
+        await conn.execute(statement)
     for statement in ddl(t):
-        if _deferred(statement):
+        if statement.startswith("CREATE INDEX"):
             await conn.execute(statement)
     await conn.execute(f"ALTER TABLE {t.tasks} RESET (fillfactor)")
     for name in (t.tasks, t.history, t.stats):

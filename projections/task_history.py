@@ -26,7 +26,29 @@ from shared.eventcodec import (
 )
 
 Changes = dict[str, dict[str, Any]]
-_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _compact_json() -> Callable[[Changes], str]:
+    """`_ENCODER.encode`, minus the C encoder it builds on every call: built once here.
+    (Without the C module, or if its signature changed, the encoder's own `encode`.)"""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    try:
+        chunks = make(None, _ENCODER.default, json.encoder.encode_basestring, None,
+                      ":", ",", False, False, True)
+        encode: Callable[[Changes], str] = lambda o: "".join(chunks(o, 0))  # noqa: E731
+        if encode({"t": {"from": None, "to": "\u00e9\""}}) != _ENCODER.encode(
+            {"t": {"from": None, "to": "\u00e9\""}}
+        ):
+            return _ENCODER.encode
+    except TypeError:
+        return _ENCODER.encode
+    return encode
+
+
+_to_json = _compact_json()
 
 
 def ddl(t: Tables) -> list[str]:

@@ -46,8 +46,27 @@ _json_string = json.JSONEncoder(ensure_ascii=False).encode
 
 def row_hash(*parts: Any) -> int:
     """The first 64 bits of the MD5 of the row's canonical text (`ROW_HASH` in SQL)."""
-    text = "\x1f".join(_canonical(p) for p in parts)
+    return _hash_text("\x1f".join(_canonical(p) for p in parts))
+
+
+def _hash_text(text: str) -> int:
     return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big")  # noqa: S324
+
+
+def _scalar(value: str | bool | None) -> str:
+    """A scalar as `_jsonb_text` writes it."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return _json_string(value)
+
+
+def _changed(name: str, old: str | bool | None, new: str | bool | None) -> str:
+    """`_jsonb_text({name: {"from": old, "to": new}})`: "to" sorts first (shorter)."""
+    return f'{{"{name}": {{"to": {_scalar(new)}, "from": {_scalar(old)}}}}}'
 
 
 def _canonical(value: Any) -> str:
@@ -158,45 +177,46 @@ class Fold:
         return count
 
     def fold(self, position: int, task_id: UUID, version: int, topic: str, state: bytes) -> None:
-        data = json.loads(state)
+        data = json.loads(state.decode() if isinstance(state, bytes) else state)
         at = _time(data["timestamp"])
         task = self.tasks.get(task_id)
-        changes: dict[str, Any]
+        changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them
         if topic == "TaskCreated":
             task = _Task(data["owner"], data["title"], data["description"], False, at, at,
                          version, position)
             self.tasks[task_id] = task
             self.owned.setdefault(task.owner, set()).add(task_id)
-            changes = {
-                "title": {"from": None, "to": task.title},
-                "description": {"from": None, "to": task.description},
-                "completed": {"from": None, "to": False},
-            }
+            changes = (f'{{"title": {{"to": {_scalar(task.title)}, "from": null}},'
+                       ' "completed": {"to": false, "from": null},'
+                       f' "description": {{"to": {_scalar(task.description)}, "from": null}}}}')
         elif task is None or task.deleted:
             self.problems.append(f"event {position} of task {task_id}: no live task")
             return
         else:
             if topic == "TaskTitleChanged":
-                changes = {"title": {"from": task.title, "to": data["title"]}}
+                changes = _changed("title", task.title, data["title"])
                 task.title = data["title"]
             elif topic == "TaskDescriptionChanged":
-                changes = {"description": {"from": task.description, "to": data["description"]}}
+                changes = _changed("description", task.description, data["description"])
                 task.description = data["description"]
             elif topic == "TaskCompleted":
-                changes = {"completed": {"from": task.completed, "to": True}}
+                changes = _changed("completed", task.completed, True)
                 task.completed = True
             elif topic == "TaskReopened":
-                changes = {"completed": {"from": task.completed, "to": False}}
+                changes = _changed("completed", task.completed, False)
                 task.completed = False
             elif topic == "TaskDeleted":
-                changes = {}
+                changes = "{}"
                 task.deleted = True
             else:
                 self.problems.append(f"event {position}: unknown topic {topic}")
                 return
             task.updated_at, task.version, task.position = at, version, position
-        h = row_hash(task.owner, position, task_id, version, topic, data["actor"],
-                     data["request_id"], at, changes)
+        h = _hash_text("\x1f".join((
+            task.owner, str(position), str(task_id), str(version), topic,
+            _canonical(data["actor"]), _canonical(data["request_id"]),
+            str((at - EPOCH) // MICROSECOND), changes,
+        )))
         for sums in (self.history.setdefault(task.owner, [0, 0]),
                      self.task_history.setdefault(task_id, [0, 0])):
             sums[0] += 1
@@ -223,8 +243,16 @@ class Fold:
         return out
 
 
-def task_row_hash(*row: Any) -> int:
-    return row_hash(*row)
+def task_row_hash(
+    user: str, task_id: UUID, title: str, description: str | None, completed: bool,
+    created_at: datetime, updated_at: datetime, version: int, position: int,
+) -> int:
+    """`row_hash` of a task row, spelled out for its column types."""
+    return _hash_text("\x1f".join((
+        user, str(task_id), title, NULL if description is None else description,
+        "true" if completed else "false", str((created_at - EPOCH) // MICROSECOND),
+        str((updated_at - EPOCH) // MICROSECOND), str(version), str(position),
+    )))
 
 
 async def summarise(

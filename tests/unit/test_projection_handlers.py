@@ -59,3 +59,40 @@ def test_fold_history_and_counts_agree_over_a_tasks_life() -> None:
     assert changes[1] == {"title": {"from": "A", "to": "B"}}
     assert changes[2] == {"completed": {"from": False, "to": True}}
     assert state is None and counts == [0, 0, 0]
+
+
+def test_the_folds_spelled_out_hashes_equal_the_generic_row_hash() -> None:
+    """`Fold` writes each history row's canonical text directly (it is the replay's hot
+    loop): it must hash exactly as `row_hash` of the projector's row would."""
+    from projections.verify import MASK, Fold, row_hash, task_row_hash  # noqa: PLC0415
+
+    owner, task = "u\u00e9\"1", uuid.uuid4()
+    lives = [
+        ("TaskCreated", ',"owner":"u\\u00e9\\"1","title":"A \\"q\\" \\u00fc\\n","description":null'),
+        ("TaskTitleChanged", ',"title":"B\\t\\\\ \\u2603"'),
+        ("TaskDescriptionChanged", ',"description":"d \\u0001"'),
+        ("TaskCompleted", ""),
+        ("TaskReopened", ""),
+        ("TaskDescriptionChanged", ',"description":null'),
+        ("TaskCompleted", ""),
+        ("TaskDeleted", ""),
+    ]
+    fold, state, expected = Fold(), None, 0
+    for version, (topic, extra) in enumerate(lives, start=1):
+        raw = (f'{{"timestamp":{WHEN},"actor":"a\\u00e9","request_id":"r \\"1\\""{extra}}}'
+               .encode())
+        e = decode_event(100 + version, task, version, topic, raw)
+        fold.fold(100 + version, task, version, topic, raw)
+        after = task_list.evolve(e, state)
+        expected = (expected + row_hash(owner, e.position, task, version, topic, e.actor,
+                                        e.request_id, e.timestamp,
+                                        task_history.CHANGES[topic](e, state))) & MASK
+        if after is not None:
+            assert fold.expected([owner])[owner].tasks_sum == task_row_hash(
+                owner, task, after.title, after.description, after.completed,
+                after.created_at, after.updated_at, after.version, after.position,
+            ) == row_hash(owner, task, after.title, after.description, after.completed,
+                          after.created_at, after.updated_at, after.version, after.position)
+        state = after
+    assert fold.history[owner] == [len(lives), expected]
+    assert fold.problems == []
