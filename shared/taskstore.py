@@ -15,7 +15,8 @@ asyncpg, and keeps everything the library's recorder keeps:
 
 NOTIFY is sent after the commit, not inside the transaction (a NOTIFY inside serialises
 every notifying commit on one lock, WAL flush included), and coalesced: one NOTIFY
-covers every save that committed before it was sent. The projector also polls, so a
+covers every save that committed before it was sent, and a process sends at most one
+per `NOTIFY_INTERVAL` (5 ms). The projector also polls, so a
 NOTIFY lost with a crash delays projection by at most its poll interval.
 
 `lock_table=True` is the library's protocol (EXCLUSIVE table lock and NOTIFY inside the
@@ -88,6 +89,8 @@ _SELECT_POSITION = (
 _NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
 _LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
 _LATEST = 2**63 - 1
+# At most one NOTIFY per this many seconds per process (what it adds to projection lag).
+NOTIFY_INTERVAL = 0.005
 
 
 class VersionConflict(Exception):
@@ -266,7 +269,9 @@ class AsyncTaskStore:
             self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
 
     async def _notify_loop(self) -> None:
-        """One NOTIFY for every save that committed before it goes out."""
+        """One NOTIFY for every save that committed before it goes out, and at most one
+        per NOTIFY_INTERVAL: the first save after a quiet spell is announced at once, a
+        busy stream of saves costs a bounded number of round trips."""
         while True:
             await self._notify_wanted.wait()
             self._notify_wanted.clear()
@@ -275,3 +280,4 @@ class AsyncTaskStore:
             except DATABASE_DOWN as e:  # the projector's poll picks the events up
                 log.warning("NOTIFY failed: %s", e)
                 await asyncio.sleep(0.5)
+            await asyncio.sleep(NOTIFY_INTERVAL)
