@@ -68,3 +68,22 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
             (r["data"]["database"] + "%",),
         ).fetchall()
     assert left == []
+
+
+def test_cpu_per_command_runs_every_kind_beside_the_ceiling_and_cleans_up(
+    pg_server: PostgresServer,
+):
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "-n", "20", "--rounds", "1",
+         "--pg-url", pg_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[2:]}
+    assert set(rows) == {"insert", "create", "update", "complete"}, run.stdout
+    assert all(float(row[-3]) > 0 for row in rows.values()), run.stdout  # us per request
+    with psycopg.connect(pg_server.url) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'taskservice_benchcpu%'"
+        ).fetchone()
+    assert left == (0,)
