@@ -147,6 +147,19 @@ class _Task:
     deleted: bool = False
 
 
+_JSON = json.JSONDecoder()
+_SCAN = _JSON.scan_once  # the C scanner: `decode` adds two regex matches per document
+
+
+def _parse(text: str) -> Any:
+    """`json.loads(text)`, faster for the store's documents (no surrounding whitespace)."""
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    return value if end == len(text) else _JSON.decode(text)
+
+
 def _time(value: dict[str, str]) -> datetime:
     return datetime.fromisoformat(value["_data_"])
 
@@ -177,7 +190,7 @@ class Fold:
         return count
 
     def fold(self, position: int, task_id: UUID, version: int, topic: str, state: bytes) -> None:
-        data = json.loads(state.decode() if isinstance(state, bytes) else state)
+        data = _parse(state.decode() if isinstance(state, bytes) else state)
         at = _time(data["timestamp"])
         task = self.tasks.get(task_id)
         changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them

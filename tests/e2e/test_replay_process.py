@@ -43,6 +43,33 @@ def rebuild_tables(url: str) -> list[str]:
             "SELECT tablename FROM pg_tables WHERE tablename LIKE 'rebuild\\_%'").fetchall()]
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
 def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succeeds(
     own_db: str,
 ) -> None:
@@ -83,8 +110,14 @@ def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succee
             killed = proc.poll() is None
             if killed:
                 killed_mid_rebuild += bool(rebuild_tables(own_db))
+                helpers = children(proc.pid)  # the verification fold, once started
                 proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=30)
+            if killed:  # they die with the replay, not linger folding
+                limit = time.monotonic() + 10
+                while alive(helpers):
+                    assert time.monotonic() < limit, f"left running: {alive(helpers)}"
+                    time.sleep(0.05)
             assert snapshot(own_db) == live  # untouched (or, if it finished, rebuilt equal)
             if killed:
                 break

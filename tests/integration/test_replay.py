@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 from projections.projector import TRY_LOCK, catch_up, run
 from projections.replay import VerificationFailed, replay
 from projections.tables import DEFAULT
+from projections.verify import FoldProcessFailed
 from tests.projection_support import Writer, fresh_database, snapshot
 from tests.support import PostgresServer, new_user
 
@@ -67,6 +69,7 @@ async def test_replay_equals_the_live_projector_and_switches_to_a_new_version(ow
     await catch_up(own_db)
     live = snapshot(own_db)
     assert len(live["history"]) > 100 and live["stats"] and live["tasks"]
+    keys_and_indexes = definitions(own_db)
 
     first = await replay(own_db, batch_size=37)  # odd pages: batches split tasks
     second = await replay(own_db)
@@ -88,6 +91,52 @@ async def test_replay_equals_the_live_projector_and_switches_to_a_new_version(ow
                        "read_tasks_user_updated_idx", "read_tasks_user_title_idx",
                        "read_tasks_task_idx"}
     assert served == (2,)
+    # The load goes without primary keys and indexes; the switched-to tables have them
+    # all back, under the live names, as `db init` makes them.
+    assert definitions(own_db) == keys_and_indexes
+
+
+def definitions(url: str) -> dict[str, set[tuple[str, str]]]:
+    """Each read table's constraints and indexes, by name and definition."""
+    with psycopg.connect(url) as conn:
+        return {table: {
+            *((r[0], r[1]) for r in conn.execute(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = %s::regclass", (table,)).fetchall()),
+            *((r[0], r[1]) for r in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
+                (table,)).fetchall()),
+        } for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats)}
+
+
+async def test_a_failed_verification_fold_process_fails_the_replay_and_the_next_run_works(
+    own_db: str,
+) -> None:
+    """The fold runs in a child process: if it dies, the replay fails (no switch, the
+    live tables untouched) instead of hanging or passing unverified."""
+    writer = Writer(own_db)
+    try:
+        every_event_type(writer)
+    finally:
+        writer.close()
+    await catch_up(own_db)
+    live = snapshot(own_db)
+
+    async def kill_the_fold(conn: asyncpg.Connection, t: object) -> None:
+        children = multiprocessing.active_children()
+        assert len(children) == 1, children
+        children[0].kill()
+        children[0].join(5)
+
+    with pytest.raises(FoldProcessFailed, match="died"):
+        await replay(own_db, before_verify=kill_the_fold)
+    assert snapshot(own_db) == live
+    assert multiprocessing.active_children() == []
+    with psycopg.connect(own_db) as conn:
+        assert conn.execute("SELECT count(*) FROM projection_versions").fetchone() == (0,)
+    result = await replay(own_db)
+    assert result.version == 1 and snapshot(own_db) == live
+    assert multiprocessing.active_children() == []
 
 
 async def test_verification_refuses_a_corrupted_rebuild_and_keeps_the_live_tables(
