@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.data import Databases
-from bench.run import DEFAULT_PG_URL
+from bench.run import DEFAULT_PG_URL, run_async
 from shared.auth import mint_token
 from shared.schema import init_database
 from shared.settings import Settings
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         url = dbs.create()
         init_database(Settings(environment="test", database_url=url, better_auth_secret=SECRET))
-        results = asyncio.run(run(url, args.kinds.split(","), args.n, args.rounds))
+        # On uvloop when installed, as uvicorn runs the servers.
+        results = run_async(lambda: run(url, args.kinds.split(","), args.n, args.rounds))
     finally:
         dbs.drop_all()
     base = statistics.median(results["insert (ceiling)"])
