@@ -63,17 +63,28 @@ EVENTS_KEY = f"{EVENTS_TABLE}_pkey"
 IDEMPOTENCY_KEY = f"{IDEMPOTENCY_TABLE}_pkey"
 APPLICATION_NAME = "taskservice-command-api"
 
-_INSERT_EVENTS = (
-    f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
-    " SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
-    " RETURNING notification_id, tx_id::text"
+_EVENT_COLUMNS = f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+_RETURNING = " RETURNING notification_id, tx_id::text"
+# One event (most commands) as plain parameters; several as arrays. $5-$10: idempotency.
+_INSERT_ONE = f"{_EVENT_COLUMNS} VALUES ($1, $2, $3, $4){_RETURNING}"
+_INSERT_MANY = (
+    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
+    f"{_RETURNING}"
 )
 _INSERT_IDEMPOTENCY = (
     f"INSERT INTO {IDEMPOTENCY_TABLE} (user_id, key, fingerprint, status, task_id, version)"
-    " VALUES ($5, $6, $7, $8, $9, $10)"
+    " VALUES ($5, $6, $7, $8, $9, $10) RETURNING 1"
 )
-_INSERT_BOTH = f"WITH idempotency AS ({_INSERT_IDEMPOTENCY} RETURNING 1) {_INSERT_EVENTS}"
-_INSERT_IDEMPOTENCY_ONLY = _INSERT_IDEMPOTENCY.replace("$5, $6, $7, $8, $9, $10", "$1, $2, $3, $4, $5, $6")
+_INSERT_IDEMPOTENCY_ONLY = _INSERT_IDEMPOTENCY.replace(
+    "$5, $6, $7, $8, $9, $10", "$1, $2, $3, $4, $5, $6"
+)
+# The same with the idempotency record: one statement, one transaction.
+_KEYED = {
+    statement: f"WITH idempotency AS ({_INSERT_IDEMPOTENCY}) {statement}"
+    for statement in (_INSERT_ONE, _INSERT_MANY)
+}
+
+
 _SELECT_EVENTS = (
     f"SELECT originator_version, topic, state FROM {EVENTS_TABLE}"
     " WHERE originator_id = $1 AND originator_version <= $2 ORDER BY originator_version"
@@ -220,20 +231,25 @@ class AsyncTaskStore:
             return 0, None
         stored = [self.mapper.to_stored_event(e) for e in pending]
         args: list[Any] = []
-        if stored:
+        if len(stored) == 1:
+            e = stored[0]
+            args = [e.originator_id, e.originator_version, e.topic, e.state]
+            statement = _INSERT_ONE
+        elif stored:
             args = [
                 [e.originator_id for e in stored],
                 [e.originator_version for e in stored],
                 [e.topic for e in stored],
                 [e.state for e in stored],
             ]
+            statement = _INSERT_MANY
+        else:
+            statement = _INSERT_IDEMPOTENCY_ONLY
         if idempotency is not None:
             r = idempotency
             args += [r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version]
-        statement = (
-            _INSERT_BOTH if stored and idempotency else _INSERT_EVENTS if stored
-            else _INSERT_IDEMPOTENCY_ONLY
-        )
+            if stored:
+                statement = _KEYED[statement]
         try:
             if self.lock_table:
                 rows = await self._use(
