@@ -11,8 +11,16 @@ from shared.tasks import DESCRIPTION_MAX, TITLE_MAX
 
 
 def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
+    """Text PostgreSQL and UTF-8 can hold: no NUL, and no lone surrogate (JSON's
+    "\\ud800" escape parses to one, and it cannot be encoded)."""
+    if value is None:
+        return value
+    if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
 
 

@@ -82,6 +82,22 @@ def test_rejects_invalid_create_bodies_per_field(command_client: TestClient, bod
     assert field in error["details"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"title": "lone \\ud800 surrogate"}', "title"),
+        (b'{"title": "ok", "description": "\\udfff"}', "description"),
+    ],
+)
+def test_lone_surrogates_are_422_not_500(command_client: TestClient, raw: bytes, field: str):
+    # Valid JSON (an escape), but no UTF-8 encoding exists for it: it could never be stored.
+    response = command_client.post(
+        "/api/tasks", content=raw, headers={**bearer(new_user()), "Content-Type": "application/json"}
+    )
+    error = assert_error(response, 422, "VALIDATION_ERROR")
+    assert field in error["details"]
+
+
 def test_accepts_the_longest_title_and_description(command_client: TestClient):
     task = create(command_client, new_user(), "t" * 255, description="d" * 2000)
     assert len(task["title"]) == 255 and len(task["description"]) == 2000
