@@ -169,21 +169,23 @@ async def apply_events(
     """Fold `events` into every read model and write their rows (inside the caller's
     transaction). Events the read tables already hold are left alone. With `fresh`
     (replay into new tables only), the rows are written as `Fresh` says."""
+    history, counts = task_history.Batch(), user_stats.Batch()
+    batches: tuple[Any, ...]
     if fresh is None:
         states = await task_list.load_states(conn, t, list({e.task_id for e in events}))
+        # A task with no row and no creation in this batch: its events can only be ones
+        # applied before the task was deleted (a re-application); history says which.
+        created = {e.task_id for e in events if e.topic == CREATED}
+        orphans = [
+            e.position for e in events if e.task_id not in states and e.task_id not in created
+        ]
+        applied = await task_history.applied_positions(conn, t, orphans) if orphans else set()
+        batches = (task_list.Batch(), history, counts)
     else:
-        states = fresh.states
-    # A task with no row and no creation in this batch: its events can only be ones
-    # applied before the task was deleted (a re-application); history says which.
-    created = {e.task_id for e in events if e.topic == CREATED}
-    orphans = [
-        e.position for e in events if e.task_id not in states and e.task_id not in created
-    ]
-    applied = await task_history.applied_positions(conn, t, orphans) if orphans else set()
-
-    tasks, history, counts = batches = (
-        task_list.Batch(), task_history.Batch(), user_stats.Batch()
-    )
+        # Fresh: each event is read once, in order, into tables that held none of them,
+        # so none is applied already; and the task rows are the states themselves.
+        states, applied = fresh.states, set()
+        batches = (history, counts)
     deleted: set[Any] = set()
     for event in events:
         before: TaskState | None = states.get(event.task_id)

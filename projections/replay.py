@@ -2,14 +2,18 @@
 live ones, then switch the query side over in one transaction.
 
 1. Under a session advisory lock (one replay at a time), drop what an interrupted replay
-   left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables with
-   only the indexes the handlers need, and apply every event with the projector's own
-   `step` (same handlers, same transaction per batch, their own checkpoint row) in
-   large pages, in its `Fresh` mode: task states kept in memory, history COPYed, the
-   task rows COPYed once at the end of the load. The live projector and the query API keep using the live tables.
-2. Create the secondary indexes, catch up again, and check the tables against an
-   independent fold of the events (`projections.verify`): per-user row counts and
-   checksums, the tables' side summed by the server while this process folds. A difference aborts, names the users, and leaves the live tables alone.
+   left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables without
+   indexes (nor the task list's and the history's primary keys), and apply every event
+   with the projector's own `step` (same handlers, same transaction per batch, their own
+   checkpoint row) in large pages, in its `Fresh` mode: task states kept in memory,
+   history COPYed, the task rows COPYed once at the end of the load. The live projector
+   and the query API keep using the live tables. Meanwhile a child process
+   (`verify.FoldProcess`) folds the events independently, on the other core, up to the
+   last event committed when the load began.
+2. Add the primary keys and the indexes, catch up again, and check the tables against
+   the independent fold (`projections.verify`), advanced to the same checkpoint:
+   per-user row counts and checksums, the tables' side summed by the server. A
+   difference aborts, names the users, and leaves the live tables alone.
 3. Switch, in one transaction: lock the live checkpoint row (the live projector's next
    `step` waits on it), apply the events that arrived meanwhile and check the users they
    touched, rename live -> `read_*_old_<n>` and rebuilt -> live (indexes too), copy the
@@ -17,7 +21,8 @@ live ones, then switch the query side over in one transaction.
 
 Readers name the tables (`read_tasks`...), so a query sees the old tables or the new
 ones, both complete, never a mix. Killed at any point before the switch commits, the
-live tables are untouched and the next run starts clean.
+live tables are untouched and the next run starts clean (the fold process dies with
+the replay).
 """
 
 from __future__ import annotations
