@@ -491,6 +491,24 @@ def test_delete_with_forged_token_is_refused_and_leaves_the_task(
 def test_auth_is_checked_before_body_and_path_validation(jwks_client: TestClient) -> None:
     assert_unauthorized(jwks_client.post("/api/tasks", json={"title": ""}), MISSING)
     assert_unauthorized(jwks_client.delete("/api/tasks/not-a-uuid", headers=auth("x.y.z")), INVALID)
+    # A body that is not even JSON: FastAPI parses it before any dependency runs.
+    malformed = {"Content-Type": "application/json"}
+    assert_unauthorized(jwks_client.post("/api/tasks", content=b"{not json", headers=malformed), MISSING)
+    assert_unauthorized(
+        jwks_client.patch("/api/tasks/not-a-uuid", content=b"[", headers={**malformed, **auth("x.y.z")}),
+        INVALID,
+    )
+
+
+def test_a_malformed_body_with_a_valid_token_is_still_a_422(
+    jwks_client: TestClient, keys: Keys
+) -> None:
+    response = jwks_client.post(
+        "/api/tasks", content=b"{not json",
+        headers={"Content-Type": "application/json", **auth(keys.ed.token(claims()))},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == {"body": "Malformed JSON"}
 
 
 def test_large_token_under_the_limit_is_accepted(jwks_client: TestClient, keys: Keys) -> None:
