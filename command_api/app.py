@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,6 +50,26 @@ class CommandSide:
                 self.commands = TaskCommands(self.store, retries=self.settings.command_retries)
         return self.commands
 
+    async def purge_idempotency_forever(self) -> None:
+        """Forget expired Idempotency-Keys every `IDEMPOTENCY_PURGE_INTERVAL` seconds
+        (jittered, so a fleet of API processes spreads out; one purges at a time)."""
+        interval = self.settings.idempotency_purge_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+            try:
+                commands = await self.open()
+                removed = await commands.store.purge_idempotency(
+                    self.settings.idempotency_ttl_hours
+                )
+            except (ServiceUnavailable, *DATABASE_DOWN) as e:
+                log.warning("idempotency purge skipped: %s", e)
+                continue
+            except Exception:  # noqa: BLE001 - housekeeping must not stop for good
+                log.exception("idempotency purge failed")
+                continue
+            if removed:
+                log.info("forgot %d expired Idempotency-Keys", removed)
+
     async def close(self) -> None:
         store, self.store, self.commands = self.store, None, None
         if store is not None:
@@ -64,7 +86,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await side.open()
         except ServiceUnavailable:
             pass  # answer 503 until the database is back
+        purging = None
+        if settings.idempotency_purge_interval > 0:
+            purging = asyncio.create_task(side.purge_idempotency_forever())
         yield
+        if purging is not None:
+            purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purging
         await side.close()
 
     app = FastAPI(

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=65_536, ge=1024)
     max_token_bytes: int = Field(default=8_192, ge=256)
     idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
+    # The command API forgets Idempotency-Keys past their TTL this often (one process
+    # at a time, under an advisory lock); 0: never (run `taskctl db purge-idempotency`).
+    idempotency_purge_interval: float = Field(default=3600.0, ge=0)
     command_retries: int = Field(default=20, ge=1, le=1000)
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)

@@ -98,6 +98,12 @@ _SELECT_POSITION = (
     " WHERE originator_id = $1 AND originator_version = $2"
 )
 _NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
+_PURGE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended('taskservice.purge-idempotency', 0))"
+_PURGE_BATCH = (
+    f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE ctid = ANY(ARRAY("
+    f"SELECT ctid FROM {IDEMPOTENCY_TABLE}"
+    " WHERE created_at < now() - make_interval(secs => $1) LIMIT $2))"
+)
 _LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
 _LATEST = 2**63 - 1
 # At most one NOTIFY per this many seconds per process (what it adds to projection lag).
@@ -214,6 +220,22 @@ class AsyncTaskStore:
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
+
+    async def purge_idempotency(self, older_than_hours: float, batch: int = 10_000) -> int | None:
+        """Forget Idempotency-Keys older than `older_than_hours`, in batches (short
+        transactions); how many, or None when another process is purging right now."""
+        if older_than_hours < 24:
+            raise ValueError("Idempotency-Keys are kept at least 24 hours")
+        removed = 0
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(_PURGE_LOCK):
+                    return None if removed == 0 else removed
+                status = await conn.execute(_PURGE_BATCH, older_than_hours * 3600, batch)
+            count = int(status.rsplit(" ", 1)[-1])
+            removed += count
+            if count < batch:
+                return removed
 
     # -- writing -----------------------------------------------------------------------
 
