@@ -16,12 +16,12 @@ from command_api import routes
 from command_api.handlers import TaskCommands
 from shared.auth import Authenticator
 from shared.cors import install_cors
-from shared.errors import ServiceUnavailable
+from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
 from shared.settings import Settings
-from shared.taskstore import DATABASE_DOWN, AsyncTaskStore
+from shared.taskstore import AsyncTaskStore
 
 log = logging.getLogger("taskservice.command_api")
 

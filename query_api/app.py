@@ -19,7 +19,7 @@ from query_api.reader import Reader
 from query_api.watch import PositionWatch
 from shared.auth import Authenticator
 from shared.cors import install_cors
-from shared.errors import ServiceUnavailable
+from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
@@ -27,14 +27,6 @@ from shared.position import encode
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.query_api")
-
-DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, timed out
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-)
 
 
 class HeadAsGet:

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
+
+# What a lost, refused or missing database raises through asyncpg: both APIs answer it
+# with 503 SERVICE_UNAVAILABLE (and Retry-After), never 500.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, timed out
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.InvalidCatalogNameError,  # the database does not exist (yet)
+    # A connection whose backend was terminated while it sat in a pool can fail its
+    # next use with "cannot switch to state ..." (nothing was sent).
+    asyncpg.exceptions.InternalClientError,
+)
+
 
 class ApiError(Exception):
     status = 500

@@ -38,6 +38,7 @@ import asyncpg
 from eventsourcing.application import project_aggregate
 from eventsourcing.persistence import Mapper, StoredEvent
 
+from shared.errors import DATABASE_DOWN
 from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
 from shared.position import Position
 from shared.settings import Settings
@@ -45,19 +46,6 @@ from shared.tasks import Task
 
 log = logging.getLogger("taskservice.taskstore")
 T = TypeVar("T")
-
-# What a lost or refused database connection raises through asyncpg.
-DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, timed out
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-    asyncpg.exceptions.InvalidCatalogNameError,  # the database does not exist (yet)
-    # A connection whose backend was terminated while it sat in the pool can fail its
-    # next use with "cannot switch to state ...": `_use` drops it and tries once more.
-    asyncpg.exceptions.InternalClientError,
-)
 
 EVENTS_KEY = f"{EVENTS_TABLE}_pkey"
 IDEMPOTENCY_KEY = f"{IDEMPOTENCY_TABLE}_pkey"
