@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import orjson
 
 from projections.tables import Tables
 from projections.task_list import TaskState
@@ -29,26 +30,13 @@ Changes = dict[str, dict[str, Any]]
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def _compact_json() -> Callable[[Changes], str]:
-    """`_ENCODER.encode`, minus the C encoder it builds on every call: built once here.
-    (Without the C module, or if its signature changed, the encoder's own `encode`.)"""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return _ENCODER.encode
+def _to_json(changes: Changes) -> str:
+    """The changes as JSON text for the jsonb column: by orjson (a sixth of the standard
+    library's time); what it refuses (a lone surrogate, a non-string key) by the latter."""
     try:
-        chunks = make(None, _ENCODER.default, json.encoder.encode_basestring, None,
-                      ":", ",", False, False, True)
-        encode: Callable[[Changes], str] = lambda o: "".join(chunks(o, 0))  # noqa: E731
-        if encode({"t": {"from": None, "to": "\u00e9\""}}) != _ENCODER.encode(
-            {"t": {"from": None, "to": "\u00e9\""}}
-        ):
-            return _ENCODER.encode
+        return orjson.dumps(changes).decode()
     except TypeError:
-        return _ENCODER.encode
-    return encode
-
-
-_to_json = _compact_json()
+        return _ENCODER.encode(changes)
 
 
 def ddl(t: Tables) -> list[str]:

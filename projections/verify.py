@@ -29,6 +29,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from projections.checkpoints import EVENTS_UP_TO, args
 from projections.tables import Tables
@@ -147,17 +148,13 @@ class _Task:
     deleted: bool = False
 
 
-_JSON = json.JSONDecoder()
-_SCAN = _JSON.scan_once  # the C scanner: `decode` adds two regex matches per document
-
-
-def _parse(text: str) -> Any:
-    """`json.loads(text)`, faster for the store's documents (no surrounding whitespace)."""
+def _parse(state: bytes | str) -> Any:
+    """`json.loads(state)`, by orjson (a third of the time); what orjson refuses (NaN,
+    lone surrogates, integers past 64 bits) by the standard library."""
     try:
-        value, end = _SCAN(text, 0)
-    except StopIteration:
-        end = -1
-    return value if end == len(text) else _JSON.decode(text)
+        return orjson.loads(state)
+    except orjson.JSONDecodeError:
+        return json.loads(state)
 
 
 def _time(value: dict[str, str]) -> datetime:
@@ -191,7 +188,7 @@ class Fold:
         return count
 
     def fold(self, position: int, task_id: UUID, version: int, topic: str, state: bytes) -> None:
-        data = _parse(state.decode() if isinstance(state, bytes) else state)
+        data = _parse(state)
         at = _time(data["timestamp"])
         task = self.tasks.get(task_id)
         changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them
