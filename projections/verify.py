@@ -376,6 +376,9 @@ class FoldProcess:
 
 
 def _die_with(parent: int) -> None:
+    """SIGKILL this process when its parent dies. (Linux sends it when the parent's
+    *thread* that started the child ends: `FoldProcess` is started from the thread that
+    runs the replay's event loop, which lives as long as the replay.)"""
     try:
         import ctypes  # noqa: PLC0415
 
