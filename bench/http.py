@@ -50,11 +50,17 @@ class Request:
     then: Callable[[Response, float], Awaitable[None] | None] | None = None
 
 
+# uvicorn closes a kept-alive connection idle for 5 s (timeout_keep_alive); the client
+# stops reusing one after this many seconds idle.
+IDLE_LIMIT = 4.0
+
+
 class Connection:
     def __init__(self, port: int) -> None:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.idle_since = time.monotonic()
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
@@ -136,7 +142,13 @@ class Pool:
 
     async def acquire(self) -> Connection:
         if self.idle:
-            return self.idle.pop()
+            conn = self.idle.pop()
+            if time.monotonic() - conn.idle_since > IDLE_LIMIT:
+                # The server may be closing it right now (keep-alive timeout): a write
+                # sent into that race fails with nothing answered and cannot be resent
+                # safely, so start on a fresh connection instead.
+                conn.close()
+            return conn
         if self.opened < self.size:
             self.opened += 1
             return Connection(self.port)
@@ -145,6 +157,7 @@ class Pool:
         return await future
 
     def release(self, conn: Connection) -> None:
+        conn.idle_since = time.monotonic()
         while self.waiters:
             future = self.waiters.popleft()
             if not future.done():

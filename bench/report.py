@@ -187,7 +187,8 @@ def _headline(r: dict[str, Any]) -> list[str]:
         f" PostgreSQL {m['postgres']}, Python {m['python']}; load average at start"
         f" {m['load_average_at_start']}",
         f"Pinning: generator on CPUs {p['generator_cpus']}, servers ({p['servers']}) on"
-        f" {p['server_cpus']}; PostgreSQL {p['postgres']}",
+        f" {p['server_cpus']}; replay {p.get('replay', 'on the server CPUs')};"
+        f" PostgreSQL {p['postgres']}",
     ]
     if d:
         lines.append(
