@@ -214,13 +214,19 @@ class AsyncTaskStore:
         transactions); how many, or None when another process is purging right now."""
         if older_than_hours < 24:
             raise ValueError("Idempotency-Keys are kept at least 24 hours")
+
+        async def purge_batch(conn: asyncpg.Connection) -> int | None:
+            async with conn.transaction():
+                if not await conn.fetchval(_PURGE_LOCK):
+                    return None
+                status = await conn.execute(_PURGE_BATCH, older_than_hours * 3600, batch)
+            return int(status.rsplit(" ", 1)[-1])
+
         removed = 0
         while True:
-            async with self.pool.acquire() as conn, conn.transaction():
-                if not await conn.fetchval(_PURGE_LOCK):
-                    return None if removed == 0 else removed
-                status = await conn.execute(_PURGE_BATCH, older_than_hours * 3600, batch)
-            count = int(status.rsplit(" ", 1)[-1])
+            count = await self._use(purge_batch)
+            if count is None:  # another process holds the purge
+                return None if removed == 0 else removed
             removed += count
             if count < batch:
                 return removed
