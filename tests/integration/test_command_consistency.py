@@ -300,3 +300,27 @@ def test_a_process_whose_cached_task_is_behind_another_process_decides_on_fresh_
     assert [type(e).TOPIC for e in events][1:] == [
         "TaskTitleChanged", "TaskCompleted", "TaskTitleChanged", "TaskDescriptionChanged",
     ]
+
+
+def test_the_async_store_and_the_library_read_each_other(store: TaskStore, loop: LoopThread):
+    # The command API writes through asyncpg but encodes with the library's Mapper: each
+    # side must read what the other wrote, at any version.
+    user = new_user()
+    task = Task.create(owner=user, title="by the library", description="d", actor=user,
+                       request_id="lib-1")
+    task.change(actor=user, request_id="lib-2", completed=True)
+    store.save(task)
+    read = loop.get(task.id)
+    assert read is not None
+    assert (read.owner, read.title, read.description, read.completed, read.version) == (
+        user, "by the library", "d", True, 2)
+    assert read.created_on == task.created_on and read.modified_on == task.modified_on
+
+    changed = loop.handlers().change(Actor(user, "api-1"), task.id, ChangeTask(title="by the API"), None)
+    assert changed.task is not None and changed.task["version"] == 3
+    by_library = store.repository.get(task.id)
+    assert (by_library.title, by_library.completed, by_library.version) == ("by the API", True, 3)
+    assert [type(e).TOPIC for e in store.events.get(task.id)][-1] == "TaskTitleChanged"
+    earlier = loop.get(task.id, version=2)
+    assert earlier is not None and earlier.title == "by the library"
+    assert loop.get(uuid.uuid4()) is None
