@@ -410,6 +410,7 @@ async def _switch(
                     checked = await _verify(conn, target, fold, "touched", rolled_back)
                 for name, new in ((live.tasks, target.tasks), (live.history, target.history),
                                   (live.stats, target.stats)):
+                    await _copy_privileges(conn, name, new)
                     await _rename(conn, name, f"{name}_old_{version}")
                     await _rename(conn, new, name)
                 await cp.copy_checkpoint(conn, target, live)
@@ -422,6 +423,21 @@ async def _switch(
                 raise
             rolled_back.update(checked or ())
             await asyncio.sleep(0.5 * attempt)
+
+
+async def _copy_privileges(conn: asyncpg.Connection, live: str, new: str) -> None:
+    """Grant on the rebuilt table what was granted on the live one (a read-only role the
+    query API connects as must keep reading after the switch)."""
+    for r in await conn.fetch(
+        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
+        " ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS grantee,"
+        " a.privilege_type, a.is_grantable"
+        " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+        " WHERE c.oid = $1::regclass AND a.grantee <> c.relowner",
+        live,
+    ):
+        option = " WITH GRANT OPTION" if r["is_grantable"] else ""
+        await conn.execute(f"GRANT {r['privilege_type']} ON {new} TO {r['grantee']}{option}")
 
 
 async def _rename(conn: asyncpg.Connection, old: str, new: str) -> None:

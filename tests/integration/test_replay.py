@@ -333,3 +333,37 @@ def test_cli_replay_rejects_an_unknown_projection(own_db: str) -> None:
     out = run_taskctl(own_db, "replay", "--projection", "nope")
     assert out.returncode == 2 and "unknown projection" in out.stderr
     assert DEFAULT.tasks in tables(own_db)
+
+
+async def test_replay_keeps_the_grants_of_the_live_tables(own_db: str) -> None:
+    # The query API may connect as a read-only role: after the switch it must still read.
+    role = f"reader_{new_user().replace('-', '')[:12]}"
+    with psycopg.connect(own_db, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} NOLOGIN")
+        for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats):
+            conn.execute(f"GRANT SELECT ON {table} TO {role}")
+        conn.execute(f"GRANT UPDATE ON {DEFAULT.stats} TO {role} WITH GRANT OPTION")
+    try:
+        writer = Writer(own_db)
+        try:
+            writer.create(new_user(), "one task")
+        finally:
+            writer.close()
+        result = await replay(own_db)
+        assert result.switched
+        with psycopg.connect(own_db) as conn:
+            grants = {
+                table: set(conn.execute(
+                    "SELECT privilege_type, is_grantable FROM information_schema.role_table_grants"
+                    " WHERE grantee = %s AND table_name = %s", (role, table)).fetchall())
+                for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats)
+            }
+        assert grants == {
+            DEFAULT.tasks: {("SELECT", "NO")},
+            DEFAULT.history: {("SELECT", "NO")},
+            DEFAULT.stats: {("SELECT", "NO"), ("UPDATE", "YES")},
+        }
+    finally:
+        with psycopg.connect(own_db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
