@@ -19,6 +19,7 @@ from projections.replay import (
     VerificationFailed,
     replay,
 )
+from shared.errors import DATABASE_DOWN
 
 
 def replay_main(
@@ -49,6 +50,15 @@ def replay_main(
             report.finish()
             print(f"taskctl replay: {e}", file=sys.stderr)
             return 3
+        except KeyboardInterrupt:
+            report.finish()
+            print(f"taskctl replay: interrupted; {_left_as_it_was(in_place)}", file=sys.stderr)
+            return 130
+        except DATABASE_DOWN as e:
+            report.finish()
+            print(f"taskctl replay: lost the database ({type(e).__name__}: {e});"
+                  f" {_left_as_it_was(in_place)}", file=sys.stderr)
+            return 4
         report.finish()
         results.append(result)
     for result in results:
@@ -60,6 +70,12 @@ def replay_main(
             print(f"{result.projection}: {what}: {result.events:,} events in"
                   f" {result.seconds:.1f}s ({result.events_per_s:,.0f} events/s); rows: {rows}")
     return 0
+
+
+def _left_as_it_was(in_place: bool) -> str:
+    if in_place:
+        return "the live tables were being rebuilt in place: run it again"
+    return "the live tables are unchanged; run it again (it starts clean)"
 
 
 async def projection_status(dsn: str) -> list[dict[str, Any]]:

@@ -29,11 +29,12 @@ def own_db(pg_server: PostgresServer) -> Iterator[str]:
     pg_server.drop_database(url)
 
 
-def start_replay(url: str, *args: str) -> subprocess.Popen[str]:
+def start_replay(url: str, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "shared.cli", "replay", *args],
         env={**os.environ, "DATABASE_URL": url},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=new_session,
     )
 
 
@@ -129,4 +130,40 @@ def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succee
     assert proc.returncode == 0, err
     assert '"switched": true' in out
     assert snapshot(own_db) == live
+    assert rebuild_tables(own_db) == []
+
+
+def test_ctrl_c_mid_rebuild_says_so_without_a_traceback_and_leaves_the_live_tables(
+    own_db: str,
+) -> None:
+    writer = Writer(own_db)
+    try:
+        writer.bulk(users=10, tasks_per_user=200)
+    finally:
+        writer.close()
+    asyncio.run(catch_up(own_db))
+    live = snapshot(own_db)
+    for _ in range(5):  # a run that finishes before the signal is tried again
+        # Its own process group, signalled as a whole, as a terminal's Ctrl-C does (the
+        # verification fold process gets the SIGINT too).
+        proc = start_replay(own_db, "--batch-size", "100", new_session=True)
+        limit = time.monotonic() + 30
+        while not rebuild_tables(own_db) and proc.poll() is None:
+            assert time.monotonic() < limit
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue
+        assert proc.returncode == 130, err
+        assert "interrupted; the live tables are unchanged" in err
+        assert "Traceback" not in err, err
+        break
+    else:
+        pytest.fail("every replay finished before it could be interrupted")
+    assert snapshot(own_db) == live
+    done = start_replay(own_db, "--json")
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
     assert rebuild_tables(own_db) == []
