@@ -25,7 +25,7 @@ from command_api.commands import ChangeTask, CreateTask
 from shared.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationFailed
 from shared.etag import IfMatch
 from shared.eventstore import IdempotencyRecord
-from shared.observability import EVENTS_APPENDED
+from shared.observability import COMMAND_CONFLICTS, EVENTS_APPENDED, IDEMPOTENT_REPLAYS
 from shared.position import Position
 from shared.tasks import Task
 from shared.taskstore import AsyncTaskStore, KeyTaken, VersionConflict
@@ -182,6 +182,7 @@ class TaskCommands:
                     return earlier
                 continue
             except VersionConflict:
+                COMMAND_CONFLICTS.inc()
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
                 continue
             self._keep(task)
@@ -241,6 +242,7 @@ class TaskCommands:
                 "Idempotency-Key was already used with a different request",
                 details={"Idempotency-Key": "reused with a different request"},
             )
+        IDEMPOTENT_REPLAYS.inc()
         task_id, version = record.task_id, record.version
         if task_id is None or version is None:
             return Outcome(record.status, None, None)

@@ -36,6 +36,14 @@ HTTP_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 EVENTS_APPENDED = Counter("events_appended_total", "Events appended to the event store")
+COMMAND_CONFLICTS = Counter(
+    "command_version_conflicts_total",
+    "Saves that lost a race for a task's next version and were decided again",
+)
+IDEMPOTENT_REPLAYS = Counter(
+    "command_idempotent_replays_total",
+    "Commands answered with the outcome of an earlier request with the same Idempotency-Key",
+)
 PROJECTOR_POSITION = Gauge(
     "projector_position", "Event-store notification id the projection has reached", ["projection"]
 )

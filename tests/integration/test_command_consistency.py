@@ -324,3 +324,30 @@ def test_the_async_store_and_the_library_read_each_other(store: TaskStore, loop:
     earlier = loop.get(task.id, version=2)
     assert earlier is not None and earlier.title == "by the library"
     assert loop.get(uuid.uuid4()) is None
+
+
+def test_version_conflicts_and_idempotent_replays_are_counted_in_metrics(
+    command_client: TestClient, loop: LoopThread
+):
+    from prometheus_client import REGISTRY
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    conflicts = value("command_version_conflicts_total")
+    replays = value("command_idempotent_replays_total")
+    user = new_user()
+    first, second = loop.handlers(), loop.handlers()
+    created = first.create(Actor(user, "m1"), CreateTask(title="counted"))
+    task_id = uuid.UUID(created.task["id"])
+    second.change(Actor(user, "m2"), task_id, ChangeTask(title="elsewhere"), None)
+    first.change(Actor(user, "m3"), task_id, ChangeTask(title="from a stale cache"), None)
+    assert value("command_version_conflicts_total") == conflicts + 1
+
+    headers = {**bearer(user), "Idempotency-Key": "counted-key"}
+    for _ in range(2):
+        response = command_client.post("/api/tasks", json={"title": "once"}, headers=headers)
+        assert response.status_code == 201
+    assert value("command_idempotent_replays_total") == replays + 1
+    metrics = command_client.get("/metrics").text
+    assert "command_version_conflicts_total" in metrics
