@@ -82,7 +82,8 @@ class ReadSide:
                         unavailable = ServiceUnavailable("Database unavailable, try again shortly")
                         unavailable.headers["Retry-After"] = "1"
                         raise unavailable from None
-        return Reader(self.pool, self.watch, self.settings.read_wait_timeout)
+        return Reader(self.pool, self.watch, self.settings.read_wait_timeout,
+                      self.settings.db_pool_timeout)
 
     async def close(self) -> None:
         if self.watch is not None:

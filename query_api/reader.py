@@ -30,17 +30,25 @@ class Read(Generic[T]):
 
 
 class Reader:
-    def __init__(self, pool: asyncpg.Pool, watch: PositionWatch, wait_timeout: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        watch: PositionWatch,
+        wait_timeout: float,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self.pool = pool
         self.watch = watch
         self.wait_timeout = wait_timeout
+        self.acquire_timeout = acquire_timeout
 
     async def read(
         self, wanted: Position | None, query: Callable[[asyncpg.Connection], Awaitable[T]]
     ) -> Read[T]:
         if wanted is not None:
             await self.watch.wait_for(wanted, self.wait_timeout)
-        async with self.pool.acquire() as conn:
+        # A pool that stays exhausted (a stuck database) is a TimeoutError: a 503.
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 position = await read_position(conn)
                 result = await query(conn)

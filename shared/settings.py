@@ -54,6 +54,8 @@ class Settings(BaseModel):
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_connect_timeout: int = Field(default=5, ge=1)
+    # Longest a request waits for a free pooled connection before it is a 503.
+    db_pool_timeout: float = Field(default=10.0, gt=0)
     # True: the library's table-locking writer (for before/after measurements only).
     event_store_table_lock: bool = False
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)

@@ -129,9 +129,12 @@ async def _no_session_state(_: asyncpg.Connection) -> None:
 
 
 class AsyncTaskStore:
-    def __init__(self, pool: asyncpg.Pool, *, lock_table: bool = False) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, lock_table: bool = False, acquire_timeout: float = 10.0
+    ) -> None:
         self.pool = pool
         self.lock_table = lock_table
+        self.acquire_timeout = acquire_timeout
         self.mapper = mapper()
         self._notify_wanted = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
@@ -152,7 +155,8 @@ class AsyncTaskStore:
             server_settings=named,
             reset=_no_session_state,
         )
-        return cls(pool, lock_table=settings.event_store_table_lock)
+        return cls(pool, lock_table=settings.event_store_table_lock,
+                   acquire_timeout=settings.db_pool_timeout)
 
     async def close(self) -> None:
         if self._notifier is not None:
@@ -175,7 +179,8 @@ class AsyncTaskStore:
         fails its next operation with asyncpg's InternalClientError before sending
         anything; it is dropped and the call made once more on a fresh connection."""
         for attempt in (1, 2):
-            async with self.pool.acquire() as conn:
+            # A pool that stays exhausted (a stuck database) is a TimeoutError: a 503.
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
                 try:
                     return await operation(conn)
                 except asyncpg.exceptions.InternalClientError:

@@ -132,3 +132,37 @@ def test_db_init_refuses_events_ahead_of_the_transaction_counter(own_db: str):
 
 def test_db_init_accepts_its_own_store_again(own_db: str):
     init_database(query_settings(own_db))  # idempotent, no refusal
+
+
+def test_an_exhausted_pool_is_a_prompt_503_on_both_apis(settings: Settings):
+    from command_api.app import create_app as create_command_app
+
+    tight = settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout": 0.3}
+    )
+    user = new_user()
+    with TestClient(create_command_app(tight), raise_server_exceptions=False) as client:
+        assert client.post("/api/tasks", json={"title": "t"}, headers=bearer(user)).status_code == 201
+        pool = client.portal.call(client.app.state.open_commands).store.pool
+        held = client.portal.call(pool.acquire)  # the only connection, held elsewhere
+        try:
+            started = time.monotonic()
+            stuck = client.post("/api/tasks", json={"title": "t"}, headers=bearer(user))
+            waited = time.monotonic() - started
+        finally:
+            client.portal.call(pool.release, held)
+        assert stuck.status_code == 503, stuck.text
+        assert stuck.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert 0.25 < waited < 3
+        assert client.post("/api/tasks", json={"title": "t"}, headers=bearer(user)).status_code == 201
+
+    with TestClient(create_query_app(tight), raise_server_exceptions=False) as client:
+        assert client.get("/api/tasks", headers=bearer(user)).status_code == 200
+        pool = client.portal.call(client.app.state.open_reader).pool
+        held = client.portal.call(pool.acquire)
+        try:
+            stuck = client.get("/api/tasks", headers=bearer(user))
+        finally:
+            client.portal.call(pool.release, held)
+        assert stuck.status_code == 503, stuck.text
+        assert client.get("/api/tasks", headers=bearer(user)).status_code == 200
