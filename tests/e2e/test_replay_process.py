@@ -71,16 +71,21 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
-def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succeeds(
-    own_db: str,
-) -> None:
-    writer = Writer(own_db)
+def projected_history(url: str) -> dict:
+    """2,000 tasks of 10 users with every event type, projected; the live tables."""
+    writer = Writer(url)
     try:
         writer.bulk(users=10, tasks_per_user=200)
     finally:
         writer.close()
-    asyncio.run(catch_up(own_db))
-    live = snapshot(own_db)
+    asyncio.run(catch_up(url))
+    return snapshot(url)
+
+
+def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succeeds(
+    own_db: str,
+) -> None:
+    live = projected_history(own_db)
     rng = random.Random(os.environ.get("REPLAY_KILL_SEED", time.time_ns()))
     killed_mid_rebuild = 0
 
@@ -136,13 +141,7 @@ def test_sigkill_at_random_points_leaves_the_live_tables_and_the_next_run_succee
 def test_ctrl_c_mid_rebuild_says_so_without_a_traceback_and_leaves_the_live_tables(
     own_db: str,
 ) -> None:
-    writer = Writer(own_db)
-    try:
-        writer.bulk(users=10, tasks_per_user=200)
-    finally:
-        writer.close()
-    asyncio.run(catch_up(own_db))
-    live = snapshot(own_db)
+    live = projected_history(own_db)
     for _ in range(5):  # a run that finishes before the signal is tried again
         # Its own process group, signalled as a whole, as a terminal's Ctrl-C does (the
         # verification fold process gets the SIGINT too).
