@@ -247,6 +247,8 @@ async def _replay(
     finally:
         if folding is not None and not folding.done():
             folding.cancel()
+        elif folding is not None and not folding.cancelled():
+            folding.exception()  # retrieved: whatever stopped the replay is what it reports
         if fold is not None:
             fold.close()
         conn.terminate() if conn.is_in_transaction() else await conn.close()

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -326,7 +327,17 @@ class FoldProcess:
         self._process = ctx.Process(
             target=_serve, args=(dsn, child, os.getpid()), name="replay-fold", daemon=True
         )
-        self._process.start()
+        # Started with SIGINT ignored, which the child inherits across exec and Python
+        # keeps: a Ctrl-C to the whole process group while the child is still starting
+        # (before `_serve` runs) must not kill it either.
+        if threading.current_thread() is not threading.main_thread():  # no signals there
+            self._process.start()
+        else:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                self._process.start()
+            finally:
+                signal.signal(signal.SIGINT, previous)
         child.close()
         self._lock = asyncio.Lock()
 
