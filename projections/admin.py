@@ -23,7 +23,13 @@ from shared.errors import DATABASE_DOWN
 
 
 def replay_main(
-    dsn: str, projections: list[str] | None, *, in_place: bool, as_json: bool, batch_size: int
+    dsn: str,
+    projections: list[str] | None,
+    *,
+    in_place: bool,
+    as_json: bool,
+    batch_size: int,
+    lock_wait: float = 10.0,
 ) -> int:
     names = projections or list(PROJECTIONS)
     unknown = [n for n in names if n not in PROJECTIONS]
@@ -36,7 +42,8 @@ def replay_main(
         report = ProgressReport(f"replay {name}")
         try:
             result = asyncio.run(replay(dsn, projection=name, in_place=in_place,
-                                        batch_size=batch_size, on_progress=report))
+                                        batch_size=batch_size, on_progress=report,
+                                        lock_wait=lock_wait))
         except VerificationFailed as e:
             report.finish()
             print(f"taskctl replay: verification failed for {name}; the live tables are"

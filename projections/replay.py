@@ -63,6 +63,18 @@ RECORD_VERSION = (
     " events = EXCLUDED.events, switched_at = now()"
 )
 REPLAY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('taskservice.replay:' || $1, 0))"
+# Who holds it: the backend, what it runs, since when.
+REPLAY_LOCK_HOLDER = (
+    "SELECT a.pid, a.application_name, a.state, a.query_start"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+    "SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint)"
+    " = hashtextextended('taskservice.replay:' || $1, 0) LIMIT 1"
+)
+# A replay killed a moment ago may hold the lock until its backend notices (it finishes
+# the statement in hand first): a new run waits this long before it says "busy".
+LOCK_WAIT = 10.0
 APPLICATION_NAME = "taskservice-replay"
 SWITCH_LOCK_TIMEOUT = "5s"
 SWITCH_ATTEMPTS = 5
@@ -134,11 +146,14 @@ async def replay(
     in_place: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     before_verify: Callable[[asyncpg.Connection, Tables], Any] | None = None,
+    lock_wait: float = LOCK_WAIT,
 ) -> Result:
     """Rebuild `projection` and switch to it (or rebuild the live tables `in_place`).
-    Raises `VerificationFailed` (nothing switched) or `ReplayBusy`."""
+    Raises `VerificationFailed` (nothing switched) or `ReplayBusy` (another replay still
+    held the projection after `lock_wait` seconds)."""
     with _without_cyclic_gc():
-        return await _replay(dsn, projection, batch_size, in_place, on_progress, before_verify)
+        return await _replay(dsn, projection, batch_size, in_place, on_progress, before_verify,
+                             lock_wait)
 
 
 @contextmanager
@@ -162,6 +177,7 @@ async def _replay(
     in_place: bool,
     on_progress: Callable[[int, int], None] | None,
     before_verify: Callable[[asyncpg.Connection, Tables], Any] | None,
+    lock_wait: float,
 ) -> Result:
     from shared.observability import REPLAY_TOTAL  # noqa: PLC0415
 
@@ -179,8 +195,7 @@ async def _replay(
     fold: FoldProcess | None = None
     folding: asyncio.Future[None] | None = None
     try:
-        if not await conn.fetchval(REPLAY_LOCK, projection):
-            raise ReplayBusy(f"another replay of {projection!r} is running")
+        await _take_replay_lock(conn, projection, lock_wait)
         await conn.execute(VERSIONS_DDL)
         await _drop_leftovers(conn, live)
         version = await conn.fetchval(
@@ -256,6 +271,20 @@ async def _replay(
     return Result(projection, None if in_place else version, progress.done, seconds,
                   progress.done / seconds if seconds else 0.0, rows, True, in_place,
                   {k: round(v, 3) for k, v in phases.items()})
+
+
+async def _take_replay_lock(conn: asyncpg.Connection, projection: str, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while not await conn.fetchval(REPLAY_LOCK, projection):
+        if time.monotonic() >= deadline:
+            holder = await conn.fetchrow(REPLAY_LOCK_HOLDER, projection)
+            who = "" if holder is None else (
+                f" (backend {holder['pid']}, {holder['application_name'] or 'no name'},"
+                f" {holder['state']} since {holder['query_start']:%H:%M:%S})"
+                if holder["query_start"] else f" (backend {holder['pid']})")
+            raise ReplayBusy(f"another replay of {projection!r} is running{who};"
+                             f" waited {wait:g} s")
+        await asyncio.sleep(0.25)
 
 
 async def _drain(

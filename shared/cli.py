@@ -144,8 +144,8 @@ def _database_url() -> str:
 def cmd_replay(args: argparse.Namespace) -> None:
     from projections.admin import replay_main  # noqa: PLC0415
 
-    sys.exit(replay_main(_database_url(), args.projection,
-                         in_place=args.in_place, as_json=args.json, batch_size=args.batch_size))
+    sys.exit(replay_main(_database_url(), args.projection, in_place=args.in_place,
+                         as_json=args.json, batch_size=args.batch_size, lock_wait=args.wait))
 
 
 def cmd_projections_status(args: argparse.Namespace) -> None:
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--in-place", action="store_true",
                         help="development only: truncate and rebuild the live tables directly")
     replay.add_argument("--batch-size", type=int, default=10_000, help="events per transaction")
+    replay.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                        help="how long to wait for another replay of the projection (one"
+                             " killed a moment ago, say) before giving up (default 10)")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.set_defaults(func=cmd_replay)
 

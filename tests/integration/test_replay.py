@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from projections.projector import TRY_LOCK, catch_up, run
-from projections.replay import VerificationFailed, replay
+from projections.replay import ReplayBusy, VerificationFailed, replay
 from projections.tables import DEFAULT
 from projections.verify import FoldProcessFailed
 from tests.projection_support import Writer, fresh_database, snapshot
@@ -367,3 +367,24 @@ async def test_replay_keeps_the_grants_of_the_live_tables(own_db: str) -> None:
         with psycopg.connect(own_db, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def hold_replay_lock(url: str) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("SELECT pg_advisory_lock(hashtextextended('taskservice.replay:task_views', 0))")
+    return conn
+
+
+async def test_a_replay_waits_for_one_still_holding_the_lock_then_says_who(own_db: str) -> None:
+    holder = hold_replay_lock(own_db)
+    try:
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with pytest.raises(ReplayBusy, match=rf"running \(backend {pid}, .*\); waited 0.5 s"):
+            await replay(own_db, lock_wait=0.5)
+        # A holder that lets go within the wait (a killed replay's backend finishing its
+        # statement): the next run goes ahead.
+        threading.Timer(0.5, holder.close).start()
+        result = await replay(own_db, lock_wait=10)
+        assert result.switched
+    finally:
+        holder.close()
