@@ -1,8 +1,10 @@
 """The event store: eventsourcing's PostgreSQL persistence, configured for this service.
 
-`TaskStore` is an eventsourcing `Application` whose recorder also writes the
-idempotency record of a command in the same transaction as its events. Tables are
-created only by `create_schema()` (`taskctl db init`), never at process start.
+`TaskStore` is an eventsourcing `Application`; its recorder defines the tables (events
+with their transaction id, and the commands' idempotency records), which are created
+only by `create_schema()` (`taskctl db init`), never at process start. The command API
+writes these tables through `shared.taskstore` (asyncpg, the same `Mapper`); this
+application serves db init, bulk seeding and library-side reads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from uuid import UUID
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
@@ -39,7 +41,8 @@ class IdempotencyRecord:
 
 
 class TaskRecorder(PostgresApplicationRecorder):
-    """The stock recorder, plus the idempotency table written in the events' transaction."""
+    """The stock recorder, plus the transaction-id order, the idempotency table, and an
+    insert without the table lock."""
 
     def __init__(self, datastore: Any, *, events_table_name: str = EVENTS_TABLE) -> None:
         super().__init__(datastore, events_table_name=events_table_name)
@@ -88,142 +91,41 @@ class TaskRecorder(PostgresApplicationRecorder):
             stored_event_type=Identifier(self.stored_event_type_name),
         )
         self._notify_statement = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
-        self._insert_idempotency = SQL(
-            "INSERT INTO {table} (user_id, key, fingerprint, status, task_id, version)"
-            " VALUES (%s, %s, %s, %s, %s, %s)"
-        ).format(table=table)
 
     # -- writing -------------------------------------------------------------------------
     #
-    # Our own insert_events, not the library's: (1) it fails fast on a lost connection
-    # instead of retrying ten times (503 to the client, whose Idempotency-Key retry
-    # settles an unknown outcome); (2) it takes no table lock, so writers of different
-    # tasks commit in parallel (the order readers follow is (tx_id, notification_id),
-    # see `select_events_after`); (3) it sends NOTIFY after the commit rather than inside
-    # the transaction, because a NOTIFY inside serialises every notifying commit on one
+    # The command API writes through `shared.taskstore` (asyncpg); this recorder writes for
+    # the library-side callers (bulk seeding, tests). Our own insert_events, not the
+    # library's, with the same protocol as the API's writer: (1) it fails fast on a lost
+    # connection instead of retrying ten times; (2) it takes no table lock, so writers of
+    # different tasks commit in parallel (readers follow (tx_id, notification_id), see
+    # `shared.position`); (3) it sends NOTIFY after the commit rather than inside the
+    # transaction, because a NOTIFY inside serialises every notifying commit on one
     # lock, WAL flush included.
-
-    lock_table = False
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Any:
         self.datastore.register_type_adapters()
-        if self.lock_table:
-            return self._insert_with_table_lock(stored_events, **kwargs)
-        receipt: Receipt | None = kwargs.get("receipt")
-        idempotency: IdempotencyRecord | None = kwargs.get("idempotency")
-        if not stored_events and idempotency is None:
+        if not stored_events:
             return None
-        # One statement is one transaction (the connection is in autocommit): the
-        # events and the idempotency record (a data-modifying CTE) commit together or
-        # not at all, in one round trip, with the NOTIFY queued behind it.
-        params: list[Any] = []
-        statement = SQL("")
-        if idempotency is not None:
-            r = idempotency
-            params += [r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version]
-            if not stored_events:
-                statement = self._insert_idempotency
-            else:
-                statement = SQL("WITH idempotency AS ({0} RETURNING 1) ").format(
-                    self._insert_idempotency
-                )
-        if stored_events:
-            statement += self.insert_events_statement
-            params.append([self._pg_stored_event(e) for e in stored_events])
+        # One statement is one transaction (the connection is in autocommit), in one
+        # round trip, with the NOTIFY queued behind it.
+        params = [[self._pg_stored_event(e) for e in stored_events]]
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             with conn.pipeline():
                 # Never prepared: a statement prepared inside a pipeline that then fails
                 # (a version conflict) is left half-known to psycopg ("prepared statement
                 # does not exist" on its next use).
-                curs.execute(statement, params, prepare=False)
-                if stored_events:
-                    conn.execute(self._notify_statement, prepare=False)
-            if not stored_events:
-                return None
-            rows = curs.fetchall()
-        notification_ids = [row["notification_id"] for row in rows]
-        if receipt is not None:
-            receipt.tx_id = int(rows[-1]["tx_id"])
-            receipt.notification_id = notification_ids[-1]
-        return notification_ids
+                curs.execute(self.insert_events_statement, params, prepare=False)
+                conn.execute(self._notify_statement, prepare=False)
+            return [row["notification_id"] for row in curs.fetchall()]
 
     def _pg_stored_event(self, e: StoredEvent) -> Any:
         return self.construct_pg_stored_event(
             e.originator_id, e.originator_version, e.topic, e.state
         )
 
-    def _insert_with_table_lock(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
-    ) -> Any:
-        """The library's protocol, kept to measure against: EXCLUSIVE table lock and
-        NOTIFY inside the transaction."""
-        receipt: Receipt | None = kwargs.get("receipt")
-        notification_ids = None
-        error: Exception | None = None
-        with self.datastore.get_connection() as conn:
-            with conn.pipeline() as pipeline, conn.transaction():
-                with conn.cursor() as curs:
-                    if stored_events:
-                        self._lock_table(curs)
-                        self._notify_channel(curs)
-                    self._insert_events(curs, stored_events, **kwargs)
-                if stored_events:
-                    with conn.cursor() as curs:
-                        try:
-                            PostgresAggregateRecorder._insert_stored_events(
-                                self, curs, stored_events
-                            )
-                            pipeline.sync()
-                            rows = curs.fetchall()
-                        except Exception as e:  # noqa: BLE001 - re-raised after the pipeline
-                            error = e
-                        else:
-                            notification_ids = [row["notification_id"] for row in rows]
-                            if receipt is not None:
-                                receipt.tx_id = int(rows[-1]["tx_id"])
-                                receipt.notification_id = notification_ids[-1]
-            if error is not None:
-                raise error
-        return notification_ids
-
     def select_events(self, originator_id: Any, **kwargs: Any) -> Any:
         return PostgresApplicationRecorder.select_events.__wrapped__(self, originator_id, **kwargs)
-
-    def _insert_events(
-        self,
-        curs: Any,
-        stored_events: Sequence[StoredEvent],
-        *,
-        idempotency: IdempotencyRecord | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super()._insert_events(curs, stored_events, **kwargs)
-        if idempotency is not None:
-            r = idempotency
-            # Synced on its own (a nested pipeline syncs on exit), so a second request with
-            # the same key fails here with the key's unique violation, before any event.
-            with curs.connection.pipeline():
-                curs.execute(
-                    self._insert_idempotency,
-                    (r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version),
-                    prepare=True,
-                )
-
-
-class TableLockTaskRecorder(TaskRecorder):
-    """The library's ordering: every insert takes the events table in EXCLUSIVE mode and
-    NOTIFYs inside its transaction, so notification ids become visible in order. Kept
-    only to measure against (EVENT_STORE_TABLE_LOCK=true); it serialises all writers."""
-
-    lock_table = True
-
-
-@dataclass
-class Receipt:
-    """Where the last event of a save landed in the global order."""
-
-    tx_id: int | None = None
-    notification_id: int | None = None
 
 
 class TaskStore(Application[UUID]):
@@ -234,9 +136,7 @@ def store_env(settings: Settings, *, create_tables: bool = False) -> dict[str, s
     params = postgres_params(settings.require_database_url())
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "APPLICATION_RECORDER_TOPIC": get_topic(
-            TableLockTaskRecorder if settings.event_store_table_lock else TaskRecorder
-        ),
+        "APPLICATION_RECORDER_TOPIC": get_topic(TaskRecorder),
         "POSTGRES_HOST": params["host"],
         "POSTGRES_PORT": params["port"],
         "POSTGRES_DBNAME": params["dbname"],
