@@ -16,8 +16,8 @@ class DeferredApp:
     """The ASGI app behind the schema. Schemathesis loads the schema when this module is
     imported (its fixture-based loader does not work with pytest 9), before any fixture
     has a database: the OpenAPI document comes from an app built with placeholder settings
-    (building connects to nothing), and a module fixture swaps in the real app, whose
-    lifespan it runs itself."""
+    (building connects to nothing); the cases are sent to the real app through a module
+    fixture's client (`send`)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -29,6 +29,15 @@ class DeferredApp:
             await send({"type": "lifespan.shutdown.complete"})
             return
         await self.app(scope, receive, send)
+
+
+def send(case: Any, client: TestClient, headers: dict[str, str]) -> Any:
+    """The case, sent through the fixture's client: the app's asyncpg pool lives on that
+    client's event loop, so the request must run there (not in schemathesis's own)."""
+    kwargs = case.as_transport_kwargs(base_url="http://testserver", headers=headers)
+    if not kwargs.get("cookies"):
+        kwargs.pop("cookies", None)
+    return client.request(**kwargs)
 
 
 def envelope_conformance(ctx: Any, response: Any, case: Any) -> bool | None:

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from projections.projector import catch_up
 from query_api.app import create_app
 from shared.settings import Settings
-from tests.fuzz_support import DeferredApp, envelope_conformance, own_user_and_task
+from tests.fuzz_support import DeferredApp, envelope_conformance, own_user_and_task, send
 from tests.support import TEST_SECRET, bearer, new_user
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
@@ -95,11 +95,7 @@ def issued_positions(case) -> None:
 def test_query_api_answers_as_documented(case, query_app_client: TestClient):
     own_user_and_task(case, FUZZ_USER, task_ids=TASK_IDS)
     issued_positions(case)
-    # Sent through the fixture's client: the app's asyncpg pool lives on its event loop.
-    kwargs = case.as_transport_kwargs(base_url="http://testserver", headers=bearer(FUZZ_USER))
-    if not kwargs.get("cookies"):
-        kwargs.pop("cookies", None)
-    response = query_app_client.request(**kwargs)
+    response = send(case, query_app_client, bearer(FUZZ_USER))
     CALLS[(case.operation.label, response.status_code)] += 1
     case.validate_response(response, checks=CHECKS)
 
