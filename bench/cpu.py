@@ -1,5 +1,5 @@
-"""`python -m bench.cpu [--kinds create,update,complete] [-n 3000] [--rounds 3]`: CPU time
-per command, in-process.
+"""`python -m bench.cpu [--kinds create,update,complete] [-n 3000] [--rounds 3]
+[--routes-too]`: CPU time per command, in-process.
 
 Saturation figures move with whatever else the machine runs; CPU time per request moves
 much less. This calls each ASGI app directly (no socket, no uvicorn), one request at a
@@ -92,7 +92,9 @@ async def measure(call: Call, request: Callable[[int], tuple[str, str, bytes]], 
     return (time.process_time() - cpu) / n
 
 
-async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list[float]]:
+async def run(
+    url: str, kinds: list[str], n: int, rounds: int, routes_too: bool = False
+) -> dict[str, list[float]]:
     import asyncpg  # noqa: PLC0415
 
     from bench import ceiling_app  # noqa: PLC0415
@@ -107,7 +109,16 @@ async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list
     settings = Settings(environment="test", database_url=url, better_auth_secret=SECRET)
     ours, ours_life, ours_inbox = await started(create_app(settings))
     user = f"bench-cpu-{uuid.uuid4().hex[:8]}"
-    ours.headers.append((b"authorization", f"Bearer {mint_token(SECRET, user)}".encode()))  # type: ignore[attr-defined]
+    auth = (b"authorization", f"Bearer {mint_token(SECRET, user)}".encode())
+    ours.headers.append(auth)  # type: ignore[attr-defined]
+    apps = {"ours": ours}
+    lives = [(ceiling_life, ceiling_inbox), (ours_life, ours_inbox)]
+    if routes_too:  # the same commands with COMMAND_FAST_PATH=false
+        slow, slow_life, slow_inbox = await started(
+            create_app(settings.model_copy(update={"command_fast_path": False})))
+        slow.headers.append(auth)  # type: ignore[attr-defined]
+        apps["routes"] = slow
+        lives.append((slow_life, slow_inbox))
     status, body = await ours("POST", "/api/tasks", b'{"title":"target"}')
     assert status == 201, body
     task = json.loads(body)["data"]["id"]
@@ -119,12 +130,16 @@ async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list
         "update": lambda i: ("PATCH", f"/api/tasks/{task}", json.dumps({"title": f"t{i}"}).encode()),
         "complete": lambda i: ("PATCH", f"/api/{user}/tasks/{task}/complete", b""),
     }
-    results: dict[str, list[float]] = {k: [] for k in ["insert (ceiling)", *kinds]}
+    runs = [("insert (ceiling)", ceiling, "insert (ceiling)")]
+    for kind in kinds:
+        runs.append((kind, ours, kind))
+        if routes_too:
+            runs.append((f"{kind} (no fast path)", apps["routes"], kind))
+    results: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     for _ in range(rounds):  # interleaved, so drift hits every kind alike
-        for kind in results:
-            app = ceiling if kind == "insert (ceiling)" else ours
-            results[kind].append(await measure(app, requests[kind], n))
-    for life, inbox in ((ceiling_life, ceiling_inbox), (ours_life, ours_inbox)):
+        for label, app, kind in runs:
+            results[label].append(await measure(app, requests[kind], n))
+    for life, inbox in lives:
         inbox.put_nowait({"type": "lifespan.shutdown"})
         await asyncio.wait_for(life, 10)
     return results
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", default="create,update,complete")
     p.add_argument("-n", type=int, default=3000, help="requests per kind and round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--routes-too", action="store_true",
+                   help="also each kind with COMMAND_FAST_PATH=false (FastAPI's routing)")
     p.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL))
     args = p.parse_args(argv)
     dbs = Databases(args.pg_url, prefix="taskservice_benchcpu")
@@ -142,16 +159,17 @@ def main(argv: list[str] | None = None) -> None:
         url = dbs.create()
         init_database(Settings(environment="test", database_url=url, better_auth_secret=SECRET))
         # On uvloop when installed, as uvicorn runs the servers.
-        results = run_async(lambda: run(url, args.kinds.split(","), args.n, args.rounds))
+        results = run_async(lambda: run(url, args.kinds.split(","), args.n, args.rounds,
+                                        args.routes_too))
     finally:
         dbs.drop_all()
     base = statistics.median(results["insert (ceiling)"])
     print(f"CPU per request, in-process, median of {args.rounds} x {args.n} requests")
-    print(f"{'kind':<18} {'us/request':>10} {'x ceiling':>10}  runs")
+    print(f"{'kind':<26} {'us/request':>10} {'x ceiling':>10}  runs")
     for kind, values in results.items():
         m = statistics.median(values)
         runs = ", ".join(f"{v * 1e6:.0f}" for v in values)
-        print(f"{kind:<18} {m * 1e6:>10.0f} {m / base:>10.2f}  [{runs}]")
+        print(f"{kind:<26} {m * 1e6:>10.0f} {m / base:>10.2f}  [{runs}]")
 
 
 if __name__ == "__main__":

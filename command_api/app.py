@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from command_api import routes
+from command_api.fastpath import CommandFastPath
 from command_api.handlers import TaskCommands
 from shared.auth import Authenticator
 from shared.cors import install_cors
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings)
     app.state.open_commands = side.open
     install_error_handlers(app, unavailable=DATABASE_DOWN)
+    if settings.command_fast_path:
+        app.add_middleware(CommandFastPath, fastapi=app)  # innermost: inside Observe
     app.add_middleware(Observe, service="command-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     install_cors(app, settings)

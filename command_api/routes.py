@@ -23,7 +23,7 @@ from shared.schemas import DataEnvelope, TaskOut, error_responses
 
 router = APIRouter(prefix="/api", tags=["commands"])
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_FORM = re.compile(r"^[\x21-\x7e]{1,255}$")
 POSITION_HEADER = "X-Position"
 
 
@@ -46,7 +46,14 @@ IdempotencyKey = Annotated[
 
 
 def _actor(request: Request, user_id: str, key: str | None, body: Any = None) -> Actor:
-    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+    return actor(request.method, request.url.path, request_id(request), user_id, key, body)
+
+
+def actor(
+    method: str, path: str, request_id: str, user_id: str, key: str | None, body: Any = None
+) -> Actor:
+    """Who acts, and the request's fingerprint when it carries an Idempotency-Key."""
+    if key is not None and not IDEMPOTENCY_KEY_FORM.match(key):
         raise ValidationFailed(
             "Invalid Idempotency-Key",
             details={"Idempotency-Key": "1-255 printable ASCII characters"},
@@ -54,20 +61,20 @@ def _actor(request: Request, user_id: str, key: str | None, body: Any = None) ->
     fingerprint = ""
     if key is not None:
         canonical = json.dumps(
-            [request.method, request.url.path.rstrip("/"), body],
+            [method, path.rstrip("/"), body],
             sort_keys=True,
             separators=(",", ":"),
         )
         fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
-    return Actor(user_id, request_id(request), key, fingerprint)
+    return Actor(user_id, request_id, key, fingerprint)
 
 
-def _own(path_user_id: str, user_id: str) -> None:
+def own(path_user_id: str, user_id: str) -> None:
     if path_user_id != user_id:
         raise Forbidden("You do not have access to this user's tasks")
 
 
-async def _respond(run: Any, *args: Any) -> Response:
+async def respond(run: Any, *args: Any) -> Response:
     outcome: Outcome = await run(*args)
     headers = {}
     position = encode(outcome.position)
@@ -92,7 +99,7 @@ async def create_task(
     request: Request, body: CreateTask, user_id: CurrentUser, cmds: Commands, key: IdempotencyKey = None
 ) -> Response:
     actor = _actor(request, user_id, key, body.model_dump())
-    return await _respond(cmds.create, actor, body)
+    return await respond(cmds.create, actor, body)
 
 
 @router.patch("/tasks/{task_id}", response_model=DataEnvelope[TaskOut], responses=TaskResponses)
@@ -106,7 +113,7 @@ async def change_task(
     key: IdempotencyKey = None,
 ) -> Response:
     actor = _actor(request, user_id, key, body.model_dump(exclude_unset=True))
-    return await _respond(cmds.change, actor, task_id, body, IfMatch.parse(if_match))
+    return await respond(cmds.change, actor, task_id, body, IfMatch.parse(if_match))
 
 
 @router.delete("/tasks/{task_id}", status_code=204, responses=TaskResponses)
@@ -119,7 +126,7 @@ async def delete_task(
     key: IdempotencyKey = None,
 ) -> Response:
     actor = _actor(request, user_id, key)
-    return await _respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
+    return await respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
 
 
 # -- the /api/{user_id}/tasks contract -------------------------------------------------
@@ -139,9 +146,9 @@ async def create_user_task(
     cmds: Commands,
     key: IdempotencyKey = None,
 ) -> Response:
-    _own(path_user_id, user_id)
+    own(path_user_id, user_id)
     actor = _actor(request, user_id, key, body.model_dump())
-    return await _respond(cmds.create, actor, body)
+    return await respond(cmds.create, actor, body)
 
 
 @router.put(
@@ -159,13 +166,13 @@ async def replace_user_task(
     if_match: IfMatchHeader = None,
     key: IdempotencyKey = None,
 ) -> Response:
-    _own(path_user_id, user_id)
+    own(path_user_id, user_id)
     fields = {"title": body.title, "description": body.description}
     if "completed" in body.model_fields_set and body.completed is not None:
         fields["completed"] = body.completed
     change = ChangeTask.model_validate(fields)
     actor = _actor(request, user_id, key, body.model_dump(exclude_unset=True))
-    return await _respond(cmds.change, actor, task_id, change, IfMatch.parse(if_match))
+    return await respond(cmds.change, actor, task_id, change, IfMatch.parse(if_match))
 
 
 @router.delete("/{path_user_id}/tasks/{task_id}", status_code=204, responses=TaskResponses)
@@ -178,9 +185,9 @@ async def delete_user_task(
     if_match: IfMatchHeader = None,
     key: IdempotencyKey = None,
 ) -> Response:
-    _own(path_user_id, user_id)
+    own(path_user_id, user_id)
     actor = _actor(request, user_id, key)
-    return await _respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
+    return await respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
 
 
 @router.patch(
@@ -198,7 +205,7 @@ async def toggle_user_task(
     if_match: IfMatchHeader = None,
     key: IdempotencyKey = None,
 ) -> Response:
-    _own(path_user_id, user_id)
+    own(path_user_id, user_id)
     completed = body.completed if body is not None else None
     actor = _actor(request, user_id, key, {"completed": completed})
-    return await _respond(cmds.toggle, actor, task_id, completed, IfMatch.parse(if_match))
+    return await respond(cmds.toggle, actor, task_id, completed, IfMatch.parse(if_match))

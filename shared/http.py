@@ -214,7 +214,7 @@ class RequestContext:
                     too_large = True
             if not too_large and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
                 body, too_large = await self._read_body(receive)
-                receive = _replay(body, receive)
+                receive = replay_body(body, receive)
             if too_large:
                 response = error_response(
                     413,
@@ -252,7 +252,8 @@ class RequestContext:
                 return b"".join(chunks), False
 
 
-def _replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+def replay_body(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+    """A `receive` that hands out `body` (already read) once, then defers to `receive`."""
     sent = False
 
     async def replay() -> Message:
