@@ -13,6 +13,15 @@ asyncpg, and keeps everything the library's recorder keeps:
   projector takes only events of transactions older than every running one;
 - the idempotency record in the same statement (a data-modifying CTE) as the events.
 
+Round trips are coalesced (`shared.batching.Coalescer`): the latest-state reads of
+concurrent commands go out as one `= ANY($1)` query, and their single-event appends
+without an Idempotency-Key as one `INSERT ... ON CONFLICT ON CONSTRAINT ... DO NOTHING
+RETURNING` (group commit: one statement, one transaction, one WAL flush). A row left
+out of RETURNING lost the race for its (task id, version): only its command gets
+VersionConflict and decides again. A batch that fails fails each of its commands as
+it would have failed alone; no command is acknowledged before its batch commits.
+Commands with several events or an Idempotency-Key take the single-command path.
+
 NOTIFY is sent after the commit, not inside the transaction (a NOTIFY inside serialises
 every notifying commit on one lock, WAL flush included), and coalesced: one NOTIFY
 covers every save that committed before it was sent, and a process sends at most one
@@ -35,9 +44,9 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
-from eventsourcing.application import project_aggregate
 from eventsourcing.persistence import Mapper, StoredEvent
 
+from shared.batching import Coalescer
 from shared.errors import DATABASE_DOWN
 from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
 from shared.position import Position
@@ -73,9 +82,20 @@ _KEYED = {
 }
 
 
+# Single-event appends of concurrent commands, in one statement: a row that loses the
+# race for its (task id, version) is left out of RETURNING, and only its command fails.
+_APPEND_BATCH = (
+    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
+    f" ON CONFLICT ON CONSTRAINT {EVENTS_KEY} DO NOTHING"
+    " RETURNING originator_id, originator_version, notification_id, tx_id::text"
+)
 _SELECT_EVENTS = (
     f"SELECT originator_version, topic, state FROM {EVENTS_TABLE}"
     " WHERE originator_id = $1 AND originator_version <= $2 ORDER BY originator_version"
+)
+_SELECT_MANY = (
+    f"SELECT originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
+    " WHERE originator_id = ANY($1::uuid[]) ORDER BY originator_id, originator_version"
 )
 _SELECT_KEY = (
     f"SELECT fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
@@ -136,6 +156,10 @@ class AsyncTaskStore:
         self.lock_table = lock_table
         self.acquire_timeout = acquire_timeout
         self.mapper = mapper()
+        self._latest: Coalescer[UUID, list[Any]] = Coalescer(self._fetch_latest)
+        self._appends: Coalescer[tuple[Any, ...], tuple[int, str] | None] = Coalescer(
+            self._append_batch, max_in_flight=4
+        )
         self._notify_wanted = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
 
@@ -159,6 +183,8 @@ class AsyncTaskStore:
                    acquire_timeout=settings.db_pool_timeout)
 
     async def close(self) -> None:
+        await self._latest.close()
+        await self._appends.close()
         if self._notifier is not None:
             self._notifier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,37 +197,56 @@ class AsyncTaskStore:
 
     async def _call(self, method: str, statement: str, *args: Any) -> Any:
         """`conn.<method>(statement, *args)` on a pooled connection."""
-        return await self._use(lambda conn: getattr(conn, method)(statement, *args))
+        return await self.use(lambda conn: getattr(conn, method)(statement, *args))
 
-    async def _use(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """`operation(conn)` on a pooled connection. A connection whose
-        backend went away while it sat in the pool (a restart, `pg_terminate_backend`)
-        fails its next operation with asyncpg's InternalClientError before sending
-        anything; it is dropped and the call made once more on a fresh connection."""
+    async def use(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`operation(conn)` on a pooled connection. A connection whose backend went
+        away while it sat in the pool (a restart, `pg_terminate_backend`) fails its next
+        operation with asyncpg's InternalClientError before sending anything; it is
+        dropped and the operation run once more on a fresh connection."""
         for attempt in (1, 2):
             # A pool that stays exhausted (a stuck database) is a TimeoutError: a 503.
-            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
-                try:
-                    return await operation(conn)
-                except asyncpg.exceptions.InternalClientError:
-                    conn.terminate()  # its protocol state is lost: never hand it out again
-                    if attempt == 2:
-                        raise
+            # asyncio.timeout rather than acquire(timeout=): that one wraps each acquire
+            # in a task of its own (measured: 6% of an update's CPU).
+            async with asyncio.timeout(self.acquire_timeout):
+                conn = await self.pool.acquire()
+            try:
+                return await operation(conn)
+            except asyncpg.exceptions.InternalClientError:
+                conn.terminate()  # its protocol state is lost: never hand it out again
+                if attempt == 2:
+                    raise
+            finally:
+                await self.pool.release(conn)
         raise AssertionError("unreachable")
 
     # -- reading -----------------------------------------------------------------------
 
     async def get(self, task_id: UUID, version: int | None = None) -> Task | None:
-        """The task as of `version` (default: the latest), or None if it has no events."""
-        rows = await self._call("fetch", _SELECT_EVENTS, task_id,
-                                _LATEST if version is None else version)
+        """The task as of `version` (default: the latest), or None if it has no events.
+        Reads of the latest state from concurrent commands share one round trip."""
+        if version is None:
+            rows = await self._latest(task_id)
+        else:
+            rows = await self._call("fetch", _SELECT_EVENTS, task_id, version)
         if not rows:
             return None
         to_domain = self.mapper.to_domain_event
-        events = [to_domain(StoredEvent(task_id, v, topic, state)) for v, topic, state in rows]
-        task = project_aggregate(None, events)
+        task = None
+        # What eventsourcing's project_aggregate() does, without its per-event
+        # isinstance() against a runtime Protocol (measured: 4% of an update's CPU).
+        for v, topic, state in rows:
+            task = to_domain(StoredEvent(task_id, v, topic, state)).mutate(task)
         assert isinstance(task, Task)
         return task
+
+    async def _fetch_latest(self, task_ids: list[UUID]) -> list[list[Any]]:
+        """The events of each task, for a batch of `get()`s."""
+        rows = await self._call("fetch", _SELECT_MANY, task_ids)
+        events: dict[UUID, list[Any]] = {}
+        for task_id, version, topic, state in rows:
+            events.setdefault(task_id, []).append((version, topic, state))
+        return [events.get(task_id, []) for task_id in task_ids]
 
     async def key_record(self, user_id: str, key: str) -> KeyRecord | None:
         row = await self._call("fetchrow", _SELECT_KEY, user_id, key)
@@ -229,7 +274,7 @@ class AsyncTaskStore:
 
         removed = 0
         while True:
-            count = await self._use(purge_batch)
+            count = await self.use(purge_batch)
             if count is None:  # another process holds the purge
                 return None if removed == 0 else removed
             removed += count
@@ -251,6 +296,15 @@ class AsyncTaskStore:
         if not pending and idempotency is None:
             return 0, None
         stored = [self.mapper.to_stored_event(e) for e in pending]
+        if len(stored) == 1 and idempotency is None and not self.lock_table:
+            # Most commands: one event, no key. Appended together with the concurrent
+            # commands' events, in one statement and transaction (group commit).
+            e = stored[0]
+            landed = await self._appends((e.originator_id, e.originator_version, e.topic, e.state))
+            if landed is None:
+                raise VersionConflict
+            self._notify_soon()
+            return 1, Position(int(landed[1]), landed[0])
         args: list[Any] = []
         if len(stored) == 1:
             e = stored[0]
@@ -273,7 +327,7 @@ class AsyncTaskStore:
                 statement = _KEYED[statement]
         try:
             if self.lock_table:
-                rows = await self._use(
+                rows = await self.use(
                     lambda conn: self._insert_locked(conn, statement, args, bool(stored))
                 )
             else:
@@ -290,6 +344,18 @@ class AsyncTaskStore:
             self._notify_soon()
         last = max(rows, key=lambda row: row[0])
         return len(stored), Position(int(last[1]), last[0])
+
+    async def _append_batch(
+        self, events: list[tuple[Any, ...]]
+    ) -> list[tuple[int, str] | None]:
+        """For each event (id, version, topic, state): (notification_id, tx_id) where
+        it landed, or None if its (task id, version) was taken (by another writer, or by
+        an earlier event of this batch)."""
+        rows = await self._call(
+            "fetch", _APPEND_BATCH, *(list(column) for column in zip(*events, strict=True))
+        )
+        landed = {(row[0], row[1]): (row[2], row[3]) for row in rows}
+        return [landed.pop((event[0], event[1]), None) for event in events]
 
     async def _insert_locked(
         self, conn: asyncpg.Connection, statement: str, args: Sequence[Any], events: bool
