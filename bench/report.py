@@ -1,5 +1,5 @@
 """The results: targets checked, a table on the terminal, and
-`bench/results/<date>-<host>.json` and `.md`."""
+`bench/results/<date>-<host>.json` and `.md` (`-2`, `-3`... for later runs that day)."""
 
 from __future__ import annotations
 
@@ -232,6 +232,12 @@ def finish(r: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
     print("\n" + render_text(r), flush=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{r['run']['date'][:10]}-{r['machine']['host']}"
+    # A second run on the same day and host gets -2, -3...: a kept result is never
+    # overwritten.
+    n, base = 1, stem
+    while (results_dir / f"{stem}.json").exists() or (results_dir / f"{stem}.md").exists():
+        n += 1
+        stem = f"{base}-{n}"
     json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
     json_path.write_text(json.dumps(r, indent=2, default=str) + "\n")
     md_path.write_text(render_md(r))

@@ -25,7 +25,8 @@ class Coalescer(Generic[Item, Result]):
 
     `run` answers a batch with one result per item, in order. If it raises, every
     caller in that batch gets the exception. A caller that is cancelled leaves the
-    others alone (each has a future of its own)."""
+    others alone (each has a future of its own). `on_batch(size)` is told of every
+    batch run (for metrics)."""
 
     def __init__(
         self,
@@ -33,8 +34,10 @@ class Coalescer(Generic[Item, Result]):
         *,
         max_batch: int = 500,
         max_in_flight: int = 2,
+        on_batch: Callable[[int], object] | None = None,
     ) -> None:
         self._run = run
+        self._on_batch = on_batch
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self._items: list[Item] = []
@@ -89,6 +92,8 @@ class Coalescer(Generic[Item, Result]):
         finally:
             self.batches += 1
             self.items += len(items)
+            if self._on_batch is not None:
+                self._on_batch(len(items))
             self._in_flight -= 1
             self._schedule(asyncio.get_running_loop())
 

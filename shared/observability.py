@@ -44,6 +44,12 @@ IDEMPOTENT_REPLAYS = Counter(
     "command_idempotent_replays_total",
     "Commands answered with the outcome of an earlier request with the same Idempotency-Key",
 )
+COMMAND_DB_BATCH = Histogram(
+    "command_db_batch_items",
+    "Commands served by one coalesced database round trip of the command API",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500),
+)
 PROJECTOR_POSITION = Gauge(
     "projector_position", "Event-store notification id the projection has reached", ["projection"]
 )

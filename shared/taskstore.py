@@ -49,6 +49,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 from shared.batching import Coalescer
 from shared.errors import DATABASE_DOWN
 from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
+from shared.observability import COMMAND_DB_BATCH
 from shared.position import Position
 from shared.settings import Settings
 from shared.tasks import Task
@@ -156,9 +157,12 @@ class AsyncTaskStore:
         self.lock_table = lock_table
         self.acquire_timeout = acquire_timeout
         self.mapper = mapper()
-        self._latest: Coalescer[UUID, list[Any]] = Coalescer(self._fetch_latest)
+        self._latest: Coalescer[UUID, list[Any]] = Coalescer(
+            self._fetch_latest, on_batch=COMMAND_DB_BATCH.labels("read").observe
+        )
         self._appends: Coalescer[tuple[Any, ...], tuple[int, str] | None] = Coalescer(
-            self._append_batch, max_in_flight=4
+            self._append_batch, max_in_flight=4,
+            on_batch=COMMAND_DB_BATCH.labels("append").observe,
         )
         self._notify_wanted = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None

@@ -106,3 +106,15 @@ async def test_concurrent_reads_share_round_trips_and_get_their_own_task(stores)
     assert loaded[3].completed and loaded[3].version == 2
     assert all(t.version == 1 for i, t in enumerate(loaded[:-1]) if i != 3)
     assert store._latest.batches - before < 31
+
+
+async def test_batch_sizes_are_exported_as_a_metric(stores) -> None:
+    from prometheus_client import REGISTRY  # noqa: PLC0415
+
+    def appended_commands() -> float:
+        return REGISTRY.get_sample_value("command_db_batch_items_sum", {"kind": "append"}) or 0.0
+
+    store, _ = stores
+    before = appended_commands()
+    await asyncio.gather(*(store.save(new_task(new_user())) for _ in range(12)))
+    assert appended_commands() == before + 12
