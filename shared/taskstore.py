@@ -94,9 +94,13 @@ _SELECT_EVENTS = (
     f"SELECT originator_version, topic, state FROM {EVENTS_TABLE}"
     " WHERE originator_id = $1 AND originator_version <= $2 ORDER BY originator_version"
 )
+# One index lookup per id, whatever the plan: `originator_id = ANY($1)` gets a generic
+# plan that may scan the whole table (seen: a sequential scan on a small table).
 _SELECT_MANY = (
-    f"SELECT originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
-    " WHERE originator_id = ANY($1::uuid[]) ORDER BY originator_id, originator_version"
+    "SELECT e.originator_id, e.originator_version, e.topic, e.state"
+    " FROM unnest($1::uuid[]) AS ids(id) CROSS JOIN LATERAL ("
+    f" SELECT originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
+    " WHERE originator_id = ids.id ORDER BY originator_version) AS e"
 )
 _SELECT_KEY = (
     f"SELECT fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
@@ -246,7 +250,7 @@ class AsyncTaskStore:
 
     async def _fetch_latest(self, task_ids: list[UUID]) -> list[list[Any]]:
         """The events of each task, for a batch of `get()`s."""
-        rows = await self._call("fetch", _SELECT_MANY, task_ids)
+        rows = await self._call("fetch", _SELECT_MANY, list(dict.fromkeys(task_ids)))
         events: dict[UUID, list[Any]] = {}
         for task_id, version, topic, state in rows:
             events.setdefault(task_id, []).append((version, topic, state))

@@ -102,6 +102,9 @@ async def test_concurrent_reads_share_round_trips_and_get_their_own_task(stores)
     before = store._latest.batches
     loaded = await asyncio.gather(*(store.get(t.id) for t in tasks), store.get(missing))
     assert loaded[-1] is None
+    # The same task twice in one batch: each caller gets it whole, once.
+    twice = await asyncio.gather(store.get(tasks[3].id), store.get(tasks[3].id))
+    assert [t.version for t in twice] == [2, 2] and twice[0] is not twice[1]
     assert [t.title for t in loaded[:-1]] == [f"r{i}" for i in range(30)]
     assert loaded[3].completed and loaded[3].version == 2
     assert all(t.version == 1 for i, t in enumerate(loaded[:-1]) if i != 3)
