@@ -155,10 +155,7 @@ def _owned(handler: Handler) -> Handler:
 def _replace_user_task(call: Call, cmds: TaskCommands) -> Run:
     task_id = call.task_id()
     body = call.json(ReplaceTask)
-    fields: dict[str, Any] = {"title": body.title, "description": body.description}
-    if "completed" in body.model_fields_set and body.completed is not None:
-        fields["completed"] = body.completed
-    change = ChangeTask.model_validate(fields)
+    change = routes.as_change(body)
     actor = call.actor(body.model_dump(exclude_unset=True))
     expected = call.if_match_header()
     return lambda: routes.respond(cmds.change, actor, task_id, change, expected)

@@ -86,6 +86,14 @@ async def respond(run: Any, *args: Any) -> Response:
     return Envelope(outcome.task, status_code=outcome.status, headers=headers, position=position)
 
 
+def as_change(body: ReplaceTask) -> ChangeTask:
+    """PUT as a change: title and description replaced, completed only when given."""
+    fields: dict[str, Any] = {"title": body.title, "description": body.description}
+    if "completed" in body.model_fields_set and body.completed is not None:
+        fields["completed"] = body.completed
+    return ChangeTask.model_validate(fields)
+
+
 TaskResponses: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 409, 412, 413, 422, 503)
 
 
@@ -167,10 +175,7 @@ async def replace_user_task(
     key: IdempotencyKey = None,
 ) -> Response:
     own(path_user_id, user_id)
-    fields = {"title": body.title, "description": body.description}
-    if "completed" in body.model_fields_set and body.completed is not None:
-        fields["completed"] = body.completed
-    change = ChangeTask.model_validate(fields)
+    change = as_change(body)
     actor = _actor(request, user_id, key, body.model_dump(exclude_unset=True))
     return await respond(cmds.change, actor, task_id, change, IfMatch.parse(if_match))
 
