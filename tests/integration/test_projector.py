@@ -407,6 +407,77 @@ async def test_many_writers_with_random_delays_never_make_the_projector_skip(own
     assert snapshot(own_db) == snapshot(own_db, REBUILD)
 
 
+async def test_group_committed_commands_around_held_writers_are_projected_exactly_once(
+    own_db: str,
+) -> None:
+    """The command side's group commit (many commands' events in one multi-row insert)
+    racing raw writers that hold their transactions open for random times, with the
+    projector stepping throughout: every event once, and a rebuild equals the tables."""
+    import random
+
+    from command_api.commands import ChangeTask, CreateTask  # noqa: PLC0415
+    from command_api.handlers import Actor, TaskCommands  # noqa: PLC0415
+    from shared.taskstore import AsyncTaskStore  # noqa: PLC0415
+    from tests.projection_support import settings_for  # noqa: PLC0415
+
+    rng = random.Random(11)
+    store = await AsyncTaskStore.open(
+        settings_for(own_db).model_copy(update={"db_pool_size": 5, "db_max_overflow": 10})
+    )
+    commands = TaskCommands(store)
+    users = [new_user() for _ in range(4)]
+    mapper = store.mapper
+
+    async def held_writer(n: int) -> None:
+        conn = await asyncpg.connect(own_db)
+        try:
+            for i in range(4):
+                task = Task.create(owner=users[n % 4], title=f"held{n}-{i}", description=None,
+                                   actor="w", request_id=f"held{n}-{i}")
+                e = mapper.to_stored_event(task.collect_events()[0])
+                async with conn.transaction():
+                    await conn.execute(
+                        f"INSERT INTO {EVENTS_TABLE}"
+                        " (originator_id, originator_version, topic, state) VALUES ($1, 1, $2, $3)",
+                        e.originator_id, e.topic, e.state,
+                    )
+                    await asyncio.sleep(rng.uniform(0, 0.05))
+        finally:
+            await conn.close()
+
+    async def user_session(user: str) -> None:
+        mine = []
+        for i in range(25):
+            if mine and rng.random() < 0.5:
+                await commands.change(Actor(user, f"c{i}"), rng.choice(mine),
+                                      ChangeTask(title=f"{user[:4]}-{i}"), None)
+            else:
+                outcome = await commands.create(Actor(user, f"n{i}"), CreateTask(title=f"n{i}"))
+                mine.append(uuid.UUID(outcome.task["id"]))
+            await asyncio.sleep(rng.uniform(0, 0.003))
+
+    sessions = [user_session(u) for u in users for _ in range(3)]  # 12 concurrent sessions
+    writers = asyncio.gather(*sessions, *(held_writer(n) for n in range(6)))
+    try:
+        while not writers.done():
+            await catch_up(own_db, batch_size=1000)
+            await asyncio.sleep(0.002)
+        await writers
+        await catch_up(own_db, batch_size=1000)
+        batches, appended = store._appends.batches, store._appends.items
+    finally:
+        await store.close()
+
+    assert appended == 12 * 25 and batches < appended  # the commands shared statements
+    history = [p for (p,) in rows(own_db, "SELECT position FROM read_task_history")]
+    events = [p for (p,) in rows(own_db, f"SELECT notification_id FROM {EVENTS_TABLE}")]
+    assert len(events) == 12 * 25 + 6 * 4
+    assert sorted(history) == sorted(events)  # every event, exactly once
+    await _create_rebuild_tables(own_db)
+    await catch_up(own_db, tables=REBUILD)
+    assert snapshot(own_db) == snapshot(own_db, REBUILD)
+
+
 @pytest.mark.parametrize(
     ("reference", "xid32", "widened"),
     [
