@@ -13,7 +13,6 @@ unless `--keep`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import secrets
@@ -46,6 +45,7 @@ from bench.workload import (
     mixer,
     parse_mix,
 )
+from shared import aio
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -102,14 +102,7 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    try:
-        import uvloop  # noqa: PLC0415
-
-        factory: Any = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro_fn())
+    return aio.run(coro_fn)
 
 
 def machine_info(pg_version: str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The projector: follows the event store and keeps the read tables up to date.
 
 Each step is one transaction: lock the checkpoint row, read up to `batch_size` events
-after it (`notification_id > checkpoint ORDER BY notification_id`: the recorder's
-table lock makes ids visible in commit order, so nothing is passed over), fold them
+after it in the global order `(tx_id, notification_id)`, taking only events of
+transactions older than every one still running (`SAFE_BOUND` below: writers take no
+table lock, and this is what keeps a late commit from being passed over), fold them
 into the read models, write every model's rows with a few multi-row statements, move
 the checkpoint and NOTIFY `projection_advanced`. A crash at any instant leaves the
 read tables exactly at some checkpoint.
@@ -27,6 +28,7 @@ import asyncpg
 from projections import task_history, task_list, user_stats
 from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
 from projections.task_list import TaskState
+from shared import aio
 from shared.eventcodec import CREATED, TaskEvent, UndecodableEvent, decode_event
 from shared.eventstore import EVENTS_TABLE
 from shared.observability import (
@@ -479,7 +481,7 @@ def main(
         return 0
 
     try:
-        return asyncio.run(follow())
+        return aio.run(follow)  # on uvloop, as the APIs run
     finally:
         if server is not None:
             server.shutdown()

@@ -87,3 +87,20 @@ def test_cpu_per_command_runs_every_kind_beside_the_ceiling_and_cleans_up(
             "SELECT count(*) FROM pg_database WHERE datname LIKE 'taskservice_benchcpu%'"
         ).fetchone()
     assert left == (0,)
+
+
+def test_projector_cpu_compares_both_loops_and_cleans_up(pg_server: PostgresServer):
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.projector_cpu", "-n", "20", "--rounds", "1",
+         "--pg-url", pg_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:]}
+    assert set(rows) == {"asyncio", "uvloop"}, run.stdout
+    assert all(float(row[1]) > 0 for row in rows.values()), run.stdout  # us per step
+    with psycopg.connect(pg_server.url) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'taskservice_projcpu%'"
+        ).fetchone()
+    assert left == (0,)
