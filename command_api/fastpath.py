@@ -41,7 +41,7 @@ from command_api import routes
 from command_api.commands import ChangeTask, CreateTask, ReplaceTask, SetCompletion
 from command_api.handlers import TaskCommands
 from shared.auth import Authenticator
-from shared.errors import ApiError
+from shared.errors import ApiError, ValidationFailed
 from shared.etag import IfMatch
 from shared.http import REQUEST_ID, replay_body
 
@@ -97,12 +97,13 @@ class Call:
             raise Decline from None
 
     def actor(self, body: Any = None) -> routes.Actor:
-        if self.key is not None and not routes.IDEMPOTENCY_KEY_FORM.match(self.key):
-            raise Decline
         # The fingerprint hashes the path as FastAPI's `request.url.path` spells it.
         path = Request(self.scope).url.path if self.key is not None else ""
-        return routes.actor(self.scope["method"], path, REQUEST_ID.get(), self.user_id,
-                            self.key, body)
+        try:
+            return routes.actor(self.scope["method"], path, REQUEST_ID.get(), self.user_id,
+                                self.key, body)
+        except ValidationFailed:  # a malformed Idempotency-Key: the route says so
+            raise Decline from None
 
     def if_match_header(self) -> IfMatch | None:
         return IfMatch.parse(self.if_match)

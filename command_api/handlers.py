@@ -150,10 +150,32 @@ class TaskCommands:
         status: int,
     ) -> Outcome:
         for attempt in range(self.retries):
-            try:
-                task, appended, position = await self._decide_and_save(
-                    actor, task_id, expected, decide, status, fresh=attempt > 0
+            current = None
+            if task_id is not None:
+                current = await self._load(actor.user_id, task_id, cached=attempt == 0)
+            if expected is not None and current and not expected.accepts(current.version):
+                # The cached copy may be behind another process's write: check afresh.
+                assert task_id is not None
+                current = await self._load(actor.user_id, task_id, cached=False)
+                if not expected.accepts(current.version):
+                    self._keep(current)
+                    raise PreconditionFailed(
+                        "The task has changed since the given ETag",
+                        details={"current_version": current.version},
+                    )
+            task = decide(current)
+            record = None
+            if actor.idempotency_key:
+                record = IdempotencyRecord(
+                    user_id=actor.user_id,
+                    key=actor.idempotency_key,
+                    fingerprint=actor.fingerprint,
+                    status=status,
+                    task_id=task.id,
+                    version=task.version,
                 )
+            try:
+                appended, position = await self.store.save(task, record)
             except KeyTaken:
                 earlier = await self._replay(actor)
                 if earlier is not None:
@@ -169,43 +191,6 @@ class TaskCommands:
                 position = await self.store.position_of(task.id, task.version)
             return Outcome(status, None if status == 204 else task_view(task), position)
         raise Conflict("The task is being changed by others; try again")
-
-    async def _decide_and_save(
-        self,
-        actor: Actor,
-        task_id: UUID | None,
-        expected: IfMatch | None,
-        decide: Callable[[Task | None], Task],
-        status: int,
-        *,
-        fresh: bool,
-    ) -> tuple[Task, int, Position | None]:
-        current = None
-        if task_id is not None:
-            current = await self._load(actor.user_id, task_id, cached=not fresh)
-        if expected is not None and current and not expected.accepts(current.version):
-            # The cached copy may be behind another process's write: check afresh.
-            assert task_id is not None
-            current = await self._load(actor.user_id, task_id, cached=False)
-            if not expected.accepts(current.version):
-                self._keep(current)
-                raise PreconditionFailed(
-                    "The task has changed since the given ETag",
-                    details={"current_version": current.version},
-                )
-        task = decide(current)
-        record = None
-        if actor.idempotency_key:
-            record = IdempotencyRecord(
-                user_id=actor.user_id,
-                key=actor.idempotency_key,
-                fingerprint=actor.fingerprint,
-                status=status,
-                task_id=task.id,
-                version=task.version,
-            )
-        appended, position = await self.store.save(task, record)
-        return task, appended, position
 
     @asynccontextmanager
     async def _serialised(self, task_id: UUID | None) -> AsyncIterator[None]:

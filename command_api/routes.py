@@ -23,7 +23,7 @@ from shared.schemas import DataEnvelope, TaskOut, error_responses
 
 router = APIRouter(prefix="/api", tags=["commands"])
 
-IDEMPOTENCY_KEY_FORM = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 POSITION_HEADER = "X-Position"
 
 
@@ -53,7 +53,7 @@ def actor(
     method: str, path: str, request_id: str, user_id: str, key: str | None, body: Any = None
 ) -> Actor:
     """Who acts, and the request's fingerprint when it carries an Idempotency-Key."""
-    if key is not None and not IDEMPOTENCY_KEY_FORM.match(key):
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
         raise ValidationFailed(
             "Invalid Idempotency-Key",
             details={"Idempotency-Key": "1-255 printable ASCII characters"},
