@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.data import Databases
-from bench.run import DEFAULT_PG_URL, run_async
+from bench.run import DEFAULT_PG_URL
+from shared import aio
 from shared.auth import mint_token
 from shared.schema import init_database
 from shared.settings import Settings
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         url = dbs.create()
         init_database(Settings(environment="test", database_url=url, better_auth_secret=SECRET))
         # On uvloop when installed, as uvicorn runs the servers.
-        results = run_async(lambda: run(url, args.kinds.split(","), args.n, args.rounds,
+        results = aio.run(lambda: run(url, args.kinds.split(","), args.n, args.rounds,
                                         args.routes_too))
     finally:
         dbs.drop_all()

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from bench import data
 from bench.http import Pool, closed_loop
-from bench.run import Bench, build_parser, configure, run_async
+from bench.run import Bench, build_parser, configure
 from bench.workload import QUERY_KINDS, OurRequests
+from shared import aio
 
 
 def summarise(raw: Path, top: int = 25) -> str:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 built = ours.build(kind, rng)
                 return None if built is None else built[1]
 
-            result = run_async(lambda p=server.port, n=next_request: closed_loop(
+            result = aio.run(lambda p=server.port, n=next_request: closed_loop(
                 p, args.connections, own.seconds - 1, n, warmup=0.5))
             spy.wait(own.seconds + 30)
             ok = sum(1 for s in result.samples if s.ok)

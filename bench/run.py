@@ -22,10 +22,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
@@ -48,7 +47,6 @@ from bench.workload import (
 from shared import aio
 from shared.settings import Settings
 
-T = TypeVar("T")
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS_DIR = ROOT / "bench" / "results"
 
@@ -99,10 +97,6 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, small if quick else full)
     args.phases = set((args.only or "steady,saturation,replay").split(","))
     return args
-
-
-def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return aio.run(coro_fn)
 
 
 def machine_info(pg_version: str) -> dict[str, Any]:
@@ -265,7 +259,7 @@ class Bench:
         runs = []
         for _ in range(a.repeats):
             with CpuMeter(self.pids()) as cpu:
-                r = run_async(lambda: closed_loop(
+                r = aio.run(lambda: closed_loop(
                     port, a.connections, a.saturation_seconds,
                     lambda _rng: Request("const", "GET", "/const"), warmup=a.warmup))
             ok = [s.latency for s in r.samples if s.ok]
@@ -309,14 +303,14 @@ class Bench:
             return result
 
         self.say(f"steady: warm-up, then {a.rate:g} req/s for {a.steady_seconds:g}s (ours)")
-        run_async(lambda: ours(a.warmup, 99, False))
+        aio.run(lambda: ours(a.warmup, 99, False))
         with CpuMeter(self.pids()) as cpu:
-            result, probes = run_async(lambda: ours(a.steady_seconds, 1, True))
+            result, probes = aio.run(lambda: ours(a.steady_seconds, 1, True))
         self.settle()
         self.say(f"steady: {a.rate:g} req/s for {a.ceiling_steady_seconds:g}s (ceiling app)")
-        run_async(lambda: ceiling(a.warmup, 98))
+        aio.run(lambda: ceiling(a.warmup, 98))
         with CpuMeter(self.pids()) as ceiling_cpu:
-            ceiling_result = run_async(lambda: ceiling(a.ceiling_steady_seconds, 1))
+            ceiling_result = aio.run(lambda: ceiling(a.ceiling_steady_seconds, 1))
 
         kinds = by_kind(result.samples)
         ceiling_kinds = by_kind(ceiling_result.samples)
@@ -361,7 +355,7 @@ class Bench:
         def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
             self.settle()
             with CpuMeter(self.pids()) as cpu:
-                r = run_async(lambda: closed_loop(port, a.connections, a.saturation_seconds,
+                r = aio.run(lambda: closed_loop(port, a.connections, a.saturation_seconds,
                                                   next_request, warmup=a.warmup))
             ok = [s.latency for s in r.samples if s.ok]
             errs = [s.error for s in r.samples if not s.ok]
