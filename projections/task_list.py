@@ -4,6 +4,12 @@ A deleted task leaves the table. Rows carry the task's aggregate `version` and t
 event-store `position` of the last event applied; a row is only ever overwritten by a
 higher version, so applying an event twice changes nothing.
 
+Each row also holds `doc`, the task's JSON exactly as the API shows it, written with
+the row (`document`): the query side serves a list of 1,000 tasks by joining 1,000
+stored texts instead of decoding and re-encoding 8,000 values in Python. `DOC_SQL`
+renders the same text from the columns in PostgreSQL, to fill `doc` in tables made
+before it existed and for the replay's check that every `doc` matches its row.
+
 `evolve` (one handler per event type) is the task's state fold; the projector also
 hands its result to the other read models as the task's state before and after each
 event.
@@ -12,11 +18,12 @@ event.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from projections.tables import Tables
 from shared.eventcodec import (
@@ -31,8 +38,9 @@ from shared.eventcodec import (
 
 
 class TaskState(NamedTuple):
-    """A task's row (the columns in `COLUMNS` order). A named tuple: immutable, and the
-    cheapest record to build, which every event does once."""
+    """A task's row: the columns in `COLUMNS` order but the last, `doc`, which
+    `document` renders from these. A named tuple: immutable, and the cheapest record to
+    build, which every event does once."""
 
     user_id: str
     task_id: UUID
@@ -45,14 +53,57 @@ class TaskState(NamedTuple):
     position: int
 
 
+def document(s: TaskState) -> str:
+    """The task as the API shows it (the command side's `task_view`), as compact JSON."""
+    return orjson.dumps({
+        "id": str(s.task_id),
+        "user_id": s.user_id,
+        "title": s.title,
+        "description": s.description,
+        "completed": s.completed,
+        "created_at": s.created_at.astimezone(UTC).isoformat(),
+        "updated_at": s.updated_at.astimezone(UTC).isoformat(),
+        "version": s.version,
+    }).decode()
+
+
+def _iso_sql(column: str) -> str:
+    """`datetime.isoformat()` of a timestamptz in UTC: no fraction when it is zero."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return (
+        f"to_char({utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS')"
+        f" || CASE to_char({utc}, 'US') WHEN '000000' THEN '' ELSE to_char({utc}, '.US') END"
+        " || '+00:00'"
+    )
+
+
+# `document`'s text from a row's columns (to_json escapes a string as orjson does).
+DOC_SQL = (
+    """'{"id":"' || task_id::text || '","user_id":' || to_json(user_id)::text"""
+    """ || ',"title":' || to_json(title)::text"""
+    """ || ',"description":' || coalesce(to_json(description)::text, 'null')"""
+    """ || ',"completed":' || completed::text"""
+    f""" || ',"created_at":"' || {_iso_sql("created_at")}"""
+    f""" || '","updated_at":"' || {_iso_sql("updated_at")}"""
+    """ || '","version":' || version::text || '}'"""
+)
+
+
 def ddl(t: Tables) -> list[str]:
     return [
         f"CREATE TABLE IF NOT EXISTS {t.tasks} ("
         " user_id text NOT NULL, task_id uuid NOT NULL,"
         " title text NOT NULL, description text, completed boolean NOT NULL,"
         " created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,"
-        " version bigint NOT NULL, position bigint NOT NULL,"
+        " version bigint NOT NULL, position bigint NOT NULL, doc text NOT NULL,"
         " PRIMARY KEY (user_id, task_id))",
+        # Tables made before `doc`: add it, fill it from the columns, then require it.
+        # Once it is NOT NULL this does nothing (no scan, no lock).
+        f"ALTER TABLE {t.tasks} ADD COLUMN IF NOT EXISTS doc text",
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_attribute"
+        f" WHERE attrelid = '{t.tasks}'::regclass AND attname = 'doc' AND NOT attnotnull)"
+        f" THEN UPDATE {t.tasks} SET doc = {DOC_SQL} WHERE doc IS NULL;"
+        f" ALTER TABLE {t.tasks} ALTER COLUMN doc SET NOT NULL; END IF; END $$",
         f"CREATE INDEX IF NOT EXISTS {t.tasks}_user_created_idx"
         f" ON {t.tasks} (user_id, created_at DESC)",
         f"CREATE INDEX IF NOT EXISTS {t.tasks}_user_updated_idx"
@@ -69,13 +120,13 @@ SELECT_STATES = (
 
 UPSERT_ROWS = (
     "INSERT INTO {tasks} AS t (user_id, task_id, title, description, completed,"
-    " created_at, updated_at, version, position)"
+    " created_at, updated_at, version, position, doc)"
     " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::boolean[],"
-    " $6::timestamptz[], $7::timestamptz[], $8::bigint[], $9::bigint[])"
+    " $6::timestamptz[], $7::timestamptz[], $8::bigint[], $9::bigint[], $10::text[])"
     " ON CONFLICT (user_id, task_id) DO UPDATE SET"
     " title = EXCLUDED.title, description = EXCLUDED.description,"
     " completed = EXCLUDED.completed, updated_at = EXCLUDED.updated_at,"
-    " version = EXCLUDED.version, position = EXCLUDED.position"
+    " version = EXCLUDED.version, position = EXCLUDED.position, doc = EXCLUDED.doc"
     " WHERE t.version < EXCLUDED.version"
 )
 
@@ -141,14 +192,16 @@ async def load_states(
     return {row["task_id"]: TaskState(*row) for row in rows}
 
 
-COLUMNS = TaskState._fields
+COLUMNS = (*TaskState._fields, "doc")
 
 
 async def copy_states(
     conn: asyncpg.Connection, t: Tables, states: Iterable[TaskState]
 ) -> None:
     """Replay only, into a table holding none of these tasks: COPY their rows."""
-    await conn.copy_records_to_table(t.tasks, records=states, columns=COLUMNS)
+    await conn.copy_records_to_table(
+        t.tasks, records=((*s, document(s)) for s in states), columns=COLUMNS
+    )
 
 
 class Batch:
@@ -178,6 +231,7 @@ class Batch:
                 [s.updated_at for s in live],
                 [s.version for s in live],
                 [s.position for s in live],
+                [document(s) for s in live],
             )
         if gone:
             await conn.execute(

@@ -34,6 +34,7 @@ import orjson
 
 from projections.checkpoints import EVENTS_UP_TO, args
 from projections.tables import Tables
+from projections.task_list import DOC_SQL
 from shared.position import ZERO, Position
 
 MASK = (1 << 64) - 1
@@ -113,6 +114,13 @@ HISTORY_COLUMNS = ", ".join([
     "request_id", _micros("occurred_at"), "changes::text",
 ])
 SUMS = "SELECT user_id, count(*), sum({hash}) FROM {table}{where} GROUP BY user_id"
+# Task rows whose stored `doc` (rendered by the projector in Python) is not what their
+# columns render to in SQL: the two renderings are independent, so a stale or wrong
+# document shows up here.
+TASK_SUMS = (
+    "SELECT user_id, count(*), sum({hash}), count(*) FILTER (WHERE doc IS DISTINCT FROM {doc})"
+    " FROM {table}{where} GROUP BY user_id"
+)
 
 
 @dataclass
@@ -124,6 +132,7 @@ class Summary:
     history: int = 0
     history_sum: int = 0
     stats: tuple[int, int, int] = (0, 0, 0)
+    bad_docs: int = 0  # task rows whose `doc` does not match their columns
 
     def differences(self, other: Summary) -> list[str]:
         out = []
@@ -133,6 +142,8 @@ class Summary:
             out.append(f"history rows {self.history} vs {other.history} (or their contents)")
         if self.stats != other.stats:
             out.append(f"stats {self.stats} vs {other.stats}")
+        if self.bad_docs != other.bad_docs:
+            out.append(f"task documents not matching their rows {self.bad_docs} vs {other.bad_docs}")
         return out
 
 
@@ -277,11 +288,11 @@ async def summarise(
     where, args = ("", []) if users is None else (" WHERE user_id = ANY($1::text[])", [users])
     out: dict[str, Summary] = {}
     async with conn.transaction(readonly=True):
-        for r in await conn.fetch(SUMS.format(
-            hash=ROW_HASH.format(columns=TASK_COLUMNS), table=t.tasks, where=where), *args
-        ):
+        for r in await conn.fetch(TASK_SUMS.format(
+            hash=ROW_HASH.format(columns=TASK_COLUMNS), doc=DOC_SQL, table=t.tasks, where=where
+        ), *args):
             s = out.setdefault(r[0], Summary())
-            s.tasks, s.tasks_sum = r[1], int(r[2]) & MASK
+            s.tasks, s.tasks_sum, s.bad_docs = r[1], int(r[2]) & MASK, r[3]
         for r in await conn.fetch(SUMS.format(
             hash=ROW_HASH.format(columns=HISTORY_COLUMNS), table=t.history, where=where), *args
         ):

@@ -34,33 +34,17 @@ _ORDER_BY: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class TaskRow:
-    task_id: UUID
-    user_id: str
-    title: str
-    description: str | None
-    completed: bool
-    created_at: datetime
-    updated_at: datetime
-    version: int
+class TaskDoc:
+    """One task: its JSON as the API shows it (the row's `doc`, which the projector
+    renders like the command side's view), and its version for the ETag."""
 
-    def view(self) -> dict[str, Any]:
-        """The task exactly as the command side shows it."""
-        return {
-            "id": str(self.task_id),
-            "user_id": self.user_id,
-            "title": self.title,
-            "description": self.description,
-            "completed": self.completed,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-            "version": self.version,
-        }
+    json: str
+    version: int
 
 
 @dataclass(frozen=True)
 class TaskPage:
-    tasks: list[TaskRow]
+    json: str  # a JSON array of the page's tasks, in order
     total: int
 
 
@@ -105,14 +89,9 @@ class StatsRow:
         return {"total": self.total, "completed": self.completed, "pending": self.pending}
 
 
-_TASK_COLUMNS = "task_id, user_id, title, description, completed, created_at, updated_at, version"
 _HISTORY_COLUMNS = (
     "position, task_id, version, event_type, actor, request_id, occurred_at, changes"
 )
-
-
-def _task(record: asyncpg.Record) -> TaskRow:
-    return TaskRow(**dict(record))
 
 
 def _history(record: asyncpg.Record) -> HistoryRow:
@@ -188,27 +167,31 @@ async def list_tasks(
             f"(title ILIKE ${n} ESCAPE '\\' OR coalesce(description, '') ILIKE ${n} ESCAPE '\\')"
         )
     condition = " AND ".join(where)
-    total = await conn.fetchval(f"SELECT count(*) FROM {tables.TASKS} WHERE {condition}", *args)
     page = f" OFFSET ${len(args) + 1}"
     args.append(offset)
     if limit is not None:
         args.append(limit)
         page += f" LIMIT ${len(args)}"
-    records = await conn.fetch(
-        f"SELECT {_TASK_COLUMNS} FROM {tables.TASKS} WHERE {condition}"
-        f" ORDER BY {_ORDER_BY[sort]}{page}",
+    order = _ORDER_BY[sort]
+    # One round trip: the count, and the page's stored documents joined in order by
+    # PostgreSQL (the aggregate sorts again: a subquery's order is not guaranteed).
+    total, docs = await conn.fetchrow(
+        f"SELECT (SELECT count(*) FROM {tables.TASKS} WHERE {condition}),"
+        f" (SELECT string_agg(doc, ',' ORDER BY {order}) FROM"
+        f" (SELECT doc, task_id, title, created_at, updated_at FROM {tables.TASKS}"
+        f" WHERE {condition} ORDER BY {order}{page}) p)",
         *args,
     )
-    return TaskPage([_task(r) for r in records], int(total))
+    return TaskPage(f"[{docs or ''}]", int(total))
 
 
-async def get_task(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> TaskRow | None:
+async def get_task(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> TaskDoc | None:
     record = await conn.fetchrow(
-        f"SELECT {_TASK_COLUMNS} FROM {tables.TASKS} WHERE user_id = $1 AND task_id = $2",
+        f"SELECT doc, version FROM {tables.TASKS} WHERE user_id = $1 AND task_id = $2",
         user_id,
         task_id,
     )
-    return None if record is None else _task(record)
+    return None if record is None else TaskDoc(record[0], record[1])
 
 
 async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> bool:

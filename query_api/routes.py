@@ -8,13 +8,14 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, field_validator
 
 from query_api import queries
 from query_api.cursor import BadCursor, decode_cursor, encode_cursor
-from query_api.queries import Sort, Status, TaskRow
+from query_api.queries import Sort, Status, TaskDoc
 from query_api.reader import Read, Reader
 from query_api.schemas import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut
 from shared.auth import CurrentUser
@@ -125,19 +126,21 @@ async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFil
         ),
     )
     page = read.result
-    return Envelope([t.view() for t in page.tasks], total=page.total, **read.meta())
+    return Envelope(orjson.Fragment(page.json), total=page.total, **read.meta())
 
 
 async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UUID) -> Response:
-    async def one(conn: asyncpg.Connection) -> TaskRow:
+    async def one(conn: asyncpg.Connection) -> TaskDoc:
         row = await queries.get_task(conn, user_id, task_id)
         if row is None:
             raise await _not_yours(conn, user_id, task_id)
         return row
 
-    read: Read[TaskRow] = await reads.read(wanted, one)
+    read: Read[TaskDoc] = await reads.read(wanted, one)
     return Envelope(
-        read.result.view(), headers={"ETag": etag(read.result.version)}, **read.meta()
+        orjson.Fragment(read.result.json),
+        headers={"ETag": etag(read.result.version)},
+        **read.meta(),
     )
 
 
