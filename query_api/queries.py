@@ -34,15 +34,6 @@ _ORDER_BY: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class TaskDoc:
-    """One task: its JSON as the API shows it (the row's `doc`, which the projector
-    renders like the command side's view), and its version for the ETag."""
-
-    json: str
-    version: int
-
-
-@dataclass(frozen=True)
 class TaskPage:
     json: str  # a JSON array of the page's tasks, in order
     total: int
@@ -107,23 +98,35 @@ def like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
+def position_sql() -> str:
+    """One row: how many of the projections the read tables come from have a
+    checkpoint (`n`), and the lowest checkpoint (`tx_id` as text, `position`). Built at
+    call time, like every query here: the names may change (issue 4)."""
+    where = ""
+    if tables.PROJECTIONS:
+        names = ", ".join("'" + name.replace("'", "''") + "'" for name in tables.PROJECTIONS)
+        where = f" WHERE projection IN ({names})"
+    return (
+        "SELECT count(*) AS n,"
+        " (array_agg(tx_id::text ORDER BY tx_id, position))[1] AS tx_id,"
+        " (array_agg(position ORDER BY tx_id, position))[1] AS position"
+        f" FROM {tables.CHECKPOINTS}{where}"
+    )
+
+
+def position_from(n: int, tx_id: str | None, position: int | None) -> Position:
+    """The read tables' position from `position_sql`'s row: ZERO before the
+    projector's first batch, or while a projection they need has no checkpoint yet."""
+    if n == 0 or n < len(tables.PROJECTIONS) or tx_id is None or position is None:
+        return ZERO
+    return Position(int(tx_id), position)
+
+
 async def read_position(conn: asyncpg.Connection) -> Position:
     """How far the read tables have caught up: the lowest checkpoint of the
-    projections they come from (ZERO before the projector's first batch, or while a
-    projection they need has no checkpoint yet)."""
-    if tables.PROJECTIONS:
-        rows = await conn.fetch(
-            f"SELECT tx_id, position FROM {tables.CHECKPOINTS}"
-            " WHERE projection = ANY($1::text[])",
-            list(tables.PROJECTIONS),
-        )
-        if len(rows) < len(tables.PROJECTIONS):
-            return ZERO
-    else:
-        rows = await conn.fetch(f"SELECT tx_id, position FROM {tables.CHECKPOINTS}")
-    if not rows:
-        return ZERO
-    return min(Position(int(row["tx_id"]), row["position"]) for row in rows)
+    projections they come from."""
+    n, tx_id, position = await conn.fetchrow(position_sql())
+    return position_from(n, tx_id, position)
 
 
 OLDEST_UNPROJECTED = (
@@ -145,8 +148,16 @@ async def lag_seconds(conn: asyncpg.Connection, position: Position) -> float:
     return max(0.0, (datetime.now(UTC) - occurred).total_seconds())
 
 
-async def list_tasks(
-    conn: asyncpg.Connection,
+@dataclass(frozen=True)
+class Query:
+    """One SELECT returning at most one row, and its arguments: what
+    `Reader.read_row` runs beside the checkpoint, in the same statement."""
+
+    sql: str
+    args: tuple[Any, ...]
+
+
+def list_tasks(
     user_id: str,
     *,
     status: Status = "all",
@@ -154,7 +165,9 @@ async def list_tasks(
     sort: Sort = "-created_at",
     limit: int | None = None,
     offset: int = 0,
-) -> TaskPage:
+) -> Query:
+    """Columns `total` (every match) and `docs` (the page's stored documents joined
+    with commas, in order; NULL for an empty page)."""
     where = ["user_id = $1"]
     args: list[Any] = [user_id]
     if status != "all":
@@ -173,25 +186,26 @@ async def list_tasks(
         args.append(limit)
         page += f" LIMIT ${len(args)}"
     order = _ORDER_BY[sort]
-    # One round trip: the count, and the page's stored documents joined in order by
-    # PostgreSQL (the aggregate sorts again: a subquery's order is not guaranteed).
-    total, docs = await conn.fetchrow(
-        f"SELECT (SELECT count(*) FROM {tables.TASKS} WHERE {condition}),"
+    # The aggregate sorts again: a subquery's order is not guaranteed to survive it.
+    return Query(
+        f"SELECT (SELECT count(*) FROM {tables.TASKS} WHERE {condition}) AS total,"
         f" (SELECT string_agg(doc, ',' ORDER BY {order}) FROM"
         f" (SELECT doc, task_id, title, created_at, updated_at FROM {tables.TASKS}"
-        f" WHERE {condition} ORDER BY {order}{page}) p)",
-        *args,
+        f" WHERE {condition} ORDER BY {order}{page}) p) AS docs",
+        tuple(args),
     )
+
+
+def task_page(total: int, docs: str | None) -> TaskPage:
     return TaskPage(f"[{docs or ''}]", int(total))
 
 
-async def get_task(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> TaskDoc | None:
-    record = await conn.fetchrow(
+def get_task(user_id: str, task_id: UUID) -> Query:
+    """Columns `doc` and `version` of the user's live task (NULL when there is none)."""
+    return Query(
         f"SELECT doc, version FROM {tables.TASKS} WHERE user_id = $1 AND task_id = $2",
-        user_id,
-        task_id,
+        (user_id, task_id),
     )
-    return None if record is None else TaskDoc(record[0], record[1])
 
 
 async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> bool:
@@ -259,10 +273,14 @@ async def activity_feed(
     return rows, cursor
 
 
-async def user_stats(conn: asyncpg.Connection, user_id: str) -> StatsRow:
-    record = await conn.fetchrow(
-        f"SELECT total, completed, pending FROM {tables.STATS} WHERE user_id = $1", user_id
+def user_stats(user_id: str) -> Query:
+    """Columns `total`, `completed`, `pending` (NULL for a user without tasks)."""
+    return Query(
+        f"SELECT total, completed, pending FROM {tables.STATS} WHERE user_id = $1", (user_id,)
     )
-    if record is None:
+
+
+def stats_row(total: int | None, completed: int | None, pending: int | None) -> StatsRow:
+    if total is None:
         return StatsRow(0, 0, 0)
-    return StatsRow(int(record["total"]), int(record["completed"]), int(record["pending"]))
+    return StatsRow(int(total), int(completed or 0), int(pending or 0))

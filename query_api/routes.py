@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from query_api import queries
 from query_api.cursor import BadCursor, decode_cursor, encode_cursor
-from query_api.queries import Sort, Status, TaskDoc
-from query_api.reader import Read, Reader
+from query_api.queries import Sort, Status
+from query_api.reader import Reader
 from query_api.schemas import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut
 from shared.auth import CurrentUser
 from shared.errors import Forbidden, NotFound, ValidationFailed
@@ -113,34 +113,23 @@ async def _not_yours(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> E
 
 
 async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFilter) -> Response:
-    read = await reads.read(
+    read = await reads.read_row(
         wanted,
-        lambda conn: queries.list_tasks(
-            conn,
-            user_id,
-            status=f.status,
-            q=f.q,
-            sort=f.sort,
-            limit=f.limit,
-            offset=f.offset,
+        queries.list_tasks(
+            user_id, status=f.status, q=f.q, sort=f.sort, limit=f.limit, offset=f.offset
         ),
     )
-    page = read.result
+    page = queries.task_page(read.result["total"], read.result["docs"])
     return Envelope(orjson.Fragment(page.json), total=page.total, **read.meta())
 
 
 async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UUID) -> Response:
-    async def one(conn: asyncpg.Connection) -> TaskDoc:
-        row = await queries.get_task(conn, user_id, task_id)
-        if row is None:
-            raise await _not_yours(conn, user_id, task_id)
-        return row
-
-    read: Read[TaskDoc] = await reads.read(wanted, one)
+    read = await reads.read_row(wanted, queries.get_task(user_id, task_id))
+    doc = read.result["doc"]
+    if doc is None:
+        raise await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
     return Envelope(
-        orjson.Fragment(read.result.json),
-        headers={"ETag": etag(read.result.version)},
-        **read.meta(),
+        orjson.Fragment(doc), headers={"ETag": etag(read.result["version"])}, **read.meta()
     )
 
 
@@ -209,8 +198,10 @@ async def get_activity_feed(
 
 @router.get("/stats", response_model=ReadEnvelope[StatsOut], responses=ReadResponses)
 async def get_stats(user_id: CurrentUser, reads: Reads, wanted: Wanted) -> Response:
-    read = await reads.read(wanted, lambda conn: queries.user_stats(conn, user_id))
-    return Envelope(read.result.view(), **read.meta())
+    read = await reads.read_row(wanted, queries.user_stats(user_id))
+    row = read.result
+    stats = queries.stats_row(row["total"], row["completed"], row["pending"])
+    return Envelope(stats.view(), **read.meta())
 
 
 # -- the /api/{user_id}/tasks contract -------------------------------------------------

@@ -224,3 +224,51 @@ async def test_answers_503_while_the_database_is_away_and_recovers_by_itself(
     finally:
         await asyncio.to_thread(client.__exit__, None, None, None)
         await proxy.stop()
+
+
+async def test_every_read_shows_exactly_the_writes_up_to_its_position(
+    command_client: TestClient, settings: Settings, projector: asyncio.Task[None]
+):
+    """meta.position and the data come from one snapshot: while tasks are created and
+    projected live, every list and stats answer shows exactly the tasks whose create is
+    at or before the position it reports, never one more or one fewer, and a task read
+    by id is never ahead of its answer's position."""
+    user = new_user()
+    created: list[tuple[str, int]] = []  # (task id, position of its create)
+    samples: list[tuple[str, int, object]] = []  # (what, meta.position, data)
+    done = False
+
+    def writer() -> None:
+        nonlocal done
+        try:
+            for i in range(40):
+                task, position = create(command_client, user, f"task {i}")
+                created.append((task["id"], position_of(position)))
+        finally:
+            done = True
+
+    def reader(queries: TestClient) -> None:
+        while not done or len(samples) < 60:
+            for path in ("/api/tasks", "/api/stats", *(
+                [f"/api/tasks/{created[-1][0]}"] if created else [])):
+                response = queries.get(path, headers=bearer(user))
+                if response.status_code == 404:
+                    continue  # not projected yet: an error answer names no position
+                assert response.status_code == 200, response.text
+                body = response.json()
+                samples.append((path, position_of(body["meta"]["position"]), body["data"]))
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as queries:
+        await asyncio.gather(asyncio.to_thread(writer), asyncio.to_thread(reader, queries))
+
+    assert len(created) == 40 and len(samples) >= 60
+    for path, position, data in samples:
+        expected = {task_id for task_id, at in created if at <= position}
+        if path == "/api/tasks":
+            assert {t["id"] for t in data} == expected, (position, path)
+        elif path == "/api/stats":
+            assert data["total"] == len(expected), (position, path)
+        else:
+            task_id = path.rsplit("/", 1)[1]
+            assert task_id in expected and data["id"] == task_id, (position, path)
+    assert not projector.done()
