@@ -10,6 +10,7 @@ and returns nothing of the other user's row.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -85,11 +86,10 @@ _HISTORY_COLUMNS = (
 )
 
 
-def _history(record: asyncpg.Record) -> HistoryRow:
-    values = dict(record)
-    changes = values["changes"]
-    values["changes"] = json.loads(changes) if isinstance(changes, str) else changes
-    return HistoryRow(**values)
+def _history(values: Sequence[Any]) -> HistoryRow:
+    """A history row from `_HISTORY_COLUMNS`' values, in that order."""
+    *columns, changes = values
+    return HistoryRow(*columns, json.loads(changes) if isinstance(changes, str) else changes)
 
 
 def like_pattern(text: str) -> str:
@@ -100,16 +100,16 @@ def like_pattern(text: str) -> str:
 
 def position_sql() -> str:
     """One row: how many of the projections the read tables come from have a
-    checkpoint (`n`), and the lowest checkpoint (`tx_id` as text, `position`). Built at
-    call time, like every query here: the names may change (issue 4)."""
+    checkpoint (`cp_n`), and the lowest checkpoint (`cp_tx_id` as text, `cp_position`).
+    Built at call time, like every query here: the names may change (issue 4)."""
     where = ""
     if tables.PROJECTIONS:
         names = ", ".join("'" + name.replace("'", "''") + "'" for name in tables.PROJECTIONS)
         where = f" WHERE projection IN ({names})"
     return (
-        "SELECT count(*) AS n,"
-        " (array_agg(tx_id::text ORDER BY tx_id, position))[1] AS tx_id,"
-        " (array_agg(position ORDER BY tx_id, position))[1] AS position"
+        "SELECT count(*) AS cp_n,"
+        " (array_agg(tx_id::text ORDER BY tx_id, position))[1] AS cp_tx_id,"
+        " (array_agg(position ORDER BY tx_id, position))[1] AS cp_position"
         f" FROM {tables.CHECKPOINTS}{where}"
     )
 
@@ -150,11 +150,13 @@ async def lag_seconds(conn: asyncpg.Connection, position: Position) -> float:
 
 @dataclass(frozen=True)
 class Query:
-    """One SELECT returning at most one row, and its arguments: what
-    `Reader.read_row` runs beside the checkpoint, in the same statement."""
+    """A SELECT and its arguments, which `Reader` runs beside the checkpoint in the same
+    statement: `read_row` for one returning at most one row, `read_rows` for one
+    returning rows whose first column is never NULL, in `order` (its column names)."""
 
     sql: str
     args: tuple[Any, ...]
+    order: str = ""
 
 
 def list_tasks(
@@ -219,19 +221,20 @@ async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id:
     )
 
 
-async def task_history(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> list[HistoryRow]:
+def task_history(user_id: str, task_id: UUID) -> Query:
     """A task's audit trail, oldest first; kept after the task is deleted."""
-    records = await conn.fetch(
-        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY}"
-        " WHERE user_id = $1 AND task_id = $2 ORDER BY version, position",
-        user_id,
-        task_id,
+    return Query(
+        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY} WHERE user_id = $1 AND task_id = $2",
+        (user_id, task_id),
+        order="version, position",
     )
-    return [_history(r) for r in records]
 
 
-async def activity_feed(
-    conn: asyncpg.Connection,
+def history_rows(rows: list[Sequence[Any]]) -> list[HistoryRow]:
+    return [_history(r) for r in rows]
+
+
+def activity_feed(
     user_id: str,
     *,
     since: datetime | None = None,
@@ -240,9 +243,10 @@ async def activity_feed(
     task_id: UUID | None = None,
     after: FeedCursor | None = None,
     limit: int = 50,
-) -> tuple[list[HistoryRow], FeedCursor | None]:
-    """The user's events across tasks, newest first, `limit` at a time; the cursor
-    of the next page, or None on the last one. `since` is inclusive, `until` not."""
+) -> Query:
+    """The user's events across tasks, newest first, `limit` at a time (one more is
+    read, to tell whether there is a next page: see `feed_page`). `since` is
+    inclusive, `until` not."""
     where = ["user_id = $1"]
     args: list[Any] = [user_id]
 
@@ -262,13 +266,21 @@ async def activity_feed(
         args.extend((after.occurred_at, after.position))
         where.append(f"(occurred_at, position) < (${len(args) - 1}, ${len(args)})")
     args.append(limit + 1)
-    records = await conn.fetch(
+    order = "occurred_at DESC, position DESC"
+    return Query(
         f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY} WHERE {' AND '.join(where)}"
-        f" ORDER BY occurred_at DESC, position DESC LIMIT ${len(args)}",
-        *args,
+        f" ORDER BY {order} LIMIT ${len(args)}",
+        tuple(args),
+        order=order,
     )
-    rows = [_history(r) for r in records[:limit]]
-    more = len(records) > limit
+
+
+def feed_page(
+    values: list[Sequence[Any]], limit: int
+) -> tuple[list[HistoryRow], FeedCursor | None]:
+    """The page's rows, and the cursor of the next page (None on the last one)."""
+    rows = [_history(r) for r in values[:limit]]
+    more = len(values) > limit
     cursor = FeedCursor(rows[-1].occurred_at, rows[-1].position) if more and rows else None
     return rows, cursor
 

@@ -1,10 +1,9 @@
 """One read: optionally wait for a position, then query the read tables and their
 checkpoint in one snapshot, so `meta.position` names exactly what the data shows.
 
-`read_row` does it in one statement (a statement reads one snapshot): one round trip.
-`read` runs any queries inside a read-only REPEATABLE READ transaction: four round
-trips at least (BEGIN, the checkpoint, the query, COMMIT), for queries that return
-many rows."""
+Both in one statement, which reads one snapshot: the checkpoint's row LEFT JOIN
+LATERAL the query. One round trip, where a read-only REPEATABLE READ transaction
+around two queries makes four (BEGIN, the checkpoint, the query, COMMIT)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from query_api.queries import Query, position_from, position_sql, read_position
+from query_api.queries import Query, position_from, position_sql
 from query_api.watch import PositionWatch
 from shared.position import Position, encode
 
@@ -48,17 +47,6 @@ class Reader:
         self.wait_timeout = wait_timeout
         self.acquire_timeout = acquire_timeout
 
-    async def read(
-        self, wanted: Position | None, query: Callable[[asyncpg.Connection], Awaitable[T]]
-    ) -> Read[T]:
-        if wanted is not None:
-            await self.watch.wait_for(wanted, self.wait_timeout)
-        async with self.connection() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                position = await read_position(conn)
-                result = await query(conn)
-        return Read(result, position, None if wanted is None else position < wanted)
-
     async def read_row(self, wanted: Position | None, query: Query) -> Read[asyncpg.Record]:
         """`query`'s row (its columns all NULL when it has none) with the checkpoint,
         both from one statement."""
@@ -66,12 +54,31 @@ class Reader:
             await self.watch.wait_for(wanted, self.wait_timeout)
         async with self.connection() as conn:
             row = await conn.fetchrow(
-                f"SELECT p.n, p.tx_id, p.position, q.* FROM ({position_sql()}) p"
+                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
                 f" LEFT JOIN LATERAL ({query.sql}) q ON true",
                 *query.args,
             )
         position = position_from(row[0], row[1], row[2])
         return Read(row, position, None if wanted is None else position < wanted)
+
+    async def read_rows(
+        self, wanted: Position | None, query: Query
+    ) -> Read[list[tuple[Any, ...]]]:
+        """`query`'s rows (each its own columns only, in `query.order`) with the
+        checkpoint, both from one statement."""
+        if wanted is not None:
+            await self.watch.wait_for(wanted, self.wait_timeout)
+        async with self.connection() as conn:
+            records = await conn.fetch(
+                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
+                f" LEFT JOIN LATERAL ({query.sql}) q ON true ORDER BY {query.order}",
+                *query.args,
+            )
+        # Without rows, the join's one row has NULL for every column of the query's.
+        rows = [tuple(r)[3:] for r in records if r[3] is not None]
+        first = records[0]
+        position = position_from(first[0], first[1], first[2])
+        return Read(rows, position, None if wanted is None else position < wanted)
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`operation(conn)` on a pooled connection, outside any snapshot."""

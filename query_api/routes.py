@@ -154,14 +154,10 @@ async def get_task(task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wa
 async def get_task_history(
     task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted
 ) -> Response:
-    async def history(conn: asyncpg.Connection) -> list[queries.HistoryRow]:
-        rows = await queries.task_history(conn, user_id, task_id)
-        if not rows:
-            raise await _not_yours(conn, user_id, task_id)
-        return rows
-
-    read = await reads.read(wanted, history)
-    return Envelope([r.view() for r in read.result], **read.meta())
+    read = await reads.read_rows(wanted, queries.task_history(user_id, task_id))
+    if not read.result:
+        raise await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
+    return Envelope([r.view() for r in queries.history_rows(read.result)], **read.meta())
 
 
 @router.get(
@@ -178,10 +174,9 @@ async def get_activity_feed(
             raise ValidationFailed(
                 "Invalid cursor", details={"cursor": "not a cursor this service issued"}
             ) from None
-    read = await reads.read(
+    read = await reads.read_rows(
         wanted,
-        lambda conn: queries.activity_feed(
-            conn,
+        queries.activity_feed(
             user_id,
             since=f.since,
             until=f.until,
@@ -191,7 +186,7 @@ async def get_activity_feed(
             limit=f.limit,
         ),
     )
-    rows, next_page = read.result
+    rows, next_page = queries.feed_page(read.result, f.limit)
     next_cursor = encode_cursor(next_page) if next_page is not None else None
     return Envelope([r.view() for r in rows], next_cursor=next_cursor, **read.meta())
 

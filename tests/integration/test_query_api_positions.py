@@ -230,9 +230,9 @@ async def test_every_read_shows_exactly_the_writes_up_to_its_position(
     command_client: TestClient, settings: Settings, projector: asyncio.Task[None]
 ):
     """meta.position and the data come from one snapshot: while tasks are created and
-    projected live, every list and stats answer shows exactly the tasks whose create is
-    at or before the position it reports, never one more or one fewer, and a task read
-    by id is never ahead of its answer's position."""
+    projected live, every list, stats and feed answer shows exactly the tasks whose
+    create is at or before the position it reports, never one more or one fewer, and a
+    task or its history read by id is never ahead of its answer's position."""
     user = new_user()
     created: list[tuple[str, int]] = []  # (task id, position of its create)
     samples: list[tuple[str, int, object]] = []  # (what, meta.position, data)
@@ -249,8 +249,9 @@ async def test_every_read_shows_exactly_the_writes_up_to_its_position(
 
     def reader(queries: TestClient) -> None:
         while not done or len(samples) < 60:
-            for path in ("/api/tasks", "/api/stats", *(
-                [f"/api/tasks/{created[-1][0]}"] if created else [])):
+            last = created[-1][0] if created else None
+            latest = [f"/api/tasks/{last}", f"/api/tasks/{last}/history"] if last else []
+            for path in ("/api/tasks", "/api/stats", "/api/history", *latest):
                 response = queries.get(path, headers=bearer(user))
                 if response.status_code == 404:
                     continue  # not projected yet: an error answer names no position
@@ -268,6 +269,11 @@ async def test_every_read_shows_exactly_the_writes_up_to_its_position(
             assert {t["id"] for t in data} == expected, (position, path)
         elif path == "/api/stats":
             assert data["total"] == len(expected), (position, path)
+        elif path == "/api/history":  # the feed: one TaskCreated per task, 40 < its 50
+            assert {e["task_id"] for e in data} == expected, (position, path)
+        elif path.endswith("/history"):
+            task_id = path.split("/")[3]
+            assert task_id in expected and data[0]["task_id"] == task_id, (position, path)
         else:
             task_id = path.rsplit("/", 1)[1]
             assert task_id in expected and data["id"] == task_id, (position, path)
