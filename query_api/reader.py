@@ -50,35 +50,36 @@ class Reader:
     async def read_row(self, wanted: Position | None, query: Query) -> Read[asyncpg.Record]:
         """`query`'s row (its columns all NULL when it has none) with the checkpoint,
         both from one statement."""
-        if wanted is not None:
-            await self.watch.wait_for(wanted, self.wait_timeout)
-        async with self.connection() as conn:
-            row = await conn.fetchrow(
-                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
-                f" LEFT JOIN LATERAL ({query.sql}) q ON true",
-                *query.args,
-            )
-        position = position_from(row[0], row[1], row[2])
-        return Read(row, position, None if wanted is None else position < wanted)
+        row = await self._joined(wanted, query, "fetchrow")
+        return self._read(row, row, wanted)
 
     async def read_rows(
         self, wanted: Position | None, query: Query
     ) -> Read[list[tuple[Any, ...]]]:
         """`query`'s rows (each its own columns only, in `query.order`) with the
         checkpoint, both from one statement."""
-        if wanted is not None:
-            await self.watch.wait_for(wanted, self.wait_timeout)
-        async with self.connection() as conn:
-            records = await conn.fetch(
-                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
-                f" LEFT JOIN LATERAL ({query.sql}) q ON true ORDER BY {query.order}",
-                *query.args,
-            )
+        records = await self._joined(wanted, query, "fetch")
         # Without rows, the join's one row has NULL for every column of the query's.
         rows = [tuple(r)[3:] for r in records if r[3] is not None]
-        first = records[0]
-        position = position_from(first[0], first[1], first[2])
-        return Read(rows, position, None if wanted is None else position < wanted)
+        return self._read(rows, records[0], wanted)
+
+    async def _joined(self, wanted: Position | None, query: Query, method: str) -> Any:
+        """Wait for `wanted` if asked, then run the checkpoint's row LEFT JOIN LATERAL
+        `query` with `conn.<method>`."""
+        if wanted is not None:
+            await self.watch.wait_for(wanted, self.wait_timeout)
+        order = f" ORDER BY {query.order}" if query.order else ""
+        async with self.connection() as conn:
+            return await getattr(conn, method)(
+                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
+                f" LEFT JOIN LATERAL ({query.sql}) q ON true{order}",
+                *query.args,
+            )
+
+    @staticmethod
+    def _read(result: T, checkpoint: asyncpg.Record, wanted: Position | None) -> Read[T]:
+        position = position_from(checkpoint[0], checkpoint[1], checkpoint[2])
+        return Read(result, position, None if wanted is None else position < wanted)
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`operation(conn)` on a pooled connection, outside any snapshot."""
