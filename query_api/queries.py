@@ -1,5 +1,7 @@
-"""The read-model queries: small async functions over one asyncpg connection,
-returning typed rows.
+"""The read-model queries. Each read is a `Query` (SQL and arguments) that
+`query_api.reader.Reader` runs in one statement with the read tables' checkpoint; small
+functions here turn its rows into typed values. `read_position`, `lag_seconds` and
+`owned_by_someone_else` run on a connection of their own.
 
 Every query that returns user data filters by the token's user first
 (`WHERE user_id = $1 ...`); the only query that looks past the user is
