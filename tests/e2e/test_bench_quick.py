@@ -70,15 +70,20 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
     assert left == []
 
 
-def test_cpu_per_command_runs_every_kind_beside_the_ceiling_and_cleans_up(
-    pg_server: PostgresServer,
-):
+def run_small(module: str, pg_url: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> -n 20 --rounds 1` against `pg_url`; it must succeed."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "-n", "20", "--rounds", "1",
-         "--pg-url", pg_server.url],
+        [sys.executable, "-m", module, "-n", "20", "--rounds", "1", "--pg-url", pg_url],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def test_cpu_per_command_runs_every_kind_beside_the_ceiling_and_cleans_up(
+    pg_server: PostgresServer,
+):
+    run = run_small("bench.cpu", pg_server.url)
     rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[2:]}
     assert set(rows) == {"insert", "create", "update", "complete"}, run.stdout
     assert all(float(row[-3]) > 0 for row in rows.values()), run.stdout  # us per request
@@ -90,12 +95,7 @@ def test_cpu_per_command_runs_every_kind_beside_the_ceiling_and_cleans_up(
 
 
 def test_projector_cpu_compares_both_loops_and_cleans_up(pg_server: PostgresServer):
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.projector_cpu", "-n", "20", "--rounds", "1",
-         "--pg-url", pg_server.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_small("bench.projector_cpu", pg_server.url)
     rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:]}
     assert set(rows) == {"asyncio", "uvloop"}, run.stdout
     assert all(float(row[1]) > 0 for row in rows.values()), run.stdout  # us per step
