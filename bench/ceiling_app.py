@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "warning"))
     args = parser.parse_args()
-    # The same call as shared.cli._serve, so both sides run the same server.
+    # The same call as taskctl.cli._serve, so both sides run the same server.
     uvicorn.run(
         "bench.ceiling_app:create_app",
         factory=True,

@@ -26,8 +26,8 @@ from bench.data import Databases
 from bench.run import DEFAULT_PG_URL
 from shared import aio
 from shared.auth import mint_token
-from shared.schema import init_database
 from shared.settings import Settings
+from taskctl.dbinit import init_database
 
 SECRET = "bench-cpu-" + "x" * 32
 Call = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]

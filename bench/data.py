@@ -2,7 +2,7 @@
 
 - `Databases`: a dedicated `taskservice_bench_<random>` database (and a scratch one
   for the replay), created on the given server and dropped at the end.
-- `seed_tasks`: the users' tasks, built as `shared.tasks.Task` aggregates and saved
+- `seed_tasks`: the users' tasks, built as `shared.events.Task` aggregates and saved
   through `shared.eventstore` many at a time (the store's own path, minus HTTP).
 - `seed_replay_events`: a large, realistic event log for the replay figure, in the
   exact encoding of the event store's mapper but written by INSERT ... SELECT, because
@@ -22,10 +22,10 @@ from uuid import UUID
 import psycopg
 
 from bench import ceiling_app
-from shared.eventcodec import decode_event
-from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
+from shared.catalog import EVENTS_TABLE
+from shared.events import EVENT_TOPICS, Task, decode_event
+from shared.eventstore import TaskStore, store_env
 from shared.settings import Settings
-from shared.tasks import EVENT_TOPICS, Task
 
 SEED_REQUEST_ID = "bench-seed"
 
@@ -69,7 +69,7 @@ def seed_tasks(
 ) -> tuple[dict[str, list[UUID]], float]:
     """Every user's tasks, saved through the event store; (ids per user, seconds)."""
     ids: dict[str, list[UUID]] = {u: [] for u in users}
-    store = open_store(settings)
+    store = TaskStore(env=store_env(settings))  # the library's own writer
     started = time.perf_counter()
     try:
         batch: list[Task] = []
@@ -131,7 +131,7 @@ def seed_replay_events(settings: Settings, total: int, users: int = 100) -> tupl
 
     Written by four INSERT ... SELECT statements from templates that the event store's
     mapper encoded (`event_templates`): `store.save` manages ~8,000 events/s, too slow
-    for a million. A sample is decoded back with `shared.eventcodec` as a check."""
+    for a million. A sample is decoded back with `shared.events` as a check."""
     t = event_templates()
     n = max(1, total // 4)
     url = settings.require_database_url()
@@ -206,7 +206,7 @@ def event_count(url: str) -> int:
 
 
 def checkpoint(url: str) -> int:
-    from projections.tables import CHECKPOINTS  # noqa: PLC0415
+    from shared.catalog import CHECKPOINTS_TABLE as CHECKPOINTS  # noqa: PLC0415
 
     with psycopg.connect(url) as conn:
         row = conn.execute(f"SELECT coalesce(min(position), 0) FROM {CHECKPOINTS}").fetchone()

@@ -52,7 +52,7 @@ def _cpu_list(text: str) -> set[int]:
 
 def taskctl() -> list[str]:
     script = Path(sys.executable).with_name("taskctl")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl.cli"]
 
 
 @dataclass

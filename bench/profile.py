@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         if "replay" in kinds:
             bench.stop_servers()
             url = bench.dbs.create("replay")
-            from shared.schema import init_database  # noqa: PLC0415
             from shared.settings import Settings  # noqa: PLC0415
+            from taskctl.dbinit import init_database  # noqa: PLC0415
 
             init_database(Settings(database_url=url, better_auth_secret=bench.secret))
             data.seed_replay_events(Settings(database_url=url, better_auth_secret=bench.secret),

@@ -23,10 +23,10 @@ from bench.data import Databases
 from bench.run import DEFAULT_PG_URL
 from projections.projector import catch_up
 from shared import aio
-from shared.eventstore import open_store
-from shared.schema import init_database
+from shared.events import Task
+from shared.eventstore import TaskStore, store_env
 from shared.settings import Settings
-from shared.tasks import Task
+from taskctl.dbinit import init_database
 
 RESET = (
     "TRUNCATE read_tasks, read_task_history, read_user_stats;"
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         url = dbs.create()
         settings = Settings(environment="test", database_url=url, better_auth_secret="b" * 40)
         init_database(settings)
-        store = open_store(settings)
+        store = TaskStore(env=store_env(settings))  # the library's own writer
         store.save(*(Task.create(owner=f"u{i % 20}", title=f"t{i}", description=None,
                                  actor="bench", request_id="bench") for i in range(args.n)))
         store.close()

@@ -28,7 +28,7 @@ REPLAY_COMMAND = ["replay", "--json"]
 
 
 def taskctl_has_replay() -> bool:
-    from shared.cli import build_parser  # noqa: PLC0415
+    from taskctl.cli import build_parser  # noqa: PLC0415
 
     parser = build_parser()
     for action in parser._subparsers._group_actions if parser._subparsers else []:  # noqa: SLF001

@@ -18,8 +18,8 @@ import asyncpg
 
 
 async def rebuild(dsn: str) -> dict[str, float]:
+    from projections.manifest import create_read_tables_at  # noqa: PLC0415
     from projections.projector import catch_up  # noqa: PLC0415
-    from projections.schema import create_read_tables_at  # noqa: PLC0415
 
     conn = await asyncpg.connect(dsn)
     try:

@@ -171,7 +171,7 @@ class Bench:
         self.url = self.dbs.create()
         self.settings = Settings(environment="production", database_url=self.url,
                                  better_auth_secret=self.secret)
-        from shared.schema import init_database  # noqa: PLC0415
+        from taskctl.dbinit import init_database  # noqa: PLC0415
 
         init_database(self.settings)
         user_ids = [uuid.uuid4().hex for _ in range(a.users)]
@@ -427,7 +427,7 @@ class Bench:
         try:
             settings = Settings(environment="production", database_url=url,
                                 better_auth_secret=self.secret)
-            from shared.schema import init_database  # noqa: PLC0415
+            from taskctl.dbinit import init_database  # noqa: PLC0415
 
             init_database(settings)
             self.say(f"replay: writing {a.replay_events:,} events to a scratch database")

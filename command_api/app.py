@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from command_api import routes
 from command_api.fastpath import CommandFastPath
 from command_api.handlers import TaskCommands
+from command_api.store import AsyncTaskStore
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
@@ -22,7 +23,6 @@ from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
 from shared.settings import Settings
-from shared.taskstore import AsyncTaskStore
 
 log = logging.getLogger("taskservice.command_api")
 

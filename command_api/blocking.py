@@ -15,10 +15,10 @@ from uuid import UUID
 
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor, Outcome, TaskCommands
+from command_api.store import AsyncTaskStore
 from shared.etag import IfMatch
+from shared.events import Task
 from shared.settings import Settings
-from shared.tasks import Task
-from shared.taskstore import AsyncTaskStore
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from shared.tasks import DESCRIPTION_MAX, TITLE_MAX
+from shared.events import DESCRIPTION_MAX, TITLE_MAX
 
 
 def _no_nul(value: str | None) -> str | None:

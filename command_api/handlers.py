@@ -22,13 +22,12 @@ from uuid import UUID
 from weakref import WeakValueDictionary
 
 from command_api.commands import ChangeTask, CreateTask
+from command_api.store import AsyncTaskStore, IdempotencyRecord, KeyTaken, VersionConflict
 from shared.errors import Conflict, Forbidden, NotFound, PreconditionFailed, ValidationFailed
 from shared.etag import IfMatch
-from shared.eventstore import IdempotencyRecord
+from shared.events import Task
 from shared.observability import COMMAND_CONFLICTS, EVENTS_APPENDED, IDEMPOTENT_REPLAYS
 from shared.position import Position
-from shared.tasks import Task
-from shared.taskstore import AsyncTaskStore, KeyTaken, VersionConflict
 
 
 @dataclass(frozen=True)

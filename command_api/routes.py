@@ -18,8 +18,8 @@ from shared.auth import CurrentUser
 from shared.errors import Forbidden, ValidationFailed
 from shared.etag import IfMatch, etag
 from shared.http import Envelope, request_id
+from shared.openapi import DataEnvelope, TaskOut, error_responses
 from shared.position import encode
-from shared.schemas import DataEnvelope, TaskOut, error_responses
 
 router = APIRouter(prefix="/api", tags=["commands"])
 

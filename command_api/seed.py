@@ -7,7 +7,7 @@ import uuid
 from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE
 from shared.settings import Settings
 
 DEMO_USERS = ("11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222")

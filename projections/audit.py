@@ -22,10 +22,9 @@ from uuid import UUID
 import asyncpg
 
 from projections import checkpoints as cp
-from projections.tables import DEFAULT, Tables
 from projections.verify import MASK, Fold, row_hash
-from shared.eventcodec import UndecodableEvent, decode_event
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE, LIVE, Tables
+from shared.events import UndecodableEvent, decode_event
 from shared.position import Position
 
 PAGE = 2_000
@@ -207,7 +206,7 @@ def _actor(state: bytes) -> str | None:
     return actor if isinstance(actor, str) and actor else None
 
 
-async def verify(dsn: str, tables: Tables = DEFAULT) -> Report:
+async def verify(dsn: str, tables: Tables = LIVE) -> Report:
     report = Report()
     fold = Fold()
     conn = await asyncpg.connect(dsn)

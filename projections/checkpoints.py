@@ -16,9 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from projections.projector import PROJECTION
-from projections.tables import Tables
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE, PROJECTION, Tables
 from shared.position import ZERO, Position
 
 # The order of the event store, as the projector and the audit follow it.

@@ -26,11 +26,10 @@ from typing import Any
 import asyncpg
 
 from projections import task_history, task_list, user_stats
-from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
 from projections.task_list import TaskState
 from shared import aio
-from shared.eventcodec import CREATED, TaskEvent, UndecodableEvent, decode_event
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import ADVANCED_CHANNEL, EVENTS_TABLE, LIVE, PROJECTION, Tables, projector_lock
+from shared.events import CREATED, TaskEvent, UndecodableEvent, decode_event
 from shared.observability import (
     EVENT_STORE_HEAD,
     PROJECTION_LAG_EVENTS,
@@ -43,9 +42,6 @@ from shared.position import Position
 
 log = logging.getLogger("projections.projector")
 
-# The three read models share one checkpoint: the task list's rows are the state the
-# history's "from" values and the counts' changes are computed from.
-PROJECTION = "task_views"
 BATCH_SIZE = 500
 POLL_INTERVAL = 1.0
 APPLICATION_NAME = "taskservice-projector"
@@ -218,13 +214,13 @@ async def apply_events(
         await counts.write(conn, t)
 
 
-async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = DEFAULT) -> None:
+async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = LIVE) -> None:
     await conn.execute(ENSURE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
 
 
 async def step(
     conn: asyncpg.Connection,
-    t: Tables = DEFAULT,
+    t: Tables = LIVE,
     batch_size: int = BATCH_SIZE,
     fresh: Fresh | None = None,
 ) -> tuple[Position, int]:
@@ -245,13 +241,13 @@ async def step(
         await conn.execute(
             SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *position
         )
-        if t == DEFAULT:
+        if t == LIVE:
             await conn.execute(NOTIFY_ADVANCED, str(position))
     return position, len(rows)
 
 
 async def drain(
-    conn: asyncpg.Connection, t: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+    conn: asyncpg.Connection, t: Tables = LIVE, batch_size: int = BATCH_SIZE
 ) -> Position:
     while True:
         position, count = await step(conn, t, batch_size)
@@ -262,7 +258,7 @@ async def drain(
 
 
 async def catch_up(
-    dsn: str, *, tables: Tables = DEFAULT, batch_size: int = BATCH_SIZE
+    dsn: str, *, tables: Tables = LIVE, batch_size: int = BATCH_SIZE
 ) -> Position:
     """Apply every event committed so far; the new checkpoint position."""
     conn = await asyncpg.connect(dsn)
@@ -372,7 +368,7 @@ async def _apply_until_caught_up(
     rolls back) whole first, so SIGTERM waits for one batch, never for the backlog."""
     while True:
         started = time.perf_counter()
-        position, count = await step(conn, DEFAULT, batch_size)
+        position, count = await step(conn, LIVE, batch_size)
         progress.batch(position, count, time.perf_counter() - started)
         caught_up = count < batch_size
         await progress.measure(conn, caught_up=caught_up)
@@ -394,7 +390,7 @@ async def _follow(
     )
     conn: asyncpg.Connection | None = None
     try:
-        key = f"taskservice.projector:{PROJECTION}"
+        key = projector_lock(PROJECTION)
         if not await lock_conn.fetchval(TRY_LOCK, key):
             progress.role = "standby"
             log.info("another projector is active; waiting to take over")

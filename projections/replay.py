@@ -39,16 +39,15 @@ from typing import Any, Literal
 import asyncpg
 
 from projections import checkpoints as cp
-from projections.projector import PROJECTION, Fresh, ensure_checkpoint, safe_bound, step
-from projections.schema import ddl
-from projections.tables import ADVANCED_CHANNEL, DEFAULT, Tables
+from projections.manifest import ddl
+from projections.projector import Fresh, ensure_checkpoint, safe_bound, step
 from projections.verify import FoldProcess, compare, summarise
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import ADVANCED_CHANNEL, EVENTS_TABLE, LIVE, PROJECTION, Tables
 from shared.position import Position
 
 # Every projection replay knows, and the live tables it rebuilds. Today one checkpoint
 # (the projector's PROJECTION) covers all three read tables.
-PROJECTIONS: dict[str, Tables] = {PROJECTION: DEFAULT}
+PROJECTIONS: dict[str, Tables] = {PROJECTION: LIVE}
 
 BATCH_SIZE = 10_000
 VERSIONS = "projection_versions"

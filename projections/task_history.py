@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from projections.tables import Tables
 from projections.task_list import TaskState
-from shared.eventcodec import (
+from shared.catalog import Tables
+from shared.events import (
     COMPLETED,
     CREATED,
     DELETED,

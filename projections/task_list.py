@@ -25,8 +25,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from projections.tables import Tables
-from shared.eventcodec import (
+from shared.catalog import Tables
+from shared.events import (
     COMPLETED,
     CREATED,
     DELETED,

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from projections.tables import Tables
 from projections.task_list import TaskState
-from shared.eventcodec import COMPLETED, CREATED, DELETED, REOPENED, TaskEvent
+from shared.catalog import Tables
+from shared.events import COMPLETED, CREATED, DELETED, REOPENED, TaskEvent
 
 Delta = tuple[int, int, int]  # total, completed, pending
 

@@ -33,8 +33,8 @@ import asyncpg
 import orjson
 
 from projections.checkpoints import EVENTS_UP_TO, args
-from projections.tables import Tables
 from projections.task_list import DOC_SQL
+from shared.catalog import Tables
 from shared.position import ZERO, Position
 
 MASK = (1 << 64) - 1

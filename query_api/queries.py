@@ -20,7 +20,7 @@ from uuid import UUID
 
 import asyncpg
 
-from query_api import tables
+from shared import catalog
 from shared.position import ZERO, Position
 
 Status = Literal["all", "pending", "completed"]
@@ -102,24 +102,23 @@ def like_pattern(text: str) -> str:
 
 def position_sql() -> str:
     """One row: how many of the projections the read tables come from have a
-    checkpoint (`cp_n`), and the lowest checkpoint (`cp_tx_id` as text, `cp_position`).
-    Built at call time, like every query here: the names may change (issue 4)."""
+    checkpoint (`cp_n`), and the lowest checkpoint (`cp_tx_id` as text, `cp_position`)."""
     where = ""
-    if tables.PROJECTIONS:
-        names = ", ".join("'" + name.replace("'", "''") + "'" for name in tables.PROJECTIONS)
+    if catalog.PROJECTIONS:
+        names = ", ".join("'" + name.replace("'", "''") + "'" for name in catalog.PROJECTIONS)
         where = f" WHERE projection IN ({names})"
     return (
         "SELECT count(*) AS cp_n,"
         " (array_agg(tx_id::text ORDER BY tx_id, position))[1] AS cp_tx_id,"
         " (array_agg(position ORDER BY tx_id, position))[1] AS cp_position"
-        f" FROM {tables.CHECKPOINTS}{where}"
+        f" FROM {catalog.CHECKPOINTS_TABLE}{where}"
     )
 
 
 def position_from(n: int, tx_id: str | None, position: int | None) -> Position:
     """The read tables' position from `position_sql`'s row: ZERO before the
     projector's first batch, or while a projection they need has no checkpoint yet."""
-    if n == 0 or n < len(tables.PROJECTIONS) or tx_id is None or position is None:
+    if n == 0 or n < len(catalog.PROJECTIONS) or tx_id is None or position is None:
         return ZERO
     return Position(int(tx_id), position)
 
@@ -132,7 +131,7 @@ async def read_position(conn: asyncpg.Connection) -> Position:
 
 
 OLDEST_UNPROJECTED = (
-    f"SELECT state FROM {tables.EVENTS}"
+    f"SELECT state FROM {catalog.EVENTS_TABLE}"
     " WHERE (tx_id, notification_id) > ($1::text::xid8, $2::bigint)"
     " ORDER BY tx_id, notification_id LIMIT 1"
 )
@@ -192,9 +191,9 @@ def list_tasks(
     order = _ORDER_BY[sort]
     # The aggregate sorts again: a subquery's order is not guaranteed to survive it.
     return Query(
-        f"SELECT (SELECT count(*) FROM {tables.TASKS} WHERE {condition}) AS total,"
+        f"SELECT (SELECT count(*) FROM {catalog.LIVE.tasks} WHERE {condition}) AS total,"
         f" (SELECT string_agg(doc, ',' ORDER BY {order}) FROM"
-        f" (SELECT doc, task_id, title, created_at, updated_at FROM {tables.TASKS}"
+        f" (SELECT doc, task_id, title, created_at, updated_at FROM {catalog.LIVE.tasks}"
         f" WHERE {condition} ORDER BY {order}{page}) p) AS docs",
         tuple(args),
     )
@@ -207,7 +206,7 @@ def task_page(total: int, docs: str | None) -> TaskPage:
 def get_task(user_id: str, task_id: UUID) -> Query:
     """Columns `doc` and `version` of the user's live task (NULL when there is none)."""
     return Query(
-        f"SELECT doc, version FROM {tables.TASKS} WHERE user_id = $1 AND task_id = $2",
+        f"SELECT doc, version FROM {catalog.LIVE.tasks} WHERE user_id = $1 AND task_id = $2",
         (user_id, task_id),
     )
 
@@ -216,7 +215,7 @@ async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id:
     """Whether a live task with this id belongs to another user (403, not 404)."""
     return bool(
         await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {tables.TASKS} WHERE user_id <> $1 AND task_id = $2)",
+            f"SELECT EXISTS (SELECT 1 FROM {catalog.LIVE.tasks} WHERE user_id <> $1 AND task_id = $2)",
             user_id,
             task_id,
         )
@@ -226,7 +225,7 @@ async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id:
 def task_history(user_id: str, task_id: UUID) -> Query:
     """A task's audit trail, oldest first; kept after the task is deleted."""
     return Query(
-        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY} WHERE user_id = $1 AND task_id = $2",
+        f"SELECT {_HISTORY_COLUMNS} FROM {catalog.LIVE.history} WHERE user_id = $1 AND task_id = $2",
         (user_id, task_id),
         order="version, position",
     )
@@ -270,7 +269,7 @@ def activity_feed(
     args.append(limit + 1)
     order = "occurred_at DESC, position DESC"
     return Query(
-        f"SELECT {_HISTORY_COLUMNS} FROM {tables.HISTORY} WHERE {' AND '.join(where)}"
+        f"SELECT {_HISTORY_COLUMNS} FROM {catalog.LIVE.history} WHERE {' AND '.join(where)}"
         f" ORDER BY {order} LIMIT ${len(args)}",
         tuple(args),
         order=order,
@@ -290,7 +289,7 @@ def feed_page(
 def user_stats(user_id: str) -> Query:
     """Columns `total`, `completed`, `pending` (NULL for a user without tasks)."""
     return Query(
-        f"SELECT total, completed, pending FROM {tables.STATS} WHERE user_id = $1", (user_id,)
+        f"SELECT total, completed, pending FROM {catalog.LIVE.stats} WHERE user_id = $1", (user_id,)
     )
 
 

@@ -17,14 +17,13 @@ from query_api import queries
 from query_api.cursor import BadCursor, decode_cursor, encode_cursor
 from query_api.queries import Sort, Status
 from query_api.reader import Reader
-from query_api.schemas import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut
 from shared.auth import CurrentUser
 from shared.errors import Forbidden, NotFound, ValidationFailed
 from shared.etag import etag
+from shared.events import EVENT_TOPICS
 from shared.http import Envelope
+from shared.openapi import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut, error_responses
 from shared.position import BadPosition, Position, decode
-from shared.schemas import error_responses
-from shared.tasks import EVENT_TOPICS
 
 router = APIRouter(prefix="/api", tags=["queries"])
 

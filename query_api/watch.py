@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from query_api import tables
 from query_api.queries import read_position
+from shared.catalog import ADVANCED_CHANNEL
 from shared.position import ZERO, Position
 
 log = logging.getLogger("taskservice.query_api.watch")
@@ -137,7 +137,7 @@ class PositionWatch:
 
         conn.add_termination_listener(on_lost)
         try:
-            await conn.add_listener(tables.ADVANCED_CHANNEL, self._on_notify)
+            await conn.add_listener(ADVANCED_CHANNEL, self._on_notify)
             self.listening = True
         except asyncpg.PostgresError as e:  # e.g. a hot standby: polling only
             log.warning("cannot LISTEN (%s); re-checking the checkpoints on a timer", e)

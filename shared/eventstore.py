@@ -3,46 +3,30 @@
 `TaskStore` is an eventsourcing `Application`; its recorder defines the tables (events
 with their transaction id, and the commands' idempotency records), which are created
 only by `create_schema()` (`taskctl db init`), never at process start. The command API
-writes these tables through `shared.taskstore` (asyncpg, the same `Mapper`); this
-application serves db init, bulk seeding and library-side reads.
+writes them through `command_api.store` (asyncpg) with this application's `mapper()`,
+so the library reads what we write and we read what it writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import Mapper
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
+from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE
 from shared.settings import Settings, postgres_params
-from shared.tasks import Task
 
 APPLICATION_NAME = "Tasks"
-EVENTS_TABLE = "tasks_events"
-IDEMPOTENCY_TABLE = "command_idempotency"
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """What a command with an `Idempotency-Key` produced, so a retry can answer alike."""
-
-    user_id: str
-    key: str
-    fingerprint: str
-    status: int
-    task_id: UUID | None
-    version: int | None
 
 
 class TaskRecorder(PostgresApplicationRecorder):
-    """The stock recorder, plus the transaction-id order, the idempotency table, and an
-    insert without the table lock."""
+    """The stock recorder's tables, plus the transaction-id order and the idempotency
+    table."""
 
     def __init__(self, datastore: Any, *, events_table_name: str = EVENTS_TABLE) -> None:
         super().__init__(datastore, events_table_name=events_table_name)
@@ -80,52 +64,6 @@ class TaskRecorder(PostgresApplicationRecorder):
                 index=Identifier(f"{self.events_table_name}_tx_order_idx"), events=events
             )
         )
-        self.insert_events_statement = SQL(
-            "INSERT INTO {events} AS t (originator_id, originator_version, topic, state)"
-            " SELECT originator_id, originator_version, topic, state"
-            " FROM unnest(%s::{schema}.{stored_event_type}[])"
-            " RETURNING notification_id, tx_id::text AS tx_id"
-        ).format(
-            events=events,
-            schema=Identifier(self.datastore.schema),
-            stored_event_type=Identifier(self.stored_event_type_name),
-        )
-        self._notify_statement = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
-
-    # -- writing -------------------------------------------------------------------------
-    #
-    # The command API writes through `shared.taskstore` (asyncpg); this recorder writes for
-    # the library-side callers (bulk seeding, tests). Our own insert_events, not the
-    # library's, with the same protocol as the API's writer: (1) it fails fast on a lost
-    # connection instead of retrying ten times; (2) it takes no table lock, so writers of
-    # different tasks commit in parallel (readers follow (tx_id, notification_id), see
-    # `shared.position`); (3) it sends NOTIFY after the commit rather than inside the
-    # transaction, because a NOTIFY inside serialises every notifying commit on one
-    # lock, WAL flush included.
-
-    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Any:
-        self.datastore.register_type_adapters()
-        if not stored_events:
-            return None
-        # One statement is one transaction (the connection is in autocommit), in one
-        # round trip, with the NOTIFY queued behind it.
-        params = [[self._pg_stored_event(e) for e in stored_events]]
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            with conn.pipeline():
-                # Never prepared: a statement prepared inside a pipeline that then fails
-                # (a version conflict) is left half-known to psycopg ("prepared statement
-                # does not exist" on its next use).
-                curs.execute(self.insert_events_statement, params, prepare=False)
-                conn.execute(self._notify_statement, prepare=False)
-            return [row["notification_id"] for row in curs.fetchall()]
-
-    def _pg_stored_event(self, e: StoredEvent) -> Any:
-        return self.construct_pg_stored_event(
-            e.originator_id, e.originator_version, e.topic, e.state
-        )
-
-    def select_events(self, originator_id: Any, **kwargs: Any) -> Any:
-        return PostgresApplicationRecorder.select_events.__wrapped__(self, originator_id, **kwargs)
 
 
 class TaskStore(Application[UUID]):
@@ -153,31 +91,13 @@ def store_env(settings: Settings, *, create_tables: bool = False) -> dict[str, s
     }
 
 
-def open_store(settings: Settings) -> TaskStore:
-    """The event store of a running process: it expects `create_schema()` to have run."""
-    return TaskStore(env=store_env(settings))
-
-
-def purge_idempotency(settings: Settings, older_than_hours: float | None = None) -> int:
-    """Forget Idempotency-Keys older than the retention (IDEMPOTENCY_TTL_HOURS, at least
-    24 h); how many. A retry with a forgotten key is a new command."""
-    import psycopg  # noqa: PLC0415
-
-    hours = settings.idempotency_ttl_hours if older_than_hours is None else older_than_hours
-    if hours < 24:
-        raise ValueError("Idempotency-Keys are kept at least 24 hours")
-    with psycopg.connect(settings.require_database_url(), autocommit=True) as conn:
-        cursor = conn.execute(
-            f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE created_at < now() - make_interval(secs => %s)",
-            (hours * 3600,),
-        )
-        return cursor.rowcount
-
-
 def create_schema(settings: Settings) -> None:
     """Create the event store's tables, types and indexes; safe to run again."""
     store = TaskStore(env=store_env(settings, create_tables=True))
     store.close()
 
 
-__all__ = ["Task", "TaskStore", "TaskRecorder", "IdempotencyRecord", "open_store", "create_schema"]
+def mapper() -> Mapper[UUID]:
+    """The application's own mapper (transcodings included), without its database:
+    built on the library's in-memory persistence."""
+    return TaskStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}).mapper

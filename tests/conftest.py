@@ -5,8 +5,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.schema import init_database
 from shared.settings import Settings
+from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer
 
 

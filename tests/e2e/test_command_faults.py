@@ -28,8 +28,8 @@ import httpx
 import psycopg
 import pytest
 
-from shared.schema import init_database
 from shared.settings import Settings
+from taskctl.dbinit import init_database
 from tests.support import (
     TEST_SECRET,
     PostgresServer,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from shared.auth import mint_token
-from tests.process_support import Proc, free_port, require_binary
 from tests.support import TEST_SECRET, new_user
+from tests.support.process import Proc, free_port, require_binary
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def command_api(database_url: str, origin: str, log: Path) -> tuple[Proc, str]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "ENVIRONMENT": "test",
            "BETTER_AUTH_SECRET": TEST_SECRET, "LOG_LEVEL": "WARNING", "CORS_ORIGINS": origin}
-    proc = Proc([sys.executable, "-m", "shared.cli", "command-api", "--host", "127.0.0.1",
+    proc = Proc([sys.executable, "-m", "taskctl.cli", "command-api", "--host", "127.0.0.1",
                  "--port", str(port)], log, env)
     base = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{base}/api/health")

@@ -36,10 +36,10 @@ import httpx
 import psycopg
 import pytest
 
+from projections.manifest import create_read_tables_at
 from projections.projector import catch_up
-from projections.schema import create_read_tables_at
-from tests.projection_support import REBUILD, checkpoint, max_position, snapshot, wait_until
 from tests.support import TEST_SECRET, bearer, new_user
+from tests.support.projection import REBUILD, checkpoint, max_position, snapshot, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKCTL = str(Path(sys.executable).with_name("taskctl"))

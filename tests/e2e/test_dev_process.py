@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.schema import init_database
 from shared.settings import Settings
+from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ class Service:
         self.log = log
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args, "--host", "127.0.0.1",
+            [sys.executable, "-m", "taskctl.cli", *args, "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
         )

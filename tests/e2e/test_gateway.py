@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.compose_support import (
+from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support.compose import (
     NGINX_CONF,
     load_compose,
     nginx_for_test,
     service_environment,
 )
-from tests.process_support import Proc, free_port, require_binary
-from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support.process import Proc, free_port, require_binary
 
 pytestmark = pytest.mark.slow
 APIS = ("command-api", "query-api")
@@ -52,7 +52,7 @@ def taskctl(command: list[str], port: int | None = None) -> list[str]:
         args[args.index("--host") + 1] = "127.0.0.1"
     if port is not None:
         args[args.index("--port") + 1] = str(port)
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "taskctl.cli", *args]
 
 
 def healthcheck(service: dict, port: int, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -26,10 +26,11 @@ from uuid import UUID
 import psycopg
 import pytest
 
+from projections.manifest import create_read_tables_at
 from projections.projector import catch_up
-from projections.schema import create_read_tables_at
 from shared.position import ZERO
-from tests.projection_support import (
+from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support.projection import (
     REBUILD,
     Writer,
     checkpoint,
@@ -38,7 +39,6 @@ from tests.projection_support import (
     snapshot,
     wait_until,
 )
-from tests.support import TEST_SECRET, PostgresServer, new_user
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "20240607"))
@@ -61,7 +61,7 @@ class Projector:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "projector", "--poll-interval", "0.2",
+                [sys.executable, "-m", "taskctl.cli", "projector", "--poll-interval", "0.2",
                  "--batch-size", "50"],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             )

@@ -15,11 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from projections.manifest import create_read_tables_at
 from projections.projector import APPLICATION_NAME, catch_up
-from projections.schema import create_read_tables_at
+from shared.events import Task
 from shared.position import ZERO
-from shared.tasks import Task
-from tests.projection_support import (
+from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support.projection import (
     REBUILD,
     Writer,
     checkpoint,
@@ -29,7 +30,6 @@ from tests.projection_support import (
     snapshot,
     wait_until,
 )
-from tests.support import TEST_SECRET, PostgresServer, new_user
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ class Projector:
         self.log = log
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "projector", "--poll-interval", "0.2", *args],
+            [sys.executable, "-m", "taskctl.cli", "projector", "--poll-interval", "0.2", *args],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
         )
 

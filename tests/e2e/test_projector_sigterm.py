@@ -14,11 +14,11 @@ import httpx
 import psycopg
 import pytest
 
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE
 from shared.position import ZERO
-from tests.process_support import Proc, free_port
-from tests.projection_support import Writer, checkpoint, fresh_database, max_position, wait_until
 from tests.support import PostgresServer
+from tests.support.process import Proc, free_port
+from tests.support.projection import Writer, checkpoint, fresh_database, max_position, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_sigterm_ends_the_current_batch_cleanly_and_exits_0(own_db: str, tmp_pat
     metrics_port = free_port()
     env = {**os.environ, "DATABASE_URL": own_db, "ENVIRONMENT": "test", "LOG_LEVEL": "INFO",
            "METRICS_PORT": str(metrics_port)}
-    projector = Proc([sys.executable, "-m", "shared.cli", "projector", "--batch-size", "20",
+    projector = Proc([sys.executable, "-m", "taskctl.cli", "projector", "--batch-size", "20",
                       "--poll-interval", "0.2"], tmp_path / "projector.log", env)
     try:
         health = projector.wait_http(f"http://127.0.0.1:{metrics_port}/health")

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from projections.projector import catch_up
-from tests.projection_support import Writer, fresh_database, snapshot
 from tests.support import PostgresServer
+from tests.support.projection import Writer, fresh_database, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def own_db(pg_server: PostgresServer) -> Iterator[str]:
 
 def start_replay(url: str, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "shared.cli", "replay", *args],
+        [sys.executable, "-m", "taskctl.cli", "replay", *args],
         env={**os.environ, "DATABASE_URL": url},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=new_session,

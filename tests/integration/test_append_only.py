@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.eventstore import EVENTS_TABLE
-from shared.schema import APPEND_ONLY_MESSAGE
+from shared.catalog import EVENTS_TABLE
+from taskctl.dbinit import APPEND_ONLY_MESSAGE
 from tests.support import TEST_SECRET, bearer, new_user
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,14 +16,14 @@ import pytest
 
 from projections.audit import verify
 from projections.projector import catch_up
-from shared.tasks import Task
-from tests.projection_support import Writer, fresh_database, insert_raw_event
+from shared.events import Task
 from tests.support import PostgresServer, new_user
+from tests.support.projection import Writer, fresh_database, insert_raw_event
 
 
 def taskctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "shared.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
+        [sys.executable, "-m", "taskctl.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
         capture_output=True, text=True, timeout=60, check=False,
     )
 

@@ -15,16 +15,16 @@ from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor
 from shared.errors import PreconditionFailed
 from shared.etag import IfMatch
-from shared.eventstore import TaskStore, open_store
+from shared.events import Task
+from shared.eventstore import TaskStore
 from shared.settings import Settings
-from shared.tasks import Task
-from tests.support import bearer, new_user
+from tests.support import bearer, library_store, new_user
 
 
 @pytest.fixture(scope="module")
 def store(settings: Settings):
     """The library's own application on the event store: reads what the handlers wrote."""
-    store = open_store(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50}))
+    store = library_store(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50}))
     yield store
     store.close()
 

@@ -9,15 +9,15 @@ import secrets
 
 import pytest
 
-from shared.cli import (
+from shared.settings import SETTING_NAMES, Settings
+from taskctl.cli import (
     build_parser,
     cmd_command_api,
     cmd_db_init,
     cmd_projector,
     cmd_query_api,
 )
-from shared.settings import SETTING_NAMES, Settings
-from tests.compose_support import (
+from tests.support.compose import (
     COMPOSE,
     ENV_EXAMPLE,
     NGINX_CONF,

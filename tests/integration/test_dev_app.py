@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.dev import create_dev_app
 from shared.settings import Settings
-from tests.query_support import assert_error, position_of
+from taskctl.dev import create_dev_app
 from tests.support import bearer, new_user
+from tests.support.query import assert_error, position_of
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import pytest
 from eventsourcing.application import Application
 
 from projections.projector import catch_up
-from shared.eventstore import EVENTS_TABLE, open_store, store_env
-from shared.schema import init_database
+from shared.catalog import EVENTS_TABLE
+from shared.events import Task
+from shared.eventstore import store_env
 from shared.settings import Settings
-from shared.tasks import Task
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from taskctl.dbinit import init_database
+from tests.support import TEST_SECRET, PostgresServer, library_store, new_user
 
 
 class LibraryStore(Application):
@@ -68,7 +69,7 @@ def test_db_init_migrates_an_old_store_and_its_checkpoint_without_loss(old_store
         assert checkpoint_tx in tx_ids  # the checkpoint names its event in the new order
 
     # New writes go through our recorder and come after every old event.
-    store = open_store(settings)
+    store = library_store(settings)
     try:
         later = Task.create(owner=user, title="new", description=None, actor=user,
                             request_id="new")

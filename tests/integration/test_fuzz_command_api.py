@@ -20,14 +20,14 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from command_api.app import create_app
 from shared.settings import Settings
-from tests.fuzz_support import (
+from tests.support import TEST_SECRET, bearer, new_user
+from tests.support.fuzz import (
     DeferredApp,
     envelope_conformance,
     own_user_and_task,
     send,
     unique_idempotency_key,
 )
-from tests.support import TEST_SECRET, bearer, new_user
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 FUZZ_USER = new_user()

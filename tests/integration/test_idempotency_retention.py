@@ -12,8 +12,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.eventstore import IDEMPOTENCY_TABLE, purge_idempotency
+from shared.catalog import IDEMPOTENCY_TABLE
 from shared.settings import Settings
+from taskctl.cli import purge_idempotency
 from tests.support import bearer, new_user
 
 
@@ -58,13 +59,13 @@ def test_purge_refuses_a_retention_under_24_hours(settings: Settings):
 def test_the_cli_purges_and_reports(database_url: str):
     env = {**os.environ, "DATABASE_URL": database_url}
     run = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "db", "purge-idempotency"],
+        [sys.executable, "-m", "taskctl.cli", "db", "purge-idempotency"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("forgot ")
     refused = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "db", "purge-idempotency", "--older-than-hours", "2"],
+        [sys.executable, "-m", "taskctl.cli", "db", "purge-idempotency", "--older-than-hours", "2"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert refused.returncode != 0 and "24 hours" in refused.stderr

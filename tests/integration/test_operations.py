@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 
 from projections.projector import catch_up
 from query_api.app import create_app as create_query_app
-from shared.eventstore import EVENTS_TABLE
-from shared.schema import TransactionCounterBehind, init_database
+from shared.catalog import EVENTS_TABLE
 from shared.settings import Settings
-from tests.projection_support import Writer, fresh_database
+from taskctl.dbinit import TransactionCounterBehind, init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support.projection import Writer, fresh_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -122,7 +122,7 @@ def test_db_init_refuses_events_ahead_of_the_transaction_counter(own_db: str):
     assert f"pg_resetwal -e {(far >> 32) + 1}" in str(refused.value)
 
     cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "db", "init"], cwd=ROOT, timeout=60,
+        [sys.executable, "-m", "taskctl.cli", "db", "init"], cwd=ROOT, timeout=60,
         env={**os.environ, "DATABASE_URL": own_db, "ENVIRONMENT": "test"},
         capture_output=True, text=True,
     )

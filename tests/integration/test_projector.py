@@ -15,10 +15,11 @@ import psycopg
 import pytest
 
 from projections.projector import HandlerFailed, catch_up
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE
+from shared.events import Task
 from shared.position import ZERO
-from shared.tasks import Task
-from tests.projection_support import (
+from tests.support import PostgresServer, new_user
+from tests.support.projection import (
     REBUILD,
     Writer,
     checkpoint,
@@ -27,7 +28,6 @@ from tests.projection_support import (
     max_position,
     snapshot,
 )
-from tests.support import PostgresServer, new_user
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ async def test_read_tables_equal_a_rebuild_into_fresh_tables(own_db: str) -> Non
 
 
 async def _create_rebuild_tables(url: str) -> None:
-    from projections.schema import create_read_tables_at
+    from projections.manifest import create_read_tables_at
 
     await create_read_tables_at(url, REBUILD)
 
@@ -417,8 +417,8 @@ async def test_group_committed_commands_around_held_writers_are_projected_exactl
 
     from command_api.commands import ChangeTask, CreateTask  # noqa: PLC0415
     from command_api.handlers import Actor, TaskCommands  # noqa: PLC0415
-    from shared.taskstore import AsyncTaskStore  # noqa: PLC0415
-    from tests.projection_support import settings_for  # noqa: PLC0415
+    from command_api.store import AsyncTaskStore  # noqa: PLC0415
+    from tests.support.projection import settings_for  # noqa: PLC0415
 
     rng = random.Random(11)
     store = await AsyncTaskStore.open(

@@ -13,9 +13,10 @@ import psycopg
 import pytest
 
 from projections import projector
+from shared.events import Task
 from shared.position import ZERO
-from shared.tasks import Task
-from tests.projection_support import (
+from tests.support import PostgresServer, new_user
+from tests.support.projection import (
     Writer,
     checkpoint,
     eventually,
@@ -23,7 +24,6 @@ from tests.projection_support import (
     insert_raw_event,
     max_position,
 )
-from tests.support import PostgresServer, new_user
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from projections.projector import catch_up, run
 from query_api.app import create_app
 from shared.settings import Settings
-from tests.query_support import assert_error, create, position_of, write
 from tests.support import bearer, new_user
+from tests.support.query import assert_error, create, position_of, write
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from projections.projector import PROJECTION
-from projections.schema import create_read_tables_at
+from projections.manifest import create_read_tables_at
 from query_api.watch import APPLICATION_NAME, PositionWatch
+from shared.catalog import PROJECTION
 from shared.position import Position
 from tests.support import PostgresServer
 

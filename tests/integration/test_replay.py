@@ -18,10 +18,10 @@ import pytest
 
 from projections.projector import TRY_LOCK, catch_up, run
 from projections.replay import ReplayBusy, VerificationFailed, replay
-from projections.tables import DEFAULT
 from projections.verify import FoldProcessFailed
-from tests.projection_support import Writer, fresh_database, snapshot
+from shared.catalog import LIVE
 from tests.support import PostgresServer, new_user
+from tests.support.projection import Writer, fresh_database, snapshot
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def every_event_type(writer: Writer) -> list[str]:
 
 def run_taskctl(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "shared.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
+        [sys.executable, "-m", "taskctl.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
 
@@ -106,7 +106,7 @@ def definitions(url: str) -> dict[str, set[tuple[str, str]]]:
             *((r[0], r[1]) for r in conn.execute(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
                 (table,)).fetchall()),
-        } for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats)}
+        } for table in (LIVE.tasks, LIVE.history, LIVE.stats)}
 
 
 async def test_a_failed_verification_fold_process_fails_the_replay_and_the_next_run_works(
@@ -332,7 +332,7 @@ def test_cli_replay_prints_a_json_summary_and_status_reports_the_lag(own_db: str
 def test_cli_replay_rejects_an_unknown_projection(own_db: str) -> None:
     out = run_taskctl(own_db, "replay", "--projection", "nope")
     assert out.returncode == 2 and "unknown projection" in out.stderr
-    assert DEFAULT.tasks in tables(own_db)
+    assert LIVE.tasks in tables(own_db)
 
 
 async def test_replay_keeps_the_grants_of_the_live_tables(own_db: str) -> None:
@@ -340,9 +340,9 @@ async def test_replay_keeps_the_grants_of_the_live_tables(own_db: str) -> None:
     role = f"reader_{new_user().replace('-', '')[:12]}"
     with psycopg.connect(own_db, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} NOLOGIN")
-        for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats):
+        for table in (LIVE.tasks, LIVE.history, LIVE.stats):
             conn.execute(f"GRANT SELECT ON {table} TO {role}")
-        conn.execute(f"GRANT UPDATE ON {DEFAULT.stats} TO {role} WITH GRANT OPTION")
+        conn.execute(f"GRANT UPDATE ON {LIVE.stats} TO {role} WITH GRANT OPTION")
     try:
         writer = Writer(own_db)
         try:
@@ -356,12 +356,12 @@ async def test_replay_keeps_the_grants_of_the_live_tables(own_db: str) -> None:
                 table: set(conn.execute(
                     "SELECT privilege_type, is_grantable FROM information_schema.role_table_grants"
                     " WHERE grantee = %s AND table_name = %s", (role, table)).fetchall())
-                for table in (DEFAULT.tasks, DEFAULT.history, DEFAULT.stats)
+                for table in (LIVE.tasks, LIVE.history, LIVE.stats)
             }
         assert grants == {
-            DEFAULT.tasks: {("SELECT", "NO")},
-            DEFAULT.history: {("SELECT", "NO")},
-            DEFAULT.stats: {("SELECT", "NO"), ("UPDATE", "YES")},
+            LIVE.tasks: {("SELECT", "NO")},
+            LIVE.history: {("SELECT", "NO")},
+            LIVE.stats: {("SELECT", "NO"), ("UPDATE", "YES")},
         }
     finally:
         with psycopg.connect(own_db, autocommit=True) as conn:

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from command_api.store import AsyncTaskStore, VersionConflict
+from shared.events import Task
 from shared.settings import Settings
-from shared.tasks import Task
-from shared.taskstore import AsyncTaskStore, VersionConflict
 from tests.support import new_user
 
 

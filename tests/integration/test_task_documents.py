@@ -18,10 +18,10 @@ from command_api.handlers import task_view
 from projections.projector import catch_up
 from projections.replay import VerificationFailed, replay
 from projections.task_list import DOC_SQL, TaskState, document
-from shared.schema import init_database
-from shared.tasks import Task
-from tests.projection_support import Writer, fresh_database, settings_for, snapshot
+from shared.events import Task
+from taskctl.dbinit import init_database
 from tests.support import PostgresServer, new_user
+from tests.support.projection import Writer, fresh_database, settings_for, snapshot
 
 # Strings JSON must escape, and ones it must not.
 AWKWARD = "".join(chr(c) for c in range(1, 0x20)) + '"\\/é€😀\u2028\u2029\x7f<>&\'%_'

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.batching import Coalescer
+from command_api.batching import Coalescer
 
 
 class Recorder:

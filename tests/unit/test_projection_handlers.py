@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from projections import task_history, task_list, user_stats
-from shared.eventcodec import UndecodableEvent, decode_event
-from shared.tasks import EVENT_TOPICS
+from shared.events import EVENT_TOPICS, UndecodableEvent, decode_event
 
 WHEN = '{"_type_":"datetime_iso","_data_":"2025-03-04T05:06:07+00:00"}'
 

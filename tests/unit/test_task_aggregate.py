@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.etag import IfMatch, etag
+from shared.events import EVENT_TOPICS, Task, TaskDeleted
 from shared.position import BadPosition, Position, decode, encode
-from shared.tasks import EVENT_TOPICS, Task, TaskDeleted
 
 
 def new_task() -> Task:

@@ -4,7 +4,11 @@ Processes never create tables at start-up (concurrent creation fails intermitten
 
 from __future__ import annotations
 
-from shared.eventstore import EVENTS_TABLE, create_schema
+import psycopg
+
+from projections.manifest import ddl
+from shared.catalog import DDL_LOCK, EVENTS_TABLE
+from shared.eventstore import create_schema
 from shared.settings import Settings
 
 APPEND_ONLY_FUNCTION = "taskservice_events_append_only"
@@ -49,8 +53,6 @@ CURRENT_TX_ID = "SELECT pg_current_xact_id()::text"
 def check_transaction_counter(settings: Settings) -> None:
     """Refuse (TransactionCounterBehind) when max(tx_id) of the stored events is not
     below this cluster's current transaction id."""
-    import psycopg  # noqa: PLC0415
-
     with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
         exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (EVENTS_TABLE,)).fetchone()
         if not (exists and exists[0]):
@@ -85,22 +87,16 @@ def init_database(settings: Settings) -> None:
 
 
 def _create_read_tables(settings: Settings) -> None:
-    """The projector's read tables and checkpoints (DDL owned by `projections.schema`)."""
-    import psycopg  # noqa: PLC0415
-
-    from projections.schema import ddl  # noqa: PLC0415 - shared must not import it at load
-
+    """The projector's read tables and checkpoints (DDL owned by `projections.manifest`)."""
     with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('taskservice.ddl', 0))")
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         for statement in ddl():
             conn.execute(statement)
 
 
 def _make_events_append_only(settings: Settings) -> None:
     """Triggers that make UPDATE, DELETE and TRUNCATE of stored events fail (idempotent)."""
-    import psycopg  # noqa: PLC0415
-
     with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('taskservice.ddl', 0))")
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         for statement in APPEND_ONLY_DDL:
             conn.execute(statement)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 ENV_EXAMPLE = ROOT / ".env.example"

@@ -1,4 +1,5 @@
-"""Response shapes, for the OpenAPI documents both APIs serve."""
+"""Response shapes of both APIs, for their OpenAPI documents (the bodies themselves are
+built by `shared.http`'s envelopes and `shared.documents`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ class TaskOut(BaseModel):
     version: int
 
 
+class HistoryEntryOut(BaseModel):
+    task_id: str
+    version: int
+    type: str
+    actor: str
+    request_id: str
+    occurred_at: str
+    changes: dict[str, Any]
+
+
+class StatsOut(BaseModel):
+    total: int
+    completed: int
+    pending: int
+
+
 class Meta(BaseModel):
     timestamp: str
     request_id: str
@@ -28,9 +45,18 @@ class Meta(BaseModel):
     stale: bool | None = None
 
 
+class ReadMeta(Meta):
+    next_cursor: str | None = None
+
+
 class DataEnvelope(BaseModel, Generic[T]):
     data: T
     meta: Meta
+
+
+class ReadEnvelope(BaseModel, Generic[T]):
+    data: T
+    meta: ReadMeta
 
 
 class ErrorBody(BaseModel):

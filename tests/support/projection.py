@@ -14,13 +14,13 @@ import psycopg
 from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor
-from projections.tables import DEFAULT, Tables
-from shared.eventstore import EVENTS_TABLE, TaskStore, open_store
+from shared.catalog import EVENTS_TABLE, LIVE, Tables
+from shared.events import Task
+from shared.eventstore import TaskStore
 from shared.position import ZERO, Position
-from shared.schema import init_database
 from shared.settings import Settings
-from shared.tasks import Task
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from taskctl.dbinit import init_database
+from tests.support import TEST_SECRET, PostgresServer, library_store, new_user
 
 REBUILD = Tables(
     tasks="rebuild_tasks",
@@ -47,7 +47,7 @@ class Writer:
     the library's own application on the same tables, for raw saves and reads."""
 
     def __init__(self, url: str) -> None:
-        self.store: TaskStore = open_store(settings_for(url))
+        self.store: TaskStore = library_store(settings_for(url))
         self.loop = LoopThread(settings_for(url))
         self.commands = self.loop.handlers()
 
@@ -104,7 +104,7 @@ def insert_raw_event(
     return Position(int(row[0]), int(row[1]))
 
 
-def snapshot(url: str, t: Tables = DEFAULT) -> dict[str, list[tuple[Any, ...]]]:
+def snapshot(url: str, t: Tables = LIVE) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the read tables, in key order."""
     with psycopg.connect(url) as conn:
         return {
@@ -116,7 +116,7 @@ def snapshot(url: str, t: Tables = DEFAULT) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
-def checkpoint(url: str, t: Tables = DEFAULT) -> Position | None:
+def checkpoint(url: str, t: Tables = LIVE) -> Position | None:
     with psycopg.connect(url) as conn:
         row = conn.execute(
             f"SELECT tx_id::text, position FROM {t.checkpoints} WHERE projection = 'task_views'"

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared import aio
 from shared.settings import Settings, SettingsError
 
 
@@ -42,7 +43,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 
 
 def cmd_db_init(_: argparse.Namespace) -> None:
-    from shared.schema import TransactionCounterBehind, init_database  # noqa: PLC0415
+    from taskctl.dbinit import TransactionCounterBehind, init_database  # noqa: PLC0415
 
     settings = _settings(require_auth=False)
     try:
@@ -52,13 +53,30 @@ def cmd_db_init(_: argparse.Namespace) -> None:
     print("database initialised")
 
 
-def cmd_db_purge_idempotency(args: argparse.Namespace) -> None:
-    from shared.eventstore import purge_idempotency  # noqa: PLC0415
+def purge_idempotency(settings: Settings, older_than_hours: float | None = None) -> int | None:
+    """Forget expired Idempotency-Keys with the command API's own purge (batched, under
+    its lock); how many, or None when another process is purging right now."""
+    from command_api.store import AsyncTaskStore
 
+    hours = settings.idempotency_ttl_hours if older_than_hours is None else older_than_hours
+
+    async def purge() -> int | None:
+        store = await AsyncTaskStore.open(settings)
+        try:
+            return await store.purge_idempotency(hours)
+        finally:
+            await store.close()
+
+    return aio.run(purge)
+
+
+def cmd_db_purge_idempotency(args: argparse.Namespace) -> None:
     try:
         removed = purge_idempotency(_settings(require_auth=False), args.older_than_hours)
     except ValueError as e:
         sys.exit(f"taskctl db purge-idempotency: {e}")
+    if removed is None:
+        sys.exit("taskctl db purge-idempotency: another process is purging right now; try later")
     print(f"forgot {removed} idempotency keys")
 
 
@@ -173,14 +191,14 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     from command_api.seed import DEMO_USERS, seed  # noqa: PLC0415
     from shared.auth import mint_token  # noqa: PLC0415
-    from shared.dev import create_dev_app  # noqa: PLC0415
-    from shared.schema import init_database  # noqa: PLC0415
+    from taskctl.dbinit import init_database  # noqa: PLC0415
+    from taskctl.dev import create_dev_app  # noqa: PLC0415
 
     datadir = Path(args.data_dir)
     embedded = None
     overrides: dict[str, object] = {"environment": os.environ.get("ENVIRONMENT") or "development"}
     if not os.environ.get("DATABASE_URL"):
-        from shared.embedded import EmbeddedPostgres  # noqa: PLC0415
+        from taskctl.embedded import EmbeddedPostgres  # noqa: PLC0415
 
         embedded = EmbeddedPostgres(datadir / "postgres")
         overrides["database_url"] = embedded.start()

@@ -13,7 +13,7 @@ asyncpg, and keeps everything the library's recorder keeps:
   projector takes only events of transactions older than every running one;
 - the idempotency record in the same statement (a data-modifying CTE) as the events.
 
-Round trips are coalesced (`shared.batching.Coalescer`): the latest-state reads of
+Round trips are coalesced (`command_api.batching.Coalescer`): the latest-state reads of
 concurrent commands go out as one `= ANY($1)` query, and their single-event appends
 without an Idempotency-Key as one `INSERT ... ON CONFLICT ON CONSTRAINT ... DO NOTHING
 RETURNING` (group commit: one statement, one transaction, one WAL flush). A row left
@@ -44,15 +44,16 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
-from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.persistence import StoredEvent
 
-from shared.batching import Coalescer
+from command_api.batching import Coalescer
+from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, PURGE_IDEMPOTENCY_LOCK
 from shared.errors import DATABASE_DOWN
-from shared.eventstore import EVENTS_TABLE, IDEMPOTENCY_TABLE, IdempotencyRecord, TaskStore
+from shared.events import Task
+from shared.eventstore import mapper
 from shared.observability import COMMAND_DB_BATCH
 from shared.position import Position
 from shared.settings import Settings
-from shared.tasks import Task
 
 log = logging.getLogger("taskservice.taskstore")
 T = TypeVar("T")
@@ -111,7 +112,7 @@ _SELECT_POSITION = (
     " WHERE originator_id = $1 AND originator_version = $2"
 )
 _NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
-_PURGE_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended('taskservice.purge-idempotency', 0))"
+_PURGE_LOCK = f"SELECT pg_try_advisory_xact_lock(hashtextextended('{PURGE_IDEMPOTENCY_LOCK}', 0))"
 _PURGE_BATCH = (
     f"DELETE FROM {IDEMPOTENCY_TABLE} WHERE ctid = ANY(ARRAY("
     f"SELECT ctid FROM {IDEMPOTENCY_TABLE}"
@@ -132,17 +133,23 @@ class KeyTaken(Exception):
 
 
 @dataclass(frozen=True)
-class KeyRecord:
+class IdempotencyRecord:
+    """What a command with an `Idempotency-Key` produced, so a retry can answer alike."""
+
+    user_id: str
+    key: str
     fingerprint: str
     status: int
     task_id: UUID | None
     version: int | None
 
 
-def mapper() -> Mapper[UUID]:
-    """The event store application's own mapper (transcodings included), without its
-    database: built on the library's in-memory persistence."""
-    return TaskStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}).mapper
+@dataclass(frozen=True)
+class KeyRecord:
+    fingerprint: str
+    status: int
+    task_id: UUID | None
+    version: int | None
 
 
 async def _no_session_state(_: asyncpg.Connection) -> None:

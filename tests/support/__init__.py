@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from shared.auth import mint_token
+from shared.eventstore import TaskStore, store_env
+from shared.settings import Settings
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
@@ -42,7 +44,7 @@ class PostgresServer:
         self.embedded = None
         url = os.environ.get("DATABASE_URL") or _local_server()
         if url is None:
-            from shared.embedded import EmbeddedPostgres
+            from taskctl.embedded import EmbeddedPostgres
 
             self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="taskservice-test-pg-")))
             url = self.embedded.start()
@@ -80,3 +82,9 @@ def new_user() -> str:
 
 def bearer(user_id: str, **kwargs: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(TEST_SECRET, user_id, **kwargs)}"}
+
+
+def library_store(settings: Settings) -> TaskStore:
+    """The eventsourcing application on the test database: the library's own writer and
+    readers, for tests that write events without the command API or read as the library."""
+    return TaskStore(env=store_env(settings))

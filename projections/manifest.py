@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncpg
 
 from projections import task_history, task_list, user_stats
-from projections.tables import DEFAULT, Tables
-from shared.eventstore import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE, LIVE, Tables
 
 READ_MODELS = (task_list, task_history, user_stats)
 
 
-def ddl(t: Tables = DEFAULT) -> list[str]:
+def ddl(t: Tables = LIVE) -> list[str]:
     statements = [
         # (tx_id, position) is the last event applied, in the event store's global
         # order (see shared/position.py); position is its notification id.
@@ -31,7 +30,7 @@ def ddl(t: Tables = DEFAULT) -> list[str]:
     return statements
 
 
-async def create_read_tables(conn: asyncpg.Connection, tables: Tables = DEFAULT) -> None:
+async def create_read_tables(conn: asyncpg.Connection, tables: Tables = LIVE) -> None:
     """Create the read tables and indexes if missing; safe to run again."""
     async with conn.transaction():
         # Serialise concurrent `db init`s: CREATE ... IF NOT EXISTS can race.
@@ -40,7 +39,7 @@ async def create_read_tables(conn: asyncpg.Connection, tables: Tables = DEFAULT)
             await conn.execute(statement)
 
 
-async def create_read_tables_at(dsn: str, tables: Tables = DEFAULT) -> None:
+async def create_read_tables_at(dsn: str, tables: Tables = LIVE) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await create_read_tables(conn, tables)

@@ -1,0 +1,53 @@
+"""Every name the processes share in the database: tables, NOTIFY channels, projection
+names and advisory-lock keys. A name changes here or nowhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The event store (the eventsourcing recorder's tables, see `shared.eventstore`).
+EVENTS_TABLE = "tasks_events"
+IDEMPOTENCY_TABLE = "command_idempotency"
+# The command side NOTIFYs this after its commits; the projector LISTENs.
+EVENTS_CHANNEL = EVENTS_TABLE
+
+# The read side. One projection (one checkpoint) covers the three read tables: the
+# task list's rows are the state the history's "from" values and the counts come from.
+PROJECTION = "task_views"
+PROJECTIONS: tuple[str, ...] = (PROJECTION,)
+CHECKPOINTS_TABLE = "projection_checkpoints"
+VERSIONS_TABLE = "projection_versions"
+# After each committed batch: NOTIFY projection_advanced, '<position>'.
+ADVANCED_CHANNEL = "projection_advanced"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The read tables of one projection. Replay builds a second set under other names
+    and renames it into place, so every read-model statement is formatted with one."""
+
+    tasks: str = "read_tasks"
+    history: str = "read_task_history"
+    stats: str = "read_user_stats"
+    checkpoints: str = CHECKPOINTS_TABLE
+
+    @property
+    def read_tables(self) -> tuple[str, str, str]:
+        return (self.tasks, self.history, self.stats)
+
+
+LIVE = Tables()
+
+
+# Advisory-lock keys: each lock is taken on `hashtextextended(key, 0)`, the key passed
+# as a parameter.
+DDL_LOCK = "taskservice.ddl"
+PURGE_IDEMPOTENCY_LOCK = "taskservice.purge-idempotency"
+
+
+def projector_lock(projection: str) -> str:
+    return f"taskservice.projector:{projection}"
+
+
+def replay_lock(projection: str) -> str:
+    return f"taskservice.replay:{projection}"

@@ -1,0 +1,3 @@
+from taskctl.cli import main
+
+main()
