@@ -52,7 +52,17 @@ def _cpu_list(text: str) -> set[int]:
 
 def taskctl() -> list[str]:
     script = Path(sys.executable).with_name("taskctl")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl"]
+
+
+def db_init(database_url: str) -> None:
+    """`taskctl db init` on `database_url`, as an operator runs it (the CLI package is
+    run, never imported)."""
+    env = {**os.environ, "DATABASE_URL": database_url}
+    done = subprocess.run([*taskctl(), "db", "init"], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"taskctl db init failed: {done.stderr.strip() or done.stdout}")
 
 
 @dataclass

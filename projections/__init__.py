@@ -1,2 +1,2 @@
-"""The projector: follows the event store and builds the per-user read tables.
-Imports `shared` only (never `command_api`)."""
+"""The projector, the replay and the audit: follow the event store into the per-user
+read tables, rebuild them, check them. Imports `shared` only (never `command_api`)."""

@@ -1,2 +1,3 @@
-"""The query side: serves the per-user read tables. Imports `shared` only (never
-`command_api` or `projections`)."""
+"""The query side: serves each user's rows of the read tables, with the position they
+reflect. Imports `shared` only (never `command_api` or `projections`: the read tables'
+names come from `shared.catalog`)."""

@@ -6,7 +6,8 @@ functions here turn its rows into typed values. `read_position`, `lag_seconds` a
 Every query that returns user data filters by the token's user first
 (`WHERE user_id = $1 ...`); the only query that looks past the user is
 `owned_by_someone_else`, which answers yes or no so a route can tell 403 from 404,
-and returns nothing of the other user's row.
+and returns nothing of the other user's row. The rows are written by the read models
+listed in `projections/manifest.py` (one module each).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uuid import UUID
 import asyncpg
 
 from shared import catalog
+from shared.events import event_time
 from shared.position import ZERO, Position
 
 Status = Literal["all", "pending", "completed"]
@@ -144,9 +146,7 @@ async def lag_seconds(conn: asyncpg.Connection, position: Position) -> float:
     state = await conn.fetchval(OLDEST_UNPROJECTED, str(position.tx_id), position.notification_id)
     if state is None:
         return 0.0
-    raw = state.decode() if isinstance(state, bytes) else state
-    occurred = datetime.fromisoformat(json.loads(raw)["timestamp"]["_data_"])
-    return max(0.0, (datetime.now(UTC) - occurred).total_seconds())
+    return max(0.0, (datetime.now(UTC) - event_time(state)).total_seconds())
 
 
 @dataclass(frozen=True)

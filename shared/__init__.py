@@ -1,4 +1,3 @@
-"""Code shared by every process: settings, auth, envelopes, errors, the task vocabulary
-and the event store. It imports nothing from `command_api`, `query_api` or
-`projections` (the `taskctl` CLI in `taskctl.cli` is the composition root and imports
-them lazily, inside its commands)."""
+"""The kernel every process imports: settings, auth, the HTTP envelopes and errors, the
+task vocabulary and its stored form, and every name the processes share in the
+database. It imports nothing of ours."""
