@@ -214,6 +214,11 @@ class RequestContext:
                     too_large = True
             if not too_large and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
                 body, too_large = await self._read_body(receive)
+                if body is None:
+                    # The client went away before its body was complete: a partial body
+                    # is never executed, and there is nobody to answer.
+                    log.info("request dropped: client disconnected before the body ended")
+                    return
                 receive = replay_body(body, receive)
             if too_large:
                 response = error_response(
@@ -236,13 +241,15 @@ class RequestContext:
         finally:
             REQUEST_ID.reset(token)
 
-    async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, bool]:
+        """The whole body and whether it is too large; None for the body when the
+        client disconnected before its last chunk."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return b"".join(chunks), False
+                return None, False
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
