@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import urllib.request
 from collections import OrderedDict
@@ -233,17 +234,42 @@ class Authenticator:
         except jwt.PyJWTError:
             raise Unauthorized(INVALID) from None
         sub = claims.get("sub")
-        if (
-            not isinstance(sub, str)
-            or not sub.strip()
-            or len(sub) > MAX_SUBJECT_LENGTH
-            or any(ord(c) < 32 for c in sub)
-        ):
+        if not usable_subject(sub):
             raise Unauthorized(INVALID)
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if isinstance(exp, int | float) and (nbf is None or isinstance(nbf, int | float)):
-            self._remember(token, _Verified(sub, float(exp), nbf, kid, jwk))
+        # PyJWT takes any value int() accepts (a numeric string too); only numbers here.
+        exp = numeric_date(claims["exp"])
+        times = {name: numeric_date(claims[name]) for name in ("iat", "nbf") if name in claims}
+        if exp is None or None in times.values():
+            raise Unauthorized(INVALID)
+        self._remember(token, _Verified(sub, exp, times.get("nbf"), kid, jwk))
         return sub
+
+
+def usable_subject(sub: Any) -> bool:
+    """Whether `sub` can be a user id: a non-blank string of at most
+    MAX_SUBJECT_LENGTH characters, no C0 control characters, valid Unicode (a lone
+    surrogate, which JSON's \\u escapes can carry, has no UTF-8 form to store)."""
+    if not isinstance(sub, str) or not sub.strip() or len(sub) > MAX_SUBJECT_LENGTH:
+        return False
+    if any(ord(c) < 32 for c in sub):
+        return False
+    try:
+        sub.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def numeric_date(value: Any) -> float | None:
+    """A NumericDate claim (RFC 7519: a JSON number of seconds) as a finite float;
+    None for anything else: a string, a boolean, null, or a number out of float range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 async def current_user(request: Request) -> str:

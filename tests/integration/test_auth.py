@@ -386,6 +386,16 @@ def _rejections(k: Keys) -> list[Any]:
         p("missing-exp", bearer_of(lambda: k.ed.token({"sub": new_user()})), INVALID),
         p("text-exp", bearer_of(lambda: k.ed.token(claims() | {"exp": "tomorrow"})), INVALID),
         p(
+            "numeric-text-exp",
+            bearer_of(lambda: k.ed.token(claims() | {"exp": str(int(time.time()) + 300)})),
+            INVALID,
+        ),
+        p("numeric-text-iat", bearer_of(lambda: k.ed.token(claims() | {"iat": "1"})), INVALID),
+        p("numeric-text-nbf", bearer_of(lambda: k.ed.token(claims() | {"nbf": "1"})), INVALID),
+        p("boolean-iat", bearer_of(lambda: k.ed.token(claims() | {"iat": True})), INVALID),
+        p("huge-exp", bearer_of(lambda: k.ed.token(claims() | {"exp": 10**400})), INVALID),
+        p("lone-surrogate-sub", bearer_of(lambda: k.ed.token(claims(sub="u\ud800"))), INVALID),
+        p(
             "unknown-kid",
             bearer_of(lambda: k.stranger.token(claims())),
             INVALID,

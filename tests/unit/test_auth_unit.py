@@ -84,6 +84,8 @@ async def test_missing_or_other_scheme_says_header_required(header: str | None) 
         pytest.param("x" * 256, id="too-long"),
         pytest.param("alice\nadmin", id="newline"),
         pytest.param("alice\x00", id="nul"),
+        pytest.param("alice\ud800", id="lone-surrogate"),
+        pytest.param("\udfff", id="lone-low-surrogate"),
         pytest.param(42, id="number"),
         pytest.param(["alice"], id="list"),
         pytest.param(None, id="null"),
@@ -91,6 +93,34 @@ async def test_missing_or_other_scheme_says_header_required(header: str | None) 
 )
 async def test_unusable_subject_is_refused(sub: Any) -> None:
     assert await refused(hs256(), f"Bearer {token(valid_claims(sub=sub))}") == INVALID
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        pytest.param({"exp": str(int(time.time()) + 60)}, id="numeric-text-exp"),
+        pytest.param({"exp": f"{time.time() + 60:.3f}"}, id="decimal-text-exp"),
+        pytest.param({"exp": 10**400}, id="exp-beyond-float"),
+        pytest.param({"exp": float("inf")}, id="infinite-exp"),
+        pytest.param({"exp": float("nan")}, id="nan-exp"),
+        pytest.param({"iat": "0"}, id="numeric-text-iat"),
+        pytest.param({"iat": None}, id="null-iat"),
+        pytest.param({"iat": False}, id="boolean-iat"),
+        pytest.param({"nbf": "0"}, id="numeric-text-nbf"),
+        pytest.param({"nbf": [0]}, id="list-nbf"),
+        pytest.param({"nbf": -(10**400)}, id="nbf-beyond-float"),
+    ],
+)
+async def test_time_claims_must_be_json_numbers(claim: dict[str, Any]) -> None:
+    assert await refused(hs256(), f"Bearer {token(valid_claims(**claim))}") == INVALID
+
+
+async def test_fractional_time_claims_are_numbers_too() -> None:
+    now = time.time()
+    claims = valid_claims(exp=now + 60.5, iat=now - 0.25, nbf=now - 1.5)
+    authenticator = hs256()
+    assert await authenticator.user_id(f"Bearer {token(claims)}") == "user-1"
+    assert await authenticator.user_id(f"Bearer {token(claims)}") == "user-1"  # remembered
 
 
 async def test_longest_allowed_subject_is_accepted() -> None:
