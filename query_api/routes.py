@@ -56,8 +56,14 @@ Wanted = Annotated[Position | None, Depends(wanted_position)]
 
 
 def _no_nul(value: str | None) -> str | None:
+    """PostgreSQL text holds neither NUL nor a lone surrogate (no UTF-8 form)."""
     if value is not None and "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    if value is not None and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -84,9 +90,16 @@ class FeedFilter(BaseModel):
     @field_validator("since", "until")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        """In UTC (no offset: UTC). Python's dates end at years 1 and 9999 (PostgreSQL's
+        go further), so one that is beyond them once in UTC is refused here, by name."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must fall within years 1 to 9999 once converted to UTC") from None
 
     @field_validator("type")
     @classmethod
