@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -18,8 +20,64 @@ from pydantic import (
     model_validator,
 )
 
-PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "your-secret-here", "placeholder"}
+PLACEHOLDER_SECRETS = {
+    "changeme",
+    "change-me",
+    "secret",
+    "your-secret-here",
+    "placeholder",
+    "set me",
+    "replace-with-a-long-random-hex-string",  # .env.example's placeholder text
+}
 MIN_SECRET_LENGTH = 32
+MIN_SECRET_BITS = 80
+MAKE_A_SECRET = (
+    "make one with `openssl rand -base64 48` or"
+    ' `python -c "import secrets; print(secrets.token_urlsafe(48))"`'
+)
+
+
+def estimated_bits(text: str) -> float:
+    """A Shannon estimate of `text`'s entropy: its length times the entropy of its own
+    character frequencies. It cannot see order, so repetition is checked apart."""
+    n = len(text)
+    return -n * sum(c / n * math.log2(c / n) for c in Counter(text).values()) if n else 0.0
+
+
+def repeating_period(text: str) -> int | None:
+    """The length of the shortest piece `text` is made of, over and over (its last
+    repetition may be cut short), when that piece is at most half as long; else None."""
+    for period in range(1, len(text) // 2 + 1):
+        if text[period:] == text[:-period]:
+            return period
+    return None
+
+
+def weak_secret(secret: str) -> str | None:
+    """Why `secret` is unfit for production (a known placeholder, shorter than
+    MIN_SECRET_LENGTH, a short piece repeated, fewer than MIN_SECRET_BITS by
+    `estimated_bits`), or None. It catches the usual mistakes; it does not prove a
+    secret random."""
+    text = secret.strip()
+    lowered = text.lower()
+    if lowered in PLACEHOLDER_SECRETS or text.startswith("dev-"):
+        return "is a placeholder"
+    if len(text) < MIN_SECRET_LENGTH:
+        return f"is shorter than {MIN_SECRET_LENGTH} characters"
+    period = repeating_period(lowered)
+    if period == 1:
+        return "is one character repeated"
+    if period is not None:
+        return f"is a piece of {period} characters repeated"
+    bits = estimated_bits(text)
+    if bits < MIN_SECRET_BITS:
+        return (
+            f"has too little entropy: about {bits:.0f} bits, fewer than {MIN_SECRET_BITS}"
+            " (estimated as its length times the Shannon entropy of its characters'"
+            " frequencies)"
+        )
+    return None
+
 _ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$")
 
 
@@ -109,12 +167,9 @@ class Settings(BaseModel):
             )
         secret = self.better_auth_secret
         if secret and self.environment == "production":
-            if secret.strip().lower() in PLACEHOLDER_SECRETS or secret.startswith("dev-"):
-                raise ValueError("BETTER_AUTH_SECRET is a placeholder; set a real secret")
-            if len(secret.strip()) < MIN_SECRET_LENGTH:
-                raise ValueError(
-                    f"BETTER_AUTH_SECRET is shorter than {MIN_SECRET_LENGTH} characters"
-                )
+            weakness = weak_secret(secret)
+            if weakness is not None:
+                raise ValueError(f"BETTER_AUTH_SECRET {weakness}; {MAKE_A_SECRET}")
         return self
 
     @property

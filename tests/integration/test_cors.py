@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from command_api.app import create_app as create_command_app
 from query_api.app import create_app as create_query_app
 from shared.settings import Settings, SettingsError
-from tests.support import bearer, new_user
+from tests.support import TEST_SECRET, bearer, new_user
 
 ALLOWED = "https://app.example.com"
 OTHER = "http://127.0.0.1:5173"
@@ -107,10 +107,10 @@ def test_an_unhandled_error_is_a_500_envelope_with_cors_and_request_id(settings:
                                    "https://app.example.com/path"])
 def test_settings_refuse_a_wildcard_or_malformed_origin(value):
     with pytest.raises(SettingsError, match="CORS_ORIGINS"):
-        Settings.from_env({"CORS_ORIGINS": value, "BETTER_AUTH_SECRET": "x" * 40})
+        Settings.from_env({"CORS_ORIGINS": value, "BETTER_AUTH_SECRET": TEST_SECRET})
 
 
 def test_settings_read_a_comma_separated_origin_list():
     settings = Settings.from_env({"CORS_ORIGINS": f" {ALLOWED}/ ,{OTHER}",
-                                  "BETTER_AUTH_SECRET": "x" * 40})
+                                  "BETTER_AUTH_SECRET": TEST_SECRET})
     assert settings.cors_origin_list == [ALLOWED, OTHER]
