@@ -3,7 +3,7 @@ when every step carries one event (the live projector under a light, steady load
 each NOTIFY wakes it for an event or two), on the standard asyncio loop and on uvloop.
 
 It seeds n task creations in a scratch database, then projects them with
-`catch_up(batch_size=1)` from an empty checkpoint, once per loop per round
+the runner (`bench.replay_worker.catch_up`, batch_size=1) from an empty checkpoint, once per loop per round
 (interleaved), and reports process CPU time per step, median of the rounds. A step is
 about a dozen statements (lock the checkpoint, read the safe bound, read the events,
 load the states, write three models, save the checkpoint, NOTIFY), so this is mostly the
@@ -20,17 +20,18 @@ import time
 import psycopg
 
 from bench.data import Databases
+from bench.procs import db_init
+from bench.replay_worker import catch_up
 from bench.run import DEFAULT_PG_URL
-from projections.projector import catch_up
 from shared import aio
+from shared.catalog import LIVE
 from shared.events import Task
 from shared.eventstore import TaskStore, store_env
 from shared.settings import Settings
-from taskctl.dbinit import init_database
 
 RESET = (
-    "TRUNCATE read_tasks, read_task_history, read_user_stats;"
-    " UPDATE projection_checkpoints SET tx_id = '0', position = 0"
+    f"TRUNCATE {', '.join(LIVE.read_tables)};"
+    f" UPDATE {LIVE.checkpoints} SET tx_id = '0', position = 0"
 )
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         url = dbs.create()
         settings = Settings(environment="test", database_url=url, better_auth_secret="b" * 40)
-        init_database(settings)
+        db_init(url)
         store = TaskStore(env=store_env(settings))  # the library's own writer
         store.save(*(Task.create(owner=f"u{i % 20}", title=f"t{i}", description=None,
                                  actor="bench", request_id="bench") for i in range(args.n)))

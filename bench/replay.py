@@ -3,8 +3,8 @@
 Two ways, chosen by `--replay-via`:
 
 - `projector`: `python -m bench.replay_worker DSN`, which creates the read tables and
-  runs `projections.projector.catch_up` (the live projector's code path) over the
-  whole log; the time is measured inside the worker.
+  runs the live projector's code path (the runner with its live sink) over the whole
+  log; the time is measured inside the worker.
 - `taskctl`: `taskctl replay` (REPLAY_COMMAND), timed from outside. **The hook:** when
   the replay CLI lands, check REPLAY_COMMAND matches its interface; `auto` (the
   default) already picks it as soon as `taskctl` has a `replay` subcommand.
@@ -28,14 +28,10 @@ REPLAY_COMMAND = ["replay", "--json"]
 
 
 def taskctl_has_replay() -> bool:
-    from taskctl.cli import build_parser  # noqa: PLC0415
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions if parser._subparsers else []:  # noqa: SLF001
-        choices = getattr(action, "choices", None) or {}
-        if "replay" in choices:
-            return True
-    return False
+    """Whether `taskctl replay --help` runs (the CLI package is run, never imported)."""
+    done = subprocess.run([*taskctl(), "replay", "--help"], cwd=ROOT, capture_output=True,  # noqa: S603
+                          timeout=60, check=False)
+    return done.returncode == 0
 
 
 def _pinned(cpus: set[int] | None, argv: list[str]) -> list[str]:
@@ -60,7 +56,7 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
         if out.returncode != 0:
             raise RuntimeError(f"replay worker failed:\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["via"] = "projections.projector.catch_up into fresh read tables (bench.replay_worker)"
+        result["via"] = "the live projector's runner into fresh read tables (bench.replay_worker)"
         return result
 
     import psycopg  # noqa: PLC0415

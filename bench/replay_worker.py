@@ -1,6 +1,7 @@
 """`python -m bench.replay_worker DSN`: rebuild the read tables of DSN from its whole
-event log with the projector's own code path (`projections.projector.catch_up`, the
-one the live projector runs), into fresh read tables; prints one JSON line.
+event log with the live projector's own code path (the runner of
+`projections.projector` with its live sink, until caught up), into fresh read tables;
+prints one JSON line.
 
 The harness runs it as a separate process pinned to the server CPUs, like the real
 projector. When `taskctl replay` exists the harness can time that instead
@@ -16,18 +17,36 @@ import time
 
 import asyncpg
 
+from shared.catalog import EVENTS_TABLE
 
-async def rebuild(dsn: str) -> dict[str, float]:
-    from projections.manifest import create_read_tables_at  # noqa: PLC0415
-    from projections.projector import catch_up  # noqa: PLC0415
+
+async def catch_up(dsn: str, *, batch_size: int | None = None) -> object:
+    """Apply every event committed so far to the live tables, as the live projector's
+    runner does; the new checkpoint."""
+    from projections.projector import (  # noqa: PLC0415
+        BATCH_SIZE,
+        apply_until_caught_up,
+        ensure_checkpoint,
+    )
 
     conn = await asyncpg.connect(dsn)
     try:
-        events = await conn.fetchval("SELECT count(*) FROM tasks_events")
+        await ensure_checkpoint(conn)
+        return await apply_until_caught_up(conn, batch_size=batch_size or BATCH_SIZE)
+    finally:
+        await conn.close()
+
+
+async def rebuild(dsn: str) -> dict[str, float]:
+    from bench.procs import db_init  # noqa: PLC0415
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        events = await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")
     finally:
         await conn.close()
     started = time.perf_counter()
-    await create_read_tables_at(dsn)  # fresh: nothing has projected into this database
+    db_init(dsn)  # fresh read tables: nothing has projected into this database
     position = await catch_up(dsn)
     seconds = time.perf_counter() - started
     return {"events": int(events), "position": position, "seconds": seconds,

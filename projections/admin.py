@@ -11,14 +11,10 @@ from typing import Any
 import asyncpg
 
 from projections import checkpoints as cp
+from projections.manifest import PROJECTIONS, table_names
 from projections.progress import ProgressReport
-from projections.replay import (
-    PROJECTIONS,
-    VERSIONS,
-    ReplayBusy,
-    VerificationFailed,
-    replay,
-)
+from projections.replay import ReplayBusy, VerificationFailed, replay
+from shared.catalog import EVENTS_TABLE, VERSIONS_TABLE, projector_lock
 from shared.errors import DATABASE_DOWN
 
 
@@ -94,12 +90,12 @@ async def projection_status(dsn: str) -> list[dict[str, Any]]:
         for name, tables in PROJECTIONS.items():
             position = await cp.read_checkpoint(conn, tables, name)
             events, seconds = await cp.lag(conn, position) if position is not None else (
-                await conn.fetchval("SELECT count(*) FROM tasks_events"), None)
+                await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}"), None)
             holder = await _lock_holder(conn, name)
             version = None
-            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSIONS):
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSIONS_TABLE):
                 version = await conn.fetchval(
-                    f"SELECT version FROM {VERSIONS} WHERE projection = $1", name)
+                    f"SELECT version FROM {VERSIONS_TABLE} WHERE projection = $1", name)
             out.append({
                 "projection": name,
                 "position": None if position is None else str(position),
@@ -109,7 +105,7 @@ async def projection_status(dsn: str) -> list[dict[str, Any]]:
                 "held_by_projector": holder is not None,
                 "projector_pid": None if holder is None else holder["pid"],
                 "serving_version": version if version is not None else 0,
-                "tables": [tables.tasks, tables.history, tables.stats],
+                "tables": table_names(tables),
             })
         return out
     finally:
@@ -120,13 +116,13 @@ async def _lock_holder(conn: asyncpg.Connection, projection: str) -> asyncpg.Rec
     """The backend holding the live projector's session advisory lock, if any. A bigint
     advisory key shows in pg_locks as classid (high 32 bits) and objid (low 32 bits)."""
     return await conn.fetchrow(
-        "WITH k AS (SELECT hashtextextended('taskservice.projector:' || $1, 0) AS key)"
+        "WITH k AS (SELECT hashtextextended($1, 0) AS key)"
         " SELECT l.pid FROM pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted"
         " AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database"
         "   WHERE datname = current_database())"
         " AND l.classid::bigint = ((k.key >> 32) & 4294967295)"
         " AND l.objid::bigint = (k.key & 4294967295) LIMIT 1",
-        projection,
+        projector_lock(projection),
     )
 
 

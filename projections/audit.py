@@ -1,7 +1,8 @@
 """`taskctl audit` and `taskctl export`: the event store itself, not the read tables.
 
-Events stream from a server-side cursor in the store's global order (tx_id,
-notification_id), so a million events need a page of memory, not a million. `--verify`
+Events stream from a server-side cursor in the store's event order (see
+`projections.projector`), so any number of events needs a page of memory.
+Stored events are read through `shared.events`, in Python and in SQL. `--verify`
 checks the store (each task's versions run 1, 2, 3... without a gap; every event names
 its actor) and that the history read table agrees with it for every task, folding the
 events independently (`projections.verify`) in one snapshot with the checkpoint.
@@ -24,19 +25,22 @@ import asyncpg
 from projections import checkpoints as cp
 from projections.verify import MASK, Fold, row_hash
 from shared.catalog import EVENTS_TABLE, LIVE, Tables
-from shared.events import UndecodableEvent, decode_event
+from shared.events import (
+    UndecodableEvent,
+    actor_sql,
+    decode_event,
+    occurred_at_sql,
+    owner_sql,
+    read_state,
+    state_sql,
+)
 from shared.position import Position
 
 PAGE = 2_000
-# The owner of an event's task: from the task's creation (version 1), by primary key.
-_OWNER = (
-    f"(SELECT convert_from(c.state, 'UTF8')::jsonb ->> 'owner' FROM {EVENTS_TABLE} c"
-    " WHERE c.originator_id = e.originator_id AND c.originator_version = 1)"
-)
 _SELECT = (
     "SELECT * FROM (SELECT e.notification_id, e.tx_id::text AS tx_id, e.originator_id,"
     " e.originator_version, e.topic, e.state,"
-    f" {_OWNER} AS owner, convert_from(e.state, 'UTF8')::jsonb AS j"
+    f" {owner_sql(EVENTS_TABLE, 'e')} AS owner, {state_sql('e')} AS j"
     f" FROM {EVENTS_TABLE} e{{inner}}) x{{outer}} ORDER BY x.tx_id::xid8, x.notification_id"
 )
 
@@ -65,10 +69,10 @@ class Filters:
             inner.append(f"e.topic = ANY({arg(self.types)}::text[])")
         if self.user is not None:
             p = arg(self.user)
-            outer.append(f"(x.owner = {p} OR x.j ->> 'actor' = {p})")
+            outer.append(f"(x.owner = {p} OR {actor_sql('x.j')} = {p})")
         if self.owner is not None:
             outer.append(f"x.owner = {arg(self.owner)}")
-        when = "(x.j -> 'timestamp' ->> '_data_')::timestamptz"
+        when = occurred_at_sql("x.j")
         if self.since is not None:
             outer.append(f"{when} >= {arg(self.since)}")
         if self.until is not None:
@@ -200,9 +204,9 @@ class Report:
 
 def _actor(state: bytes) -> str | None:
     try:
-        actor = json.loads(state).get("actor")
-    except (ValueError, AttributeError):
-        return "?"  # not JSON at all: reported as undecodable
+        actor = read_state(state).get("actor")
+    except (ValueError, UnicodeDecodeError):
+        return "?"  # not a JSON object: reported as undecodable
     return actor if isinstance(actor, str) and actor else None
 
 

@@ -1,22 +1,22 @@
 """How replay, status and audit read positions: every query that knows what a checkpoint
 or the event store's order looks like, in this one place.
 
-The projector (`projections.projector`) owns the checkpoint table's columns and the
-order it follows. A checkpoint is the pair (tx_id, position) and the order is (tx_id,
-notification_id) (see `shared.position`); if either changes, the constants below change
-and nothing else in replay/status/audit does. Copying a checkpoint between
+The runner (`projections.projector`) owns the checkpoint table's columns and the event
+order it follows (explained there). A checkpoint is the pair (tx_id, position); if it or
+the order changes, the constants below change and nothing else in replay/status/audit
+does. Copying a checkpoint between
 tables reads the column list from the catalog, so it needs no change at all.
 """
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from shared.catalog import EVENTS_TABLE, PROJECTION, Tables
+from shared.events import event_time
 from shared.position import ZERO, Position
 
 # The order of the event store, as the projector and the audit follow it.
@@ -96,10 +96,6 @@ async def lag(conn: asyncpg.Connection, checkpoint: Position) -> tuple[int, floa
         return 0, 0.0
     state = await conn.fetchval(OLDEST_AFTER, *args(checkpoint))
     return events, max(0.0, (datetime.now(UTC) - event_time(state)).total_seconds())
-
-
-def event_time(state: bytes | str) -> datetime:
-    return datetime.fromisoformat(json.loads(state)["timestamp"]["_data_"])
 
 
 async def checkpoint_columns(conn: asyncpg.Connection, table: str) -> list[str]:

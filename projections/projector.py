@@ -1,17 +1,25 @@
-"""The projector: follows the event store and keeps the read tables up to date.
+"""The runner: folds the event store into the read models, batch by batch. The live
+projector and the replay are this one runner with a different sink and stop condition.
 
 Each step is one transaction: lock the checkpoint row, read up to `batch_size` events
-after it in the global order `(tx_id, notification_id)`, taking only events of
-transactions older than every one still running (`SAFE_BOUND` below: writers take no
-table lock, and this is what keeps a late commit from being passed over), fold them
-into the read models, write every model's rows with a few multi-row statements, move
-the checkpoint and NOTIFY `projection_advanced`. A crash at any instant leaves the
-read tables exactly at some checkpoint.
+after it in the event order (below), fold them into every read model of
+`projections.manifest` (`apply_events`), have the sink write their rows, move the
+checkpoint and, for the live tables, NOTIFY `projection_advanced`. A crash at any
+instant leaves the read tables exactly at some checkpoint. A handler that fails stops
+the runner (`HandlerFailed` names the event): it never skips an event.
 
-A handler that fails stops the projector (`HandlerFailed` names the event): it never
-skips an event. The live loop (`run`) is woken by the event store's NOTIFY, polls as a
-fallback, reconnects with backoff, and holds a session advisory lock so only one
-projector applies events at a time (a second one waits and takes over).
+Sinks: `UpsertRows` (the live projector, and any table others may write: it reads back
+the touched tasks' rows, skips events already applied, upserts and deletes) and
+`BulkRows` (the replay's fresh tables, which only it writes: the task states stay in
+memory, history is COPYed, counts added, and the task rows are COPYed once at the end).
+Stop conditions: `apply_until_caught_up` returns once a batch comes back short (the
+replay, tests and benchmarks call it); `run` follows the event store until stopped: it
+is woken by the event store's NOTIFY, polls as a fallback, reconnects with backoff, and
+holds a session advisory lock so only one projector applies events at a time (a second
+one waits and takes over).
+
+The event order is `(tx_id, notification_id)`, the one this module owns: see
+`SAFE_BOUND`; every other module that reads events in order points here.
 """
 
 from __future__ import annotations
@@ -20,15 +28,25 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+from uuid import UUID
 
 import asyncpg
 
-from projections import task_history, task_list, user_stats
+from projections import task_history, task_list
+from projections.manifest import READ_MODELS, STATE_MODEL
 from projections.task_list import TaskState
 from shared import aio
-from shared.catalog import ADVANCED_CHANNEL, EVENTS_TABLE, LIVE, PROJECTION, Tables, projector_lock
+from shared.catalog import (
+    ADVANCED_CHANNEL,
+    EVENTS_CHANNEL,
+    EVENTS_TABLE,
+    LIVE,
+    PROJECTION,
+    Tables,
+    projector_lock,
+)
 from shared.events import CREATED, TaskEvent, UndecodableEvent, decode_event
 from shared.observability import (
     EVENT_STORE_HEAD,
@@ -143,33 +161,32 @@ def _failed(event: TaskEvent, cause: object) -> HandlerFailed:
     return HandlerFailed(event.position, event.task_id, event.version, event.topic, str(cause))
 
 
-class Fresh:
-    """Replay's write mode for tables that were empty when the run began and that only
-    this run writes. The same handlers decide every row; only the writing differs:
-    the task states stay in memory across batches (authoritative: nothing else writes
-    these tables), so no batch reads them back; history rows are COPYed instead of
-    upserted; and the task rows are written once, by `flush`, at the end of the load.
-    Until then the checkpoint runs ahead of the task rows: a run killed before `flush`
-    leaves tables the next replay drops. Never for live tables."""
+class Sink(Protocol):
+    """Where a step's rows go: the task states the fold starts from, the read models'
+    row batches, and how they are written (inside the step's transaction)."""
 
-    def __init__(self) -> None:
-        self.states: dict[Any, TaskState] = {}
+    async def states(
+        self, conn: asyncpg.Connection, t: Tables, events: list[TaskEvent]
+    ) -> tuple[dict[UUID, TaskState], set[int]]:
+        """(the touched tasks' states before these events, positions applied already)."""
+        ...
 
-    async def flush(self, conn: asyncpg.Connection, t: Tables) -> None:
-        """Write every task state held (inside the caller's transaction), then forget them."""
-        await task_list.copy_states(conn, t, self.states.values())
-        self.states = {}
+    def rows(self) -> tuple[Any, ...]:
+        """Empty row batches (`Rows`) of the models this sink writes per step."""
+        ...
+
+    async def write(self, conn: asyncpg.Connection, t: Tables, rows: tuple[Any, ...]) -> None:
+        ...
 
 
-async def apply_events(
-    conn: asyncpg.Connection, events: list[TaskEvent], t: Tables, fresh: Fresh | None = None
-) -> None:
-    """Fold `events` into every read model and write their rows (inside the caller's
-    transaction). Events the read tables already hold are left alone. With `fresh`
-    (replay into new tables only), the rows are written as `Fresh` says."""
-    history, counts = task_history.Batch(), user_stats.Batch()
-    batches: tuple[Any, ...]
-    if fresh is None:
+class UpsertRows:
+    """The sink for tables others may write too (the live ones, or a replay in place):
+    the touched tasks' states are read from the task list, events the tables already
+    hold are skipped, and every model's rows are upserted or deleted."""
+
+    async def states(
+        self, conn: asyncpg.Connection, t: Tables, events: list[TaskEvent]
+    ) -> tuple[dict[UUID, TaskState], set[int]]:
         states = await task_list.load_states(conn, t, list({e.task_id for e in events}))
         # A task with no row and no creation in this batch: its events can only be ones
         # applied before the task was deleted (a re-application); history says which.
@@ -178,12 +195,58 @@ async def apply_events(
             e.position for e in events if e.task_id not in states and e.task_id not in created
         ]
         applied = await task_history.applied_positions(conn, t, orphans) if orphans else set()
-        batches = (task_list.Batch(), history, counts)
-    else:
-        # Fresh: each event is read once, in order, into tables that held none of them,
-        # so none is applied already; and the task rows are the states themselves.
-        states, applied = fresh.states, set()
-        batches = (history, counts)
+        return states, applied
+
+    def rows(self) -> tuple[Any, ...]:
+        return tuple(model.Rows() for model in READ_MODELS)
+
+    async def write(self, conn: asyncpg.Connection, t: Tables, rows: tuple[Any, ...]) -> None:
+        for batch in rows:
+            await batch.write(conn, t)
+
+
+class BulkRows:
+    """The replay's sink for fresh tables that were empty when the run began and that
+    only this run writes. The task states stay in memory across steps (authoritative:
+    nothing else writes these tables), so no step reads them back and none is applied
+    already (each event is read once, in order); the other models' rows are `copy`d;
+    the task rows are written once, by `finish`, at the end of the load. Until then the
+    checkpoint runs ahead of the task rows: a run killed before `finish` leaves tables
+    the next replay drops. Never for live tables."""
+
+    def __init__(self) -> None:
+        self.held: dict[UUID, TaskState] = {}
+        self._applied: set[int] = set()  # always empty
+        self._models = tuple(m for m in READ_MODELS if m is not STATE_MODEL)
+
+    async def states(
+        self, conn: asyncpg.Connection, t: Tables, events: list[TaskEvent]
+    ) -> tuple[dict[UUID, TaskState], set[int]]:
+        return self.held, self._applied
+
+    def rows(self) -> tuple[Any, ...]:
+        return tuple(model.Rows() for model in self._models)
+
+    async def write(self, conn: asyncpg.Connection, t: Tables, rows: tuple[Any, ...]) -> None:
+        for batch in rows:
+            await batch.copy(conn, t)
+
+    async def finish(self, conn: asyncpg.Connection, t: Tables) -> None:
+        """COPY every task state held (inside the caller's transaction), then forget them."""
+        await task_list.copy_states(conn, t, self.held.values())
+        self.held = {}
+
+
+LIVE_ROWS = UpsertRows()
+
+
+async def apply_events(
+    conn: asyncpg.Connection, events: list[TaskEvent], t: Tables, sink: Sink = LIVE_ROWS
+) -> None:
+    """Fold `events` into every read model and have `sink` write their rows (inside the
+    caller's transaction). Events the sink says are applied already are left alone."""
+    states, applied = await sink.states(conn, t, events)
+    rows = sink.rows()
     deleted: set[Any] = set()
     for event in events:
         before: TaskState | None = states.get(event.task_id)
@@ -197,7 +260,7 @@ async def apply_events(
                     "deleted task" if event.task_id in deleted else "no such task in the read tables"
                 )
             after = task_list.evolve(event, before)
-            for batch in batches:
+            for batch in rows:
                 batch.apply(event, before, after)
         except Exception as e:  # noqa: BLE001 - wrapped, named and re-raised: never skipped
             raise _failed(event, f"{type(e).__name__}: {e}") from e
@@ -206,12 +269,7 @@ async def apply_events(
             deleted.add(event.task_id)
         else:
             states[event.task_id] = after
-    if fresh is None:
-        for batch in batches:
-            await batch.write(conn, t)
-    else:  # the task rows wait in fresh.states for its flush
-        await history.copy(conn, t)
-        await counts.write(conn, t)
+    await sink.write(conn, t, rows)
 
 
 async def ensure_checkpoint(conn: asyncpg.Connection, t: Tables = LIVE) -> None:
@@ -222,10 +280,9 @@ async def step(
     conn: asyncpg.Connection,
     t: Tables = LIVE,
     batch_size: int = BATCH_SIZE,
-    fresh: Fresh | None = None,
+    sink: Sink = LIVE_ROWS,
 ) -> tuple[Position, int]:
-    """Apply the next batch in one transaction; (checkpoint, events applied).
-    `fresh`: replay's write mode for its new tables (see `Fresh`)."""
+    """Apply the next batch in one transaction; (checkpoint, events applied)."""
     async with conn.transaction():
         row = await conn.fetchrow(LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
         if row is None:
@@ -235,7 +292,7 @@ async def step(
         rows = await conn.fetch(SELECT_EVENTS, *position, bound, batch_size)
         if not rows:
             return position, 0
-        await apply_events(conn, _decode(rows), t, fresh)
+        await apply_events(conn, _decode(rows), t, sink)
         last = rows[-1]
         position = Position(int(last["tx_id"]), last["notification_id"])
         await conn.execute(
@@ -246,27 +303,29 @@ async def step(
     return position, len(rows)
 
 
-async def drain(
-    conn: asyncpg.Connection, t: Tables = LIVE, batch_size: int = BATCH_SIZE
+AfterBatch = Callable[[Position, int, float], Awaitable[None]]
+
+
+async def apply_until_caught_up(
+    conn: asyncpg.Connection,
+    t: Tables = LIVE,
+    *,
+    batch_size: int = BATCH_SIZE,
+    sink: Sink = LIVE_ROWS,
+    after_batch: AfterBatch | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Position:
+    """Steps until one comes back short (caught up with every event committed so far),
+    or until `stop` is set: the batch in hand commits (or rolls back) whole first, so a
+    stop waits for one batch, never for the backlog. `after_batch(position, count,
+    seconds)` after each step. The checkpoint row must exist (`ensure_checkpoint`)."""
     while True:
-        position, count = await step(conn, t, batch_size)
-        if count:
-            log.debug("applied %d events up to position %s", count, position)
-        if count < batch_size:
+        started = time.perf_counter()
+        position, count = await step(conn, t, batch_size, sink)
+        if after_batch is not None:
+            await after_batch(position, count, time.perf_counter() - started)
+        if count < batch_size or (stop is not None and stop.is_set()):
             return position
-
-
-async def catch_up(
-    dsn: str, *, tables: Tables = LIVE, batch_size: int = BATCH_SIZE
-) -> Position:
-    """Apply every event committed so far; the new checkpoint position."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await ensure_checkpoint(conn, tables)
-        return await drain(conn, tables, batch_size)
-    finally:
-        await conn.close()
 
 
 # -- the live process ------------------------------------------------------------------
@@ -279,12 +338,12 @@ async def run(
     poll_interval: float = POLL_INTERVAL,
     max_backoff: float = 5.0,
     stop: asyncio.Event | None = None,
-    progress: Progress | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> None:
     """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event."""
     stop = stop or asyncio.Event()
     backoff = [0.1]
-    progress = progress or Progress()
+    metrics = metrics or ProjectorMetrics()
 
     def reset() -> None:
         backoff[0] = 0.1
@@ -292,13 +351,13 @@ async def run(
     while not stop.is_set():
         try:
             await _follow(dsn, batch_size, poll_interval, stop, on_active=reset,
-                          progress=progress)
+                          metrics=metrics)
             return
         except RETRYABLE as e:
             delay = backoff[0] * random.uniform(0.5, 1.0)  # noqa: S311
             log.warning("projector lost the database at position %s (%s: %s); retrying in %.1fs",
-                        progress.position, type(e).__name__, e, delay,
-                        extra={"position": str(progress.position)})
+                        metrics.position, type(e).__name__, e, delay,
+                        extra={"position": str(metrics.position)})
             backoff[0] = min(max_backoff, backoff[0] * 2)
             await _sleep_unless(stop, delay)
 
@@ -314,7 +373,7 @@ class _LostConnection(ConnectionError):
     pass
 
 
-class Progress:
+class ProjectorMetrics:
     """The live projector's metrics (PROJECTOR_*, lag, head) and its batch log lines:
     every batch at debug level, a summary at info level at most every `info_every`
     seconds; head and lag are measured at most every `lag_every` seconds."""
@@ -361,30 +420,15 @@ class Progress:
         PROJECTION_LAG_SECONDS.labels(PROJECTION).set(seconds)
 
 
-async def _apply_until_caught_up(
-    conn: asyncpg.Connection, batch_size: int, stop: asyncio.Event, progress: Progress
-) -> None:
-    """Batches until caught up, or until `stop` is set: the batch in hand commits (or
-    rolls back) whole first, so SIGTERM waits for one batch, never for the backlog."""
-    while True:
-        started = time.perf_counter()
-        position, count = await step(conn, LIVE, batch_size)
-        progress.batch(position, count, time.perf_counter() - started)
-        caught_up = count < batch_size
-        await progress.measure(conn, caught_up=caught_up)
-        if caught_up or stop.is_set():
-            return
-
-
 async def _follow(
     dsn: str,
     batch_size: int,
     poll_interval: float,
     stop: asyncio.Event,
     on_active: Any,
-    progress: Progress | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> None:
-    progress = progress or Progress()
+    metrics = metrics or ProjectorMetrics()
     lock_conn = await asyncpg.connect(
         dsn, server_settings={"application_name": LOCK_APPLICATION_NAME}
     )
@@ -392,7 +436,7 @@ async def _follow(
     try:
         key = projector_lock(PROJECTION)
         if not await lock_conn.fetchval(TRY_LOCK, key):
-            progress.role = "standby"
+            metrics.role = "standby"
             log.info("another projector is active; waiting to take over")
             waiting = asyncio.ensure_future(lock_conn.fetchval(WAIT_LOCK, key))
             stopping = asyncio.ensure_future(stop.wait())
@@ -403,21 +447,27 @@ async def _follow(
                 return
             stopping.cancel()
             waiting.result()
-        progress.role = "active"
+        metrics.role = "active"
         log.info("projector active")
 
         wake = asyncio.Event()
         conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
         conn.add_termination_listener(lambda _: wake.set())
         lock_conn.add_termination_listener(lambda _: wake.set())
-        await conn.add_listener(EVENTS_TABLE, lambda *_: wake.set())
+        await conn.add_listener(EVENTS_CHANNEL, lambda *_: wake.set())
+
+        async def after_batch(position: Position, count: int, seconds: float) -> None:
+            metrics.batch(position, count, seconds)
+            await metrics.measure(conn, caught_up=count < batch_size)
+
         await ensure_checkpoint(conn)
         on_active()
         while not stop.is_set():
             if conn.is_closed() or lock_conn.is_closed():
                 raise _LostConnection("a projector connection closed")
             wake.clear()
-            await _apply_until_caught_up(conn, batch_size, stop, progress)
+            await apply_until_caught_up(conn, batch_size=batch_size, stop=stop,
+                                        after_batch=after_batch)
             waiter = asyncio.ensure_future(wake.wait())
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopping}, timeout=poll_interval,
@@ -425,8 +475,8 @@ async def _follow(
             waiter.cancel()
             stopping.cancel()
     finally:
-        if progress.role == "active":
-            progress.role = "starting"
+        if metrics.role == "active":
+            metrics.role = "starting"
         for c in (conn, lock_conn):
             if c is not None and not c.is_closed():
                 c.terminate()
@@ -446,11 +496,11 @@ def main(
 
     from shared.observability import start_metrics_server  # noqa: PLC0415
 
-    progress = Progress()
+    metrics = ProjectorMetrics()
 
     def health() -> dict[str, Any]:
-        position = progress.position
-        return {"status": "healthy", "service": "projector", "role": progress.role,
+        position = metrics.position
+        return {"status": "healthy", "service": "projector", "role": metrics.role,
                 "position": None if position is None else str(position)}
 
     server = None
@@ -469,11 +519,11 @@ def main(
             loop.add_signal_handler(sig, stop.set)
         try:
             await run(dsn, batch_size=batch_size, poll_interval=poll_interval, stop=stop,
-                      progress=progress)
+                      metrics=metrics)
         except HandlerFailed as e:
             log.critical("projector stopped: %s", e, extra={"position": e.position})
             return 1
-        log.info("projector stopped", extra={"position": str(progress.position)})
+        log.info("projector stopped", extra={"position": str(metrics.position)})
         return 0
 
     try:

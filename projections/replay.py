@@ -4,9 +4,9 @@ live ones, then switch the query side over in one transaction.
 1. Under a session advisory lock (one replay at a time), drop what an interrupted replay
    left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables without
    indexes (nor the task list's and the history's primary keys), and apply every event
-   with the projector's own `step` (same handlers, same transaction per batch, their own
-   checkpoint row) in large pages, in its `Fresh` mode: task states kept in memory,
-   history COPYed, the task rows COPYed once at the end of the load. The live projector
+   with the runner (`projections.projector`: same handlers, same transaction per batch,
+   their own checkpoint row) in large pages, into its `BulkRows` sink: task states kept
+   in memory, history COPYed, the task rows COPYed once at the end of the load. The live projector
    and the query API keep using the live tables. Meanwhile a child process
    (`verify.FoldProcess`) folds the events independently, on the other core, up to the
    last event committed when the load began.
@@ -18,6 +18,8 @@ live ones, then switch the query side over in one transaction.
    `step` waits on it), apply the events that arrived meanwhile and check the users they
    touched, rename live -> `read_*_old_<n>` and rebuilt -> live (indexes too), copy the
    checkpoint, record the version in `projection_versions`. Then drop the old tables.
+
+Every step iterates the read models of `projections.manifest`.
 
 Readers name the tables (`read_tasks`...), so a query sees the old tables or the new
 ones, both complete, never a mix. Killed at any point before the switch commits, the
@@ -33,35 +35,50 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import asyncpg
 
 from projections import checkpoints as cp
-from projections.manifest import ddl
-from projections.projector import Fresh, ensure_checkpoint, safe_bound, step
+from projections.manifest import (
+    PROJECTIONS,
+    READ_MODELS,
+    keys_and_indexes,
+    load_ddl,
+    table_names,
+)
+from projections.projector import (
+    LIVE_ROWS,
+    BulkRows,
+    Sink,
+    apply_until_caught_up,
+    ensure_checkpoint,
+    safe_bound,
+)
 from projections.verify import FoldProcess, compare, summarise
-from shared.catalog import ADVANCED_CHANNEL, EVENTS_TABLE, LIVE, PROJECTION, Tables
+from shared.catalog import (
+    ADVANCED_CHANNEL,
+    EVENTS_TABLE,
+    PROJECTION,
+    VERSIONS_TABLE,
+    Tables,
+    replay_lock,
+)
 from shared.position import Position
 
-# Every projection replay knows, and the live tables it rebuilds. Today one checkpoint
-# (the projector's PROJECTION) covers all three read tables.
-PROJECTIONS: dict[str, Tables] = {PROJECTION: LIVE}
-
 BATCH_SIZE = 10_000
-VERSIONS = "projection_versions"
 VERSIONS_DDL = (
-    f"CREATE TABLE IF NOT EXISTS {VERSIONS} ("
+    f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} ("
     " projection text PRIMARY KEY, version bigint NOT NULL, events bigint NOT NULL,"
     " switched_at timestamptz NOT NULL DEFAULT now())"
 )
 RECORD_VERSION = (
-    f"INSERT INTO {VERSIONS} (projection, version, events) VALUES ($1, $2, $3)"
+    f"INSERT INTO {VERSIONS_TABLE} (projection, version, events) VALUES ($1, $2, $3)"
     " ON CONFLICT (projection) DO UPDATE SET version = EXCLUDED.version,"
     " events = EXCLUDED.events, switched_at = now()"
 )
-REPLAY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('taskservice.replay:' || $1, 0))"
+REPLAY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"  # $1: replay_lock()
 # Who holds it: the backend, what it runs, since when.
 REPLAY_LOCK_HOLDER = (
     "SELECT a.pid, a.application_name, a.state, a.query_start"
@@ -69,7 +86,7 @@ REPLAY_LOCK_HOLDER = (
     " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
     "SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint)"
-    " = hashtextextended('taskservice.replay:' || $1, 0) LIMIT 1"
+    " = hashtextextended($1, 0) LIMIT 1"
 )
 # A replay killed a moment ago may hold the lock until its backend notices (it finishes
 # the statement in hand first): a new run waits this long before it says "busy".
@@ -92,30 +109,31 @@ class ReplayBusy(Exception):
 
 
 def rebuild_tables(live: Tables, n: int) -> Tables:
-    return Tables(
-        tasks=f"rebuild_{live.tasks.removeprefix('read_')}_{n}",
-        history=f"rebuild_{live.history.removeprefix('read_')}_{n}",
-        stats=f"rebuild_{live.stats.removeprefix('read_')}_{n}",
+    return replace(
+        live,
         checkpoints=f"rebuild_checkpoints_{n}",
+        **{m.TABLE: f"rebuild_{getattr(live, m.TABLE).removeprefix('read_')}_{n}"
+           for m in READ_MODELS},
     )
 
 
 def _leftover_pattern(live: Tables) -> re.Pattern[str]:
-    names = [live.tasks, live.history, live.stats]
+    names = table_names(live)
     rebuilt = "|".join(re.escape(n.removeprefix("read_")) for n in names)
     old = "|".join(re.escape(n) for n in names)
     return re.compile(rf"^(rebuild_({rebuilt}|checkpoints)|({old})_old)_[0-9]+$")
 
 
 @dataclass
-class Progress:
-    """What the replay reports as it goes (`on_progress(done, total)`)."""
+class ReplayCounter:
+    """Events applied so far, of how many; reported as it goes (`on_progress(done, total)`)."""
 
     total: int = 0
     done: int = 0
     on_progress: Callable[[int, int], None] | None = None
 
-    def add(self, count: int) -> None:
+    async def add(self, _: Position, count: int, __: float) -> None:
+        """An `after_batch` of the runner."""
         from shared.observability import REPLAY_EVENTS  # noqa: PLC0415
 
         self.done += count
@@ -144,22 +162,20 @@ async def replay(
     batch_size: int = BATCH_SIZE,
     in_place: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
-    before_verify: Callable[[asyncpg.Connection, Tables], Any] | None = None,
     lock_wait: float = LOCK_WAIT,
 ) -> Result:
     """Rebuild `projection` and switch to it (or rebuild the live tables `in_place`).
     Raises `VerificationFailed` (nothing switched) or `ReplayBusy` (another replay still
     held the projection after `lock_wait` seconds)."""
     with _without_cyclic_gc():
-        return await _replay(dsn, projection, batch_size, in_place, on_progress, before_verify,
-                             lock_wait)
+        return await _replay(dsn, projection, batch_size, in_place, on_progress, lock_wait)
 
 
 @contextmanager
 def _without_cyclic_gc() -> Iterator[None]:
     """The replay holds every task's state and allocates a few objects per event, none
     in cycles: reference counting frees them, and the cyclic collector's passes over
-    the held states cost a fifth of the load. Off for the run, back on after."""
+    the held states would cost the load dearly. Off for the run, back on after."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -175,7 +191,6 @@ async def _replay(
     batch_size: int,
     in_place: bool,
     on_progress: Callable[[int, int], None] | None,
-    before_verify: Callable[[asyncpg.Connection, Tables], Any] | None,
     lock_wait: float,
 ) -> Result:
     from shared.observability import REPLAY_TOTAL  # noqa: PLC0415
@@ -198,19 +213,18 @@ async def _replay(
         await conn.execute(VERSIONS_DDL)
         await _drop_leftovers(conn, live)
         version = await conn.fetchval(
-            f"SELECT coalesce(max(version), 0) + 1 FROM {VERSIONS} WHERE projection = $1",
+            f"SELECT coalesce(max(version), 0) + 1 FROM {VERSIONS_TABLE} WHERE projection = $1",
             projection,
         )
-        progress = Progress(total=int(await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")),
+        progress = ReplayCounter(total=int(await conn.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")),
                             on_progress=on_progress)
         REPLAY_TOTAL.labels(projection).set(progress.total)
-        keys: list[str] = []  # the primary keys the load goes without
         if in_place:
             target = live
             await _truncate_live(conn, live)
         else:
             target = rebuild_tables(live, version)
-            keys = await _create_for_load(conn, target)
+            await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
         # The independent fold starts now, in its own process, up to where the load is
         # bound to get (every event committed so far): it runs beside the load.
@@ -222,27 +236,25 @@ async def _replay(
         if in_place:  # the live projector may write these tables too
             await _drain(conn, target, batch_size, progress)
         else:
-            fresh = Fresh()
-            await _drain(conn, target, batch_size, progress, fresh)
+            bulk = BulkRows()
+            await _drain(conn, target, batch_size, progress, bulk)
             async with conn.transaction():
-                await fresh.flush(conn, target)
+                await bulk.finish(conn, target)
         phases["load"] = time.perf_counter() - mark
         if not in_place:
             mark = time.perf_counter()
-            await _create_indexes(conn, target, keys)
+            await _create_indexes(conn, target)
             await _drain(conn, target, batch_size, progress)
             phases["index"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        if before_verify is not None:  # tests: corrupt the rebuilt rows on purpose
-            await before_verify(conn, target)
         await folding
         if not in_place:  # in place, the live projector moves the tables: check under lock
             # The server sums the tables on a second connection while the fold catches up.
             summing = await asyncpg.connect(
                 dsn, server_settings={"application_name": APPLICATION_NAME})
             try:
-                await _verify(conn, target, fold, "all", summing=summing)
+                await check_rebuild(conn, target, fold, "all", summing=summing)
             finally:
                 await summing.close()
         phases["verify"] = time.perf_counter() - mark
@@ -256,7 +268,7 @@ async def _replay(
         phases["switch"] = time.perf_counter() - mark
         rows = {
             name: int(await conn.fetchval(f"SELECT count(*) FROM {name}"))
-            for name in (live.tasks, live.history, live.stats)
+            for name in table_names(live)
         }
     finally:
         if folding is not None and not folding.done():
@@ -274,9 +286,10 @@ async def _replay(
 
 async def _take_replay_lock(conn: asyncpg.Connection, projection: str, wait: float) -> None:
     deadline = time.monotonic() + wait
-    while not await conn.fetchval(REPLAY_LOCK, projection):
+    key = replay_lock(projection)
+    while not await conn.fetchval(REPLAY_LOCK, key):
         if time.monotonic() >= deadline:
-            holder = await conn.fetchrow(REPLAY_LOCK_HOLDER, projection)
+            holder = await conn.fetchrow(REPLAY_LOCK_HOLDER, key)
             who = "" if holder is None else (
                 f" (backend {holder['pid']}, {holder['application_name'] or 'no name'},"
                 f" {holder['state']} since {holder['query_start']:%H:%M:%S})"
@@ -290,14 +303,11 @@ async def _drain(
     conn: asyncpg.Connection,
     t: Tables,
     batch_size: int,
-    progress: Progress,
-    fresh: Fresh | None = None,
+    progress: ReplayCounter,
+    sink: Sink = LIVE_ROWS,
 ) -> None:
-    while True:
-        _, count = await step(conn, t, batch_size, fresh)
-        progress.add(count)
-        if count < batch_size:
-            return
+    await apply_until_caught_up(conn, t, batch_size=batch_size, sink=sink,
+                                after_batch=progress.add)
 
 
 async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:
@@ -313,37 +323,21 @@ async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:
         await conn.execute(f"DROP TABLE IF EXISTS {name}")
 
 
-async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> list[str]:
-    """The rebuild tables without their indexes, nor the primary keys of the task list
-    and the history: the `Fresh` load reads neither table (its task states are in
-    memory) and COPYs into them, and a sorted build afterwards costs less than a million
-    index insertions. The statements that put the keys back (`_create_indexes`).
-    The user counts keep theirs: each batch adds to them by ON CONFLICT.
-    The task list gets room for in-page (HOT) updates by the catch-ups that follow."""
-    keys = []
+async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> None:
+    """The rebuild tables as each read model makes them for the bulk load
+    (`tables(load=True)`): no secondary index, and no key the load does without (the
+    `BulkRows` sink reads no table back and COPYs into them; a sorted build afterwards
+    costs less than one index insertion per row)."""
     async with conn.transaction():
-        for statement in ddl(t):
-            if not statement.startswith("CREATE INDEX"):
-                await conn.execute(statement)
-        for table in (t.tasks, t.history):
-            for name, definition in await conn.fetch(
-                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
-                " WHERE conrelid = $1::regclass AND contype = 'p'", table,
-            ):
-                await conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
-                keys.append(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
-        await conn.execute(f"ALTER TABLE {t.tasks} SET (fillfactor = 70)")
-    return keys
-
-
-async def _create_indexes(conn: asyncpg.Connection, t: Tables, keys: list[str]) -> None:
-    for statement in keys:
-        await conn.execute(statement)
-    for statement in ddl(t):
-        if statement.startswith("CREATE INDEX"):
+        for statement in load_ddl(t):
             await conn.execute(statement)
-    await conn.execute(f"ALTER TABLE {t.tasks} RESET (fillfactor)")
-    for name in (t.tasks, t.history, t.stats):
+
+
+async def _create_indexes(conn: asyncpg.Connection, t: Tables) -> None:
+    """What the load went without: every model's keys, then its indexes."""
+    for statement in keys_and_indexes(t):
+        await conn.execute(statement)
+    for name in table_names(t):
         await conn.execute(f"ANALYZE {name}")
 
 
@@ -359,7 +353,7 @@ async def _truncate_live(conn: asyncpg.Connection, live: Tables) -> None:
         )
         await ensure_checkpoint(conn, zero)
         await cp.copy_checkpoint(conn, zero, live)
-        await conn.execute(f"TRUNCATE {live.tasks}, {live.history}, {live.stats}")
+        await conn.execute(f"TRUNCATE {', '.join(table_names(live))}")
 
 
 async def _reachable(conn: asyncpg.Connection) -> Position:
@@ -368,7 +362,7 @@ async def _reachable(conn: asyncpg.Connection) -> Position:
         return await cp.head_below(conn, await safe_bound(conn))
 
 
-async def _verify(
+async def check_rebuild(
     conn: asyncpg.Connection,
     t: Tables,
     fold: FoldProcess,
@@ -416,7 +410,7 @@ async def _switch(
     live: Tables,
     target: Tables,
     fold: FoldProcess,
-    progress: Progress,
+    progress: ReplayCounter,
     projection: str,
     version: int,
     in_place: bool,
@@ -434,12 +428,11 @@ async def _switch(
                 before = progress.done
                 await _drain(conn, target, batch_size, progress)
                 if in_place:
-                    await _verify(conn, target, fold, "all")
+                    await check_rebuild(conn, target, fold, "all")
                     return
                 if progress.done > before or rolled_back:
-                    checked = await _verify(conn, target, fold, "touched", rolled_back)
-                for name, new in ((live.tasks, target.tasks), (live.history, target.history),
-                                  (live.stats, target.stats)):
+                    checked = await check_rebuild(conn, target, fold, "touched", rolled_back)
+                for name, new in zip(table_names(live), table_names(target), strict=True):
                     await _copy_privileges(conn, name, new)
                     await _rename(conn, name, f"{name}_old_{version}")
                     await _rename(conn, new, name)

@@ -3,6 +3,7 @@
 `changes` holds {field: {"from": old, "to": new}}; a created task's fields come from
 null. A deleted task's row has no changes (its `event_type` says what happened).
 Rows are keyed by event-store position, so inserting one twice changes nothing.
+The read-model shape: see `projections.manifest`.
 """
 
 from __future__ import annotations
@@ -31,21 +32,38 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _to_json(changes: Changes) -> str:
-    """The changes as JSON text for the jsonb column: by orjson (a sixth of the standard
-    library's time); what it refuses (a lone surrogate, a non-string key) by the latter."""
+    """The changes as JSON text for the jsonb column: by orjson (the faster); what it
+    refuses (a lone surrogate, a non-string key) by the standard library."""
     try:
         return orjson.dumps(changes).decode()
     except TypeError:
         return _ENCODER.encode(changes)
 
 
-def ddl(t: Tables) -> list[str]:
+TABLE = "history"  # the `Tables` field that names this model's table
+QUERIES = "query_api.queries: task_history, activity_feed"
+
+_COLUMNS = (
+    " user_id text NOT NULL, position bigint NOT NULL, task_id uuid NOT NULL,"
+    " version bigint NOT NULL, event_type text NOT NULL, actor text NOT NULL,"
+    " request_id text NOT NULL, occurred_at timestamptz NOT NULL, changes jsonb NOT NULL"
+)
+
+
+def tables(t: Tables, *, load: bool = False) -> list[str]:
+    """The table; `load`: without its primary key (the bulk load only COPYs into it)."""
+    if load:
+        return [f"CREATE TABLE {t.history} ({_COLUMNS})"]
+    return [f"CREATE TABLE IF NOT EXISTS {t.history} ({_COLUMNS}, PRIMARY KEY (user_id, position))"]
+
+
+def keys(t: Tables) -> list[str]:
+    return [f"ALTER TABLE {t.history} ADD CONSTRAINT {t.history}_pkey"
+            " PRIMARY KEY (user_id, position)"]
+
+
+def indexes(t: Tables) -> list[str]:
     return [
-        f"CREATE TABLE IF NOT EXISTS {t.history} ("
-        " user_id text NOT NULL, position bigint NOT NULL, task_id uuid NOT NULL,"
-        " version bigint NOT NULL, event_type text NOT NULL, actor text NOT NULL,"
-        " request_id text NOT NULL, occurred_at timestamptz NOT NULL, changes jsonb NOT NULL,"
-        " PRIMARY KEY (user_id, position))",
         f"CREATE INDEX IF NOT EXISTS {t.history}_user_task_idx"
         f" ON {t.history} (user_id, task_id, version)",
         f"CREATE INDEX IF NOT EXISTS {t.history}_user_time_idx"
@@ -117,7 +135,9 @@ async def applied_positions(
     return {row["position"] for row in rows}
 
 
-class Batch:
+class Rows:
+    """A batch's history rows: inserted (live) or COPYed (bulk)."""
+
     def __init__(self) -> None:
         self.rows: list[tuple[Any, ...]] = []
 
@@ -143,6 +163,6 @@ class Batch:
             await conn.execute(INSERT_ROWS.format(history=t.history), *map(list, zip(*self.rows)))
 
     async def copy(self, conn: asyncpg.Connection, t: Tables) -> None:
-        """Replay only, into a table holding none of these positions: COPY the rows."""
+        """COPY the rows into a table holding none of these positions (bulk sink)."""
         if self.rows:
             await conn.copy_records_to_table(t.history, records=self.rows, columns=COLUMNS)

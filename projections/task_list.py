@@ -4,28 +4,31 @@ A deleted task leaves the table. Rows carry the task's aggregate `version` and t
 event-store `position` of the last event applied; a row is only ever overwritten by a
 higher version, so applying an event twice changes nothing.
 
-Each row also holds `doc`, the task's JSON exactly as the API shows it, written with
-the row (`document`): the query side serves a list of 1,000 tasks by joining 1,000
-stored texts instead of decoding and re-encoding 8,000 values in Python. `DOC_SQL`
-renders the same text from the columns in PostgreSQL, to fill `doc` in tables made
-before it existed and for the replay's check that every `doc` matches its row.
+Each row also holds `doc`, the task's JSON exactly as the API shows it
+(`shared.documents.task_json`), written with the row: the query side serves stored
+texts instead of re-encoding every value. `DOC_SQL` renders the same text from the
+columns in PostgreSQL, to fill `doc` in tables made before it existed and for the
+replay's check that every `doc` matches its row.
 
-`evolve` (one handler per event type) is the task's state fold; the projector also
-hands its result to the other read models as the task's state before and after each
-event.
+`evolve` (one handler per event type) is the task's state fold: the runner
+(`projections.projector`) hands its result to every read model as the task's state
+before and after each event, and the replay's bulk sink keeps these states as the rows.
+
+The read-model shape (see `projections.manifest`): TABLE, tables/keys/indexes, Rows,
+QUERIES.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
-import orjson
 
 from shared.catalog import Tables
+from shared.documents import task_json
 from shared.events import (
     COMPLETED,
     CREATED,
@@ -54,17 +57,9 @@ class TaskState(NamedTuple):
 
 
 def document(s: TaskState) -> str:
-    """The task as the API shows it (the command side's `task_view`), as compact JSON."""
-    return orjson.dumps({
-        "id": str(s.task_id),
-        "user_id": s.user_id,
-        "title": s.title,
-        "description": s.description,
-        "completed": s.completed,
-        "created_at": s.created_at.astimezone(UTC).isoformat(),
-        "updated_at": s.updated_at.astimezone(UTC).isoformat(),
-        "version": s.version,
-    }).decode()
+    """The row's `doc`: the task as the API shows it (`shared.documents.task_json`)."""
+    return task_json(s.task_id, s.user_id, s.title, s.description, s.completed,
+                     s.created_at, s.updated_at, s.version)
 
 
 def _iso_sql(column: str) -> str:
@@ -89,14 +84,26 @@ DOC_SQL = (
 )
 
 
-def ddl(t: Tables) -> list[str]:
+TABLE = "tasks"  # the `Tables` field that names this model's table
+# The statements that read it (query_api cannot import this package).
+QUERIES = "query_api.queries: list_tasks, get_task, owned_by_someone_else"
+
+_COLUMNS = (
+    " user_id text NOT NULL, task_id uuid NOT NULL,"
+    " title text NOT NULL, description text, completed boolean NOT NULL,"
+    " created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,"
+    " version bigint NOT NULL, position bigint NOT NULL, doc text NOT NULL"
+)
+
+
+def tables(t: Tables, *, load: bool = False) -> list[str]:
+    """The table. `load`: the replay's fresh table for its bulk load, without the
+    primary key (the load never reads it back) and with room for the in-page updates
+    of the catch-ups that follow; `keys` puts both back."""
+    if load:
+        return [f"CREATE TABLE {t.tasks} ({_COLUMNS}) WITH (fillfactor = 70)"]
     return [
-        f"CREATE TABLE IF NOT EXISTS {t.tasks} ("
-        " user_id text NOT NULL, task_id uuid NOT NULL,"
-        " title text NOT NULL, description text, completed boolean NOT NULL,"
-        " created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,"
-        " version bigint NOT NULL, position bigint NOT NULL, doc text NOT NULL,"
-        " PRIMARY KEY (user_id, task_id))",
+        f"CREATE TABLE IF NOT EXISTS {t.tasks} ({_COLUMNS}, PRIMARY KEY (user_id, task_id))",
         # Tables made before `doc`: add it, fill it from the columns, then require it.
         # Once it is NOT NULL this does nothing (no scan, no lock).
         f"ALTER TABLE {t.tasks} ADD COLUMN IF NOT EXISTS doc text",
@@ -104,6 +111,19 @@ def ddl(t: Tables) -> list[str]:
         f" WHERE attrelid = '{t.tasks}'::regclass AND attname = 'doc' AND NOT attnotnull)"
         f" THEN UPDATE {t.tasks} SET doc = {DOC_SQL} WHERE doc IS NULL;"
         f" ALTER TABLE {t.tasks} ALTER COLUMN doc SET NOT NULL; END IF; END $$",
+    ]
+
+
+def keys(t: Tables) -> list[str]:
+    """What `tables(load=True)` leaves out (the key named as CREATE TABLE names it)."""
+    return [
+        f"ALTER TABLE {t.tasks} ADD CONSTRAINT {t.tasks}_pkey PRIMARY KEY (user_id, task_id)",
+        f"ALTER TABLE {t.tasks} RESET (fillfactor)",
+    ]
+
+
+def indexes(t: Tables) -> list[str]:
+    return [
         f"CREATE INDEX IF NOT EXISTS {t.tasks}_user_created_idx"
         f" ON {t.tasks} (user_id, created_at DESC)",
         f"CREATE INDEX IF NOT EXISTS {t.tasks}_user_updated_idx"
@@ -198,13 +218,13 @@ COLUMNS = (*TaskState._fields, "doc")
 async def copy_states(
     conn: asyncpg.Connection, t: Tables, states: Iterable[TaskState]
 ) -> None:
-    """Replay only, into a table holding none of these tasks: COPY their rows."""
+    """COPY the rows of tasks the table holds none of (the replay's bulk sink)."""
     await conn.copy_records_to_table(
         t.tasks, records=((*s, document(s)) for s in states), columns=COLUMNS
     )
 
 
-class Batch:
+class Rows:
     """The final row of every task a batch touched, written with two statements."""
 
     def __init__(self) -> None:

@@ -3,7 +3,8 @@
 Each handler turns an event into a change of the owner's counts, from the task's
 state before it; a batch adds up the changes per user and applies them with one
 statement. The projector feeds each event once (it skips events the task list has
-already applied), which keeps these sums exact.
+already applied), which keeps these sums exact. The read-model shape: see
+`projections.manifest`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,25 @@ from shared.events import COMPLETED, CREATED, DELETED, REOPENED, TaskEvent
 Delta = tuple[int, int, int]  # total, completed, pending
 
 
-def ddl(t: Tables) -> list[str]:
+TABLE = "stats"  # the `Tables` field that names this model's table
+QUERIES = "query_api.queries: user_stats"
+
+
+def tables(t: Tables, *, load: bool = False) -> list[str]:
+    """The table; the same for the bulk load, whose batches add to it by ON CONFLICT."""
     return [
         f"CREATE TABLE IF NOT EXISTS {t.stats} ("
         " user_id text PRIMARY KEY, total bigint NOT NULL, completed bigint NOT NULL,"
         " pending bigint NOT NULL)",
     ]
+
+
+def keys(t: Tables) -> list[str]:
+    return []
+
+
+def indexes(t: Tables) -> list[str]:
+    return []
 
 
 ADD_COUNTS = (
@@ -60,7 +74,9 @@ DELTAS: dict[str, Callable[[TaskState], Delta]] = {
 }
 
 
-class Batch:
+class Rows:
+    """A batch's count changes, summed per user."""
+
     def __init__(self) -> None:
         self.sums: dict[str, list[int]] = {}
 
@@ -85,3 +101,5 @@ class Batch:
                 [self.sums[u][1] for u in users],
                 [self.sums[u][2] for u in users],
             )
+
+    copy = write  # the bulk load adds the same way

@@ -1,16 +1,19 @@
 """An independent fold of the event store, to check read tables against.
 
-Deliberately not the projector's code: it parses the stored JSON itself and derives
-each read model's rows from the README's rules, so a bug in a handler shows up as a
-difference instead of being repeated. Rows are compared per user as counts plus an
+Deliberately not the projector's code: it derives each read model's rows from the
+README's rules, so a bug in a handler shows up as a difference instead of being
+repeated (a new read model gets its expected rows here, by hand, and its entry in
+`TABLE_SUMMARIES`). It takes the topics from `shared.events` but parses the stored
+JSON with orjson itself, without the transcoding hook of `shared.events.read_state`:
+this fold is the replay's check and must keep up with the load. Rows are compared per user as counts plus an
 order-independent checksum (the sum of a 64-bit hash of each row's canonical text),
 so neither side has to hold a table in memory or sort it. The tables' side is computed
 by PostgreSQL (`summarise`: the same canonical text and hash, in SQL), so the replay can
 fold the events in Python while the server sums the tables.
 
 The replay runs the fold in a process of its own (`FoldProcess`), started with the load:
-it folds the log on the second core while the projector's handlers load the tables, so
-checking costs little more than the server's sums once the load is done.
+it folds the log on the second core while the runner loads the tables, so checking
+costs little more than the server's sums once the load is done.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -33,8 +36,17 @@ import asyncpg
 import orjson
 
 from projections.checkpoints import EVENTS_UP_TO, args
+from projections.manifest import READ_MODELS
 from projections.task_list import DOC_SQL
 from shared.catalog import Tables
+from shared.events import (
+    COMPLETED,
+    CREATED,
+    DELETED,
+    DESCRIPTION_CHANGED,
+    REOPENED,
+    TITLE_CHANGED,
+)
 from shared.position import ZERO, Position
 
 MASK = (1 << 64) - 1
@@ -161,7 +173,7 @@ class _Task:
 
 
 def _parse(state: bytes | str) -> Any:
-    """`json.loads(state)`, by orjson (a third of the time); what orjson refuses (NaN,
+    """`json.loads(state)`, by orjson (the faster); what orjson refuses (NaN,
     lone surrogates, integers past 64 bits) by the standard library."""
     try:
         return orjson.loads(state)
@@ -204,7 +216,7 @@ class Fold:
         at = _time(data["timestamp"])
         task = self.tasks.get(task_id)
         changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them
-        if topic == "TaskCreated":
+        if topic == CREATED:
             task = _Task(data["owner"], data["title"], data["description"], False, at, at,
                          version, position)
             self.tasks[task_id] = task
@@ -216,19 +228,19 @@ class Fold:
             self.problems.append(f"event {position} of task {task_id}: no live task")
             return
         else:
-            if topic == "TaskTitleChanged":
+            if topic == TITLE_CHANGED:
                 changes = _changed("title", task.title, data["title"])
                 task.title = data["title"]
-            elif topic == "TaskDescriptionChanged":
+            elif topic == DESCRIPTION_CHANGED:
                 changes = _changed("description", task.description, data["description"])
                 task.description = data["description"]
-            elif topic == "TaskCompleted":
+            elif topic == COMPLETED:
                 changes = _changed("completed", task.completed, True)
                 task.completed = True
-            elif topic == "TaskReopened":
+            elif topic == REOPENED:
                 changes = _changed("completed", task.completed, False)
                 task.completed = False
-            elif topic == "TaskDeleted":
+            elif topic == DELETED:
                 changes = "{}"
                 task.deleted = True
             else:
@@ -281,6 +293,31 @@ def task_row_hash(
     )))
 
 
+def _tasks(s: Summary, r: Any) -> None:
+    s.tasks, s.tasks_sum, s.bad_docs = r[1], int(r[2]) & MASK, r[3]
+
+
+def _history(s: Summary, r: Any) -> None:
+    s.history, s.history_sum = r[1], int(r[2]) & MASK
+
+
+def _stats(s: Summary, r: Any) -> None:
+    s.stats = (r[1], r[2], r[3])
+
+
+# For each read model (by its `TABLE` field): the per-user query over its table (given
+# the table and a WHERE clause), and how a result row fills the user's `Summary`.
+TABLE_SUMMARIES: dict[str, tuple[Callable[[str, str], str], Callable[[Summary, Any], None]]] = {
+    "tasks": (lambda table, where: TASK_SUMS.format(
+        hash=ROW_HASH.format(columns=TASK_COLUMNS), doc=DOC_SQL, table=table, where=where),
+        _tasks),
+    "history": (lambda table, where: SUMS.format(
+        hash=ROW_HASH.format(columns=HISTORY_COLUMNS), table=table, where=where), _history),
+    "stats": (lambda table, where:
+              f"SELECT user_id, total, completed, pending FROM {table}{where}", _stats),
+}
+
+
 async def summarise(
     conn: asyncpg.Connection, t: Tables, users: list[str] | None = None
 ) -> dict[str, Summary]:
@@ -288,20 +325,10 @@ async def summarise(
     where, args = ("", []) if users is None else (" WHERE user_id = ANY($1::text[])", [users])
     out: dict[str, Summary] = {}
     async with conn.transaction(readonly=True):
-        for r in await conn.fetch(TASK_SUMS.format(
-            hash=ROW_HASH.format(columns=TASK_COLUMNS), doc=DOC_SQL, table=t.tasks, where=where
-        ), *args):
-            s = out.setdefault(r[0], Summary())
-            s.tasks, s.tasks_sum, s.bad_docs = r[1], int(r[2]) & MASK, r[3]
-        for r in await conn.fetch(SUMS.format(
-            hash=ROW_HASH.format(columns=HISTORY_COLUMNS), table=t.history, where=where), *args
-        ):
-            s = out.setdefault(r[0], Summary())
-            s.history, s.history_sum = r[1], int(r[2]) & MASK
-        for r in await conn.fetch(
-            f"SELECT user_id, total, completed, pending FROM {t.stats}{where}", *args
-        ):
-            out.setdefault(r[0], Summary()).stats = (r[1], r[2], r[3])
+        for model in READ_MODELS:
+            query, read = TABLE_SUMMARIES[model.TABLE]
+            for r in await conn.fetch(query(getattr(t, model.TABLE), where), *args):
+                read(out.setdefault(r[0], Summary()), r)
     return out
 
 
@@ -366,9 +393,9 @@ class FoldProcess:
 
     async def _call(self, *message: Any) -> Any:
         async with self._lock:
-            self._pipe.send(message)
-            await self._readable()
-            try:
+            try:  # a child that died between calls closed its end: send fails then
+                self._pipe.send(message)
+                await self._readable()
                 ok, value = self._pipe.recv()
             except (EOFError, OSError) as e:
                 raise FoldProcessFailed(

@@ -3,7 +3,7 @@ names and advisory-lock keys. A name changes here or nowhere."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # The event store (the eventsourcing recorder's tables, see `shared.eventstore`).
 EVENTS_TABLE = "tasks_events"
@@ -32,8 +32,8 @@ class Tables:
     checkpoints: str = CHECKPOINTS_TABLE
 
     @property
-    def read_tables(self) -> tuple[str, str, str]:
-        return (self.tasks, self.history, self.stats)
+    def read_tables(self) -> tuple[str, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "checkpoints")
 
 
 LIVE = Tables()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 
 from projections.manifest import ddl
-from shared.catalog import DDL_LOCK, EVENTS_TABLE
+from shared.catalog import DDL_LOCK, EVENTS_TABLE, LIVE, Tables
 from shared.eventstore import create_schema
 from shared.settings import Settings
 
@@ -83,14 +83,16 @@ def init_database(settings: Settings) -> None:
     check_transaction_counter(settings)
     create_schema(settings)
     _make_events_append_only(settings)
-    _create_read_tables(settings)
+    create_read_tables(settings.require_database_url())
 
 
-def _create_read_tables(settings: Settings) -> None:
-    """The projector's read tables and checkpoints (DDL owned by `projections.manifest`)."""
-    with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
+def create_read_tables(url: str, tables: Tables = LIVE) -> None:
+    """Every read model's tables and indexes and the checkpoints (`projections.manifest`),
+    under `tables`' names; safe to run again."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        # Serialise concurrent `db init`s: CREATE ... IF NOT EXISTS can race.
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
-        for statement in ddl():
+        for statement in ddl(tables):
             conn.execute(statement)
 
 

@@ -36,10 +36,16 @@ import httpx
 import psycopg
 import pytest
 
-from projections.manifest import create_read_tables_at
-from projections.projector import catch_up
+from taskctl.dbinit import create_read_tables
 from tests.support import TEST_SECRET, bearer, new_user
-from tests.support.projection import REBUILD, checkpoint, max_position, snapshot, wait_until
+from tests.support.projection import (
+    REBUILD,
+    catch_up,
+    checkpoint,
+    max_position,
+    snapshot,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKCTL = str(Path(sys.executable).with_name("taskctl"))
@@ -355,7 +361,7 @@ async def test_database_restart_under_load_fails_fast_then_recovers_and_loses_no
         assert r.json()["data"]["total"] == len(settled)
         assert projector.popen.poll() is None, projector.output()
 
-        await create_read_tables_at(url, REBUILD)
+        create_read_tables(url, REBUILD)
         await catch_up(url, tables=REBUILD)
         assert snapshot(url) == snapshot(url, REBUILD)
         print(f"database restart: {len(load.creates)} creates ({failed} failed, all settled on retry),"

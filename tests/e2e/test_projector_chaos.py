@@ -26,13 +26,13 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from projections.manifest import create_read_tables_at
-from projections.projector import catch_up
 from shared.position import ZERO
+from taskctl.dbinit import create_read_tables
 from tests.support import TEST_SECRET, PostgresServer, new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
+    catch_up,
     checkpoint,
     fresh_database,
     max_position,
@@ -145,7 +145,7 @@ async def test_projector_killed_at_random_moments_while_writes_continue_equals_a
     finally:
         assert projector.stop() == 0, projector.log.read_text()
 
-    await create_read_tables_at(own_db, REBUILD)
+    create_read_tables(own_db, REBUILD)
     await catch_up(own_db, tables=REBUILD)
     live, rebuilt = snapshot(own_db), snapshot(own_db, REBUILD)
     print(f"\nprojector chaos: seed {SEED}, {done[0]} commands, {len(live['history'])} events,"

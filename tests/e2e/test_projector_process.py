@@ -15,14 +15,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projections.manifest import create_read_tables_at
-from projections.projector import APPLICATION_NAME, catch_up
+from projections.projector import APPLICATION_NAME
 from shared.events import Task
 from shared.position import ZERO
+from taskctl.dbinit import create_read_tables
 from tests.support import TEST_SECRET, PostgresServer, new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
+    catch_up,
     checkpoint,
     fresh_database,
     insert_raw_event,
@@ -103,7 +104,7 @@ def in_transaction(url: str) -> bool:
 
 
 async def rebuild(url: str) -> dict:
-    await create_read_tables_at(url, REBUILD)
+    create_read_tables(url, REBUILD)
     await catch_up(url, tables=REBUILD)
     return snapshot(url, REBUILD)
 

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from projections.projector import catch_up
 from tests.support import PostgresServer
-from tests.support.projection import Writer, fresh_database, snapshot
+from tests.support.projection import Writer, catch_up, fresh_database, snapshot
 
 pytestmark = pytest.mark.slow
 

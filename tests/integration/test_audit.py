@@ -15,10 +15,9 @@ import psycopg
 import pytest
 
 from projections.audit import verify
-from projections.projector import catch_up
 from shared.events import Task
 from tests.support import PostgresServer, new_user
-from tests.support.projection import Writer, fresh_database, insert_raw_event
+from tests.support.projection import Writer, catch_up, fresh_database, insert_raw_event
 
 
 def taskctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:

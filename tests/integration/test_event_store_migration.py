@@ -9,13 +9,13 @@ import psycopg
 import pytest
 from eventsourcing.application import Application
 
-from projections.projector import catch_up
 from shared.catalog import EVENTS_TABLE
 from shared.events import Task
 from shared.eventstore import store_env
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, library_store, new_user
+from tests.support.projection import catch_up
 
 
 class LibraryStore(Application):

@@ -18,11 +18,11 @@ from schemathesis import GenerationMode
 from schemathesis.config import PositiveDataAcceptanceConfig
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from projections.projector import catch_up
 from query_api.app import create_app
 from shared.settings import Settings
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.fuzz import DeferredApp, envelope_conformance, own_user_and_task, send
+from tests.support.projection import catch_up
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 FUZZ_USER = new_user()

@@ -38,9 +38,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from projections.projector import catch_up
 from tests.support import PostgresServer, bearer, new_user
-from tests.support.projection import fresh_database, settings_for
+from tests.support.projection import catch_up, fresh_database, settings_for
 
 EXAMPLES = int(os.environ.get("ISOLATION_EXAMPLES", "15"))
 STEPS = int(os.environ.get("ISOLATION_STEPS", "25"))

@@ -16,13 +16,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from projections.projector import catch_up
 from query_api.app import create_app as create_query_app
 from shared.catalog import EVENTS_TABLE
 from shared.settings import Settings
 from taskctl.dbinit import TransactionCounterBehind, init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
-from tests.support.projection import Writer, fresh_database
+from tests.support.projection import Writer, catch_up, fresh_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

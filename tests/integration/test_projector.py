@@ -14,7 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from projections.projector import HandlerFailed, catch_up
+from projections.projector import HandlerFailed
 from shared.catalog import EVENTS_TABLE
 from shared.events import Task
 from shared.position import ZERO
@@ -22,6 +22,7 @@ from tests.support import PostgresServer, new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
+    catch_up,
     checkpoint,
     fresh_database,
     insert_raw_event,
@@ -209,9 +210,9 @@ async def test_read_tables_equal_a_rebuild_into_fresh_tables(own_db: str) -> Non
 
 
 async def _create_rebuild_tables(url: str) -> None:
-    from projections.manifest import create_read_tables_at
+    from taskctl.dbinit import create_read_tables
 
-    await create_read_tables_at(url, REBUILD)
+    create_read_tables(url, REBUILD)
 
 
 async def test_rows_and_checkpoint_commit_together(own_db: str) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from projections.projector import catch_up
 from query_api.app import create_app
 from shared.settings import Settings
 from tests.support import bearer, new_user
+from tests.support.projection import catch_up
 from tests.support.query import assert_error, create, position_of, write
 
 

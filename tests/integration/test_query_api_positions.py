@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from projections.projector import catch_up, run
+from projections.projector import run
 from query_api.app import create_app
 from shared.settings import Settings
 from tests.support import bearer, new_user
+from tests.support.projection import catch_up
 from tests.support.query import assert_error, create, position_of, write
 
 

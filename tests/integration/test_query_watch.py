@@ -10,17 +10,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from projections.manifest import create_read_tables_at
 from query_api.watch import APPLICATION_NAME, PositionWatch
 from shared.catalog import PROJECTION
 from shared.position import Position
+from taskctl.dbinit import create_read_tables
 from tests.support import PostgresServer
 
 
 @pytest.fixture(scope="module")
 async def dsn(pg_server: PostgresServer) -> AsyncIterator[str]:
     url = pg_server.create_database("taskservice_watch")
-    await create_read_tables_at(url)
+    create_read_tables(url)
     yield url
     pg_server.drop_database(url)
 

@@ -16,12 +16,12 @@ import asyncpg
 import psycopg
 import pytest
 
-from projections.projector import TRY_LOCK, catch_up, run
+from projections.projector import TRY_LOCK, run
 from projections.replay import ReplayBusy, VerificationFailed, replay
 from projections.verify import FoldProcessFailed
 from shared.catalog import LIVE
 from tests.support import PostgresServer, new_user
-from tests.support.projection import Writer, fresh_database, snapshot
+from tests.support.projection import Writer, before_verify, catch_up, fresh_database, snapshot
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def definitions(url: str) -> dict[str, set[tuple[str, str]]]:
 
 
 async def test_a_failed_verification_fold_process_fails_the_replay_and_the_next_run_works(
-    own_db: str,
+    own_db: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The fold runs in a child process: if it dies, the replay fails (no switch, the
     live tables untouched) instead of hanging or passing unverified."""
@@ -128,8 +128,9 @@ async def test_a_failed_verification_fold_process_fails_the_replay_and_the_next_
         children[0].kill()
         children[0].join(5)
 
+    before_verify(monkeypatch, kill_the_fold)
     with pytest.raises(FoldProcessFailed, match="died"):
-        await replay(own_db, before_verify=kill_the_fold)
+        await replay(own_db)
     assert snapshot(own_db) == live
     assert multiprocessing.active_children() == []
     with psycopg.connect(own_db) as conn:
@@ -140,7 +141,7 @@ async def test_a_failed_verification_fold_process_fails_the_replay_and_the_next_
 
 
 async def test_verification_refuses_a_corrupted_rebuild_and_keeps_the_live_tables(
-    own_db: str,
+    own_db: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     writer = Writer(own_db)
     try:
@@ -157,8 +158,9 @@ async def test_verification_refuses_a_corrupted_rebuild_and_keeps_the_live_table
             victim,
         )
 
+    before_verify(monkeypatch, corrupt)
     with pytest.raises(VerificationFailed) as failed:
-        await replay(own_db, before_verify=corrupt)
+        await replay(own_db)
 
     assert list(failed.value.differing) == [victim]
     assert "tasks rows" in failed.value.differing[victim][0]
@@ -388,3 +390,35 @@ async def test_a_replay_waits_for_one_still_holding_the_lock_then_says_who(own_d
         assert result.switched
     finally:
         holder.close()
+
+
+def test_the_load_tables_with_their_keys_and_indexes_are_the_db_init_tables(own_db: str) -> None:
+    """The replay creates its tables without keys and indexes (`load_ddl`) and adds them
+    after the load (`keys_and_indexes`): the result must be what `db init` makes."""
+    from projections.manifest import keys_and_indexes, load_ddl, table_names  # noqa: PLC0415
+    from projections.replay import rebuild_tables  # noqa: PLC0415
+
+    target = rebuild_tables(LIVE, 99)
+
+    def shape(conn: psycopg.Connection, names: list[str]) -> list[tuple[object, ...]]:
+        out = []
+        for n, name in enumerate(names):
+            strip = lambda text: text.replace(name, f"<{n}>")  # noqa: E731
+            out.extend(sorted(
+                (n, strip(r[0]), strip(r[1])) for r in conn.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", (name,))))
+            out.extend(sorted((n, strip(r[0]), strip(r[1]), r[2]) for r in conn.execute(
+                "SELECT conname, pg_get_constraintdef(oid), contype FROM pg_constraint"
+                " WHERE conrelid = %s::regclass", (name,))))
+            out.append((n, conn.execute(
+                "SELECT reloptions FROM pg_class WHERE oid = %s::regclass", (name,)).fetchone()))
+            out.append((n, conn.execute(
+                "SELECT array_agg((attname, format_type(atttypid, atttypmod), attnotnull)::text"
+                " ORDER BY attnum) FROM pg_attribute WHERE attrelid = %s::regclass"
+                " AND attnum > 0 AND NOT attisdropped", (name,)).fetchone()))
+        return out
+
+    with psycopg.connect(own_db) as conn:
+        for statement in [*load_ddl(target), *keys_and_indexes(target)]:
+            conn.execute(statement)
+        assert shape(conn, table_names(target)) == shape(conn, table_names(LIVE))

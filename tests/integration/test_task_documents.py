@@ -15,13 +15,20 @@ import psycopg
 import pytest
 
 from command_api.handlers import task_view
-from projections.projector import catch_up
 from projections.replay import VerificationFailed, replay
 from projections.task_list import DOC_SQL, TaskState, document
+from shared.documents import task_json
 from shared.events import Task
 from taskctl.dbinit import init_database
 from tests.support import PostgresServer, new_user
-from tests.support.projection import Writer, fresh_database, settings_for, snapshot
+from tests.support.projection import (
+    Writer,
+    before_verify,
+    catch_up,
+    fresh_database,
+    settings_for,
+    snapshot,
+)
 
 # Strings JSON must escape, and ones it must not.
 AWKWARD = "".join(chr(c) for c in range(1, 0x20)) + '"\\/é€😀\u2028\u2029\x7f<>&\'%_'
@@ -69,6 +76,9 @@ async def test_python_and_sql_render_the_same_bytes_whatever_the_session_time_zo
     finally:
         await conn.close()
     for s in rows:
+        # The stored `doc` is the one rendering of a task, byte for byte.
+        assert document(s) == task_json(s.task_id, s.user_id, s.title, s.description,
+                                        s.completed, s.created_at, s.updated_at, s.version)
         parsed = orjson.loads(document(s))
         assert parsed["created_at"] == s.created_at.astimezone(UTC).isoformat()
         assert parsed["created_at"].endswith("+00:00")
@@ -114,7 +124,7 @@ async def test_db_init_fills_doc_in_a_table_made_before_it(own_db: str) -> None:
 
 
 async def test_replay_refuses_a_rebuild_whose_documents_do_not_match_their_rows(
-    own_db: str,
+    own_db: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     writer = Writer(own_db)
     try:
@@ -135,8 +145,9 @@ async def test_replay_refuses_a_rebuild_whose_documents_do_not_match_their_rows(
             " WHERE user_id = $1", user,
         )
 
+    before_verify(monkeypatch, stale_doc)
     with pytest.raises(VerificationFailed) as failed:
-        await replay(own_db, before_verify=stale_doc)
+        await replay(own_db)
 
     assert list(failed.value.differing) == [user]
     assert "task documents" in " ".join(failed.value.differing[user])

@@ -1,19 +1,25 @@
-"""Helpers for the projector tests: dedicated databases, bulk events, table snapshots."""
+"""Helpers for the projector tests: dedicated databases, bulk events, table snapshots,
+`catch_up` (the runner until caught up, on a connection of its own) and the replay's
+`before_verify` seam."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import psycopg
+import pytest
 
 from command_api.blocking import LoopThread
 from command_api.commands import ChangeTask, CreateTask
 from command_api.handlers import Actor
+from projections import replay as replay_module
+from projections.projector import BATCH_SIZE, apply_until_caught_up, ensure_checkpoint
 from shared.catalog import EVENTS_TABLE, LIVE, Tables
 from shared.events import Task
 from shared.eventstore import TaskStore
@@ -28,6 +34,33 @@ REBUILD = Tables(
     stats="rebuild_user_stats",
     checkpoints="rebuild_checkpoints",
 )
+
+
+async def catch_up(dsn: str, *, tables: Tables = LIVE, batch_size: int = BATCH_SIZE) -> Position:
+    """Apply every event committed so far into `tables`; the new checkpoint."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await ensure_checkpoint(conn, tables)
+        return await apply_until_caught_up(conn, tables, batch_size=batch_size)
+    finally:
+        await conn.close()
+
+
+def before_verify(
+    monkeypatch: pytest.MonkeyPatch, hook: Callable[[asyncpg.Connection, Tables], Awaitable[None]]
+) -> None:
+    """Have the next replay call `hook(conn, rebuilt tables)` right before its first
+    check of the rebuilt tables (to corrupt them, or kill the fold, on purpose)."""
+    check = replay_module.check_rebuild
+    called = []
+
+    async def hooked(conn: asyncpg.Connection, t: Tables, *args: Any, **kwargs: Any) -> Any:
+        if not called:
+            called.append(True)
+            await hook(conn, t)
+        return await check(conn, t, *args, **kwargs)
+
+    monkeypatch.setattr(replay_module, "check_rebuild", hooked)
 
 
 def settings_for(url: str) -> Settings:

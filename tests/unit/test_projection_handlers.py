@@ -95,3 +95,28 @@ def test_the_folds_spelled_out_hashes_equal_the_generic_row_hash() -> None:
         state = after
     assert fold.history[owner] == [len(lives), expected]
     assert fold.problems == []
+
+
+def test_every_read_model_in_the_manifest_has_the_one_shape() -> None:
+    """db init, the runner, the replay and the verification iterate `READ_MODELS`: each
+    module must offer what they call, name a table of `Tables`, and be summarised."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from projections.manifest import READ_MODELS, STATE_MODEL, ddl, table_names  # noqa: PLC0415
+    from projections.verify import TABLE_SUMMARIES  # noqa: PLC0415
+    from shared.catalog import LIVE, Tables  # noqa: PLC0415
+
+    assert STATE_MODEL in READ_MODELS
+    names = {f.name for f in fields(Tables)} - {"checkpoints"}
+    assert sorted(m.TABLE for m in READ_MODELS) == sorted(names)
+    assert table_names(LIVE) == list(LIVE.read_tables)
+    for model in READ_MODELS:
+        assert model.TABLE in TABLE_SUMMARIES, model.__name__
+        assert model.QUERIES.startswith("query_api.queries: "), model.__name__
+        for make in (model.tables, model.keys, model.indexes):
+            assert all(isinstance(s, str) for s in make(LIVE)), (model.__name__, make)
+        assert model.tables(LIVE, load=True)
+        rows = model.Rows()
+        assert callable(rows.apply) and callable(rows.write), model.__name__
+        assert model is STATE_MODEL or callable(rows.copy), model.__name__
+        assert all(s in ddl() for s in model.tables(LIVE) + model.indexes(LIVE))
