@@ -1,4 +1,4 @@
-"""Composition root of the command API: `create_app(settings)`."""
+"""Composition root of the command API: `create_app(settings, store=...)`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 
 from command_api import routes
-from command_api.fastpath import CommandFastPath
-from command_api.handlers import TaskCommands
-from command_api.store import AsyncTaskStore
+from command_api.executor import Executor
+from command_api.store import PostgresEventStore
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
@@ -26,60 +25,67 @@ from shared.settings import Settings
 
 log = logging.getLogger("taskservice.command_api")
 
+# How the app gets its event store: opened from the settings, on first use.
+StoreFactory = Callable[[Settings], Awaitable[PostgresEventStore]]
+
 
 class CommandSide:
-    """Holds the event store client; opens it on first use, so the API starts (and
-    answers 503) while the database is still down."""
+    """Holds the event store and the executor; opens them on first use, so the API
+    starts (and answers 503) while the database is still down."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, open_store: StoreFactory) -> None:
         self.settings = settings
-        self.store: AsyncTaskStore | None = None
-        self.commands: TaskCommands | None = None
+        self.open_store = open_store
+        self.store: PostgresEventStore | None = None
+        self.executor: Executor | None = None
         self._lock: asyncio.Lock | None = None
 
-    async def open(self) -> TaskCommands:
-        if self.commands is not None:
-            return self.commands
+    async def open(self) -> Executor:
+        if self.executor is not None:
+            return self.executor
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:
-            if self.commands is None:
+            if self.executor is None:
                 try:
-                    self.store = await AsyncTaskStore.open(self.settings)
+                    self.store = await self.open_store(self.settings)
                 except DATABASE_DOWN as e:
                     log.warning("event store unavailable: %s", e)
                     raise ServiceUnavailable("Database unavailable, try again shortly") from None
-                self.commands = TaskCommands(self.store, retries=self.settings.command_retries)
-        return self.commands
+                self.executor = Executor(self.store, retries=self.settings.command_retries)
+        return self.executor
 
     async def purge_idempotency_forever(self) -> None:
         """Forget expired Idempotency-Keys every `IDEMPOTENCY_PURGE_INTERVAL` seconds
         (jittered, so a fleet of API processes spreads out; one purges at a time)."""
         interval = self.settings.idempotency_purge_interval
         while True:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             try:
-                commands = await self.open()
-                removed = await commands.store.purge_idempotency(
-                    self.settings.idempotency_ttl_hours
-                )
+                await self.open()
+                assert self.store is not None
+                removed = await self.store.purge_idempotency(self.settings.idempotency_ttl_hours)
             except (ServiceUnavailable, *DATABASE_DOWN) as e:
                 log.warning("idempotency purge skipped: %s", e)
                 continue
-            except Exception:  # noqa: BLE001 - housekeeping must not stop for good
-                log.exception("idempotency purge failed")
+            except Exception:
+                log.exception("idempotency purge failed")  # housekeeping must not stop
                 continue
             if removed:
                 log.info("forgot %d expired Idempotency-Keys", removed)
 
     async def close(self) -> None:
-        store, self.store, self.commands = self.store, None, None
+        store, self.store, self.executor = self.store, None, None
         if store is not None:
             await store.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, store: StoreFactory | None = None
+) -> FastAPI:
+    """The command API. `store` opens its event store (default: `PostgresEventStore`
+    on `settings`); the benchmark passes its own."""
     settings = settings or Settings.from_env()
-    side = CommandSide(settings)
+    side = CommandSide(settings, store or PostgresEventStore.open)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -105,17 +111,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
-    app.state.open_commands = side.open
+    app.state.open_executor = side.open
     install_error_handlers(app, unavailable=DATABASE_DOWN)
-    if settings.command_fast_path:
-        app.add_middleware(CommandFastPath, fastapi=app)  # innermost: inside Observe
+    app.add_middleware(routes.CommandDispatcher, fastapi=app)  # innermost: inside Observe
     app.add_middleware(Observe, service="command-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     install_cors(app, settings)
 
     async def ready(_: Request) -> dict[str, Any]:
-        commands = await side.open()
-        await commands.store.ping()
+        await side.open()
+        assert side.store is not None
+        await side.store.ping()
         return {"database": "ok"}
 
     app.include_router(health_router("command-api", ready))

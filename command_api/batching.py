@@ -1,12 +1,11 @@
 """Coalescing: concurrent callers' requests answered by one database round trip.
 
-On these machines a round trip to PostgreSQL costs the client about 90 us of CPU
-(mostly the socket system calls; `SELECT 1` measured alone), as much as the rest of a
-command. `Coalescer` collects the items callers hand it while the event loop is busy
-and runs them as one batch: the first item after a quiet spell goes out on the loop's
-next turn (no timer, no added latency), and while `max_in_flight` batches are running,
-new items wait for the next one, so batches grow with the load instead of the number
-of round trips.
+A round trip to PostgreSQL costs the client about as much CPU as the rest of a
+command (mostly the socket system calls). `Coalescer` collects the items callers hand
+it while the event loop is busy and runs them as one batch: the first item after a
+quiet spell goes out on the loop's next turn (no timer, no added latency), and while
+`max_in_flight` batches are running, new items wait for the next one, so batches grow
+with the load instead of the number of round trips.
 """
 
 from __future__ import annotations
@@ -45,8 +44,6 @@ class Coalescer(Generic[Item, Result]):
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # for tests and metrics: how many round trips
-        self.items = 0
 
     async def __call__(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
@@ -90,8 +87,6 @@ class Coalescer(Generic[Item, Result]):
                 if not waiter.done():
                     waiter.set_result(result)
         finally:
-            self.batches += 1
-            self.items += len(items)
             if self._on_batch is not None:
                 self._on_batch(len(items))
             self._in_flight -= 1

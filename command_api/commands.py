@@ -1,92 +1,49 @@
-"""Commands: what a user asks to change. Imperative, plain data; the actor is never in
-the body (it comes from the token and travels beside the command)."""
+"""Commands: what a user asks to change, as plain values. The actor is never part of a
+command; it travels beside it as a `Stamp` (from the token and the request)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
-
-from shared.events import DESCRIPTION_MAX, TITLE_MAX
+from dataclasses import dataclass
+from uuid import UUID
 
 
-def _no_nul(value: str | None) -> str | None:
-    """Text PostgreSQL and UTF-8 can hold: no NUL, and no lone surrogate (JSON's
-    "\\ud800" escape parses to one, and it cannot be encoded)."""
-    if value is None:
-        return value
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
-    return value
+@dataclass(frozen=True)
+class Stamp:
+    """Who acts, and in which request: carried by every event the command emits."""
+
+    user_id: str
+    request_id: str
 
 
-def _title(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    if len(value) > TITLE_MAX:
-        raise ValueError(f"must be at most {TITLE_MAX} characters")
-    _no_nul(value)
-    return value
+@dataclass(frozen=True)
+class Create:
+    title: str
+    description: str | None = None
 
 
-# The documented schemas say what the validators accept (a non-blank title, no NUL, no
-# null where a field may only be left out), so clients and the fuzzer see the contract.
-NO_NUL = "^[^\\u0000]*$"
-TITLE_SCHEMA = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": TITLE_MAX,
-    "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
-    "description": f"trimmed; 1-{TITLE_MAX} characters, not blank",
-}
-Title = Annotated[str, AfterValidator(_title), WithJsonSchema(TITLE_SCHEMA)]
-Description = Annotated[
-    str | None,
-    Field(max_length=DESCRIPTION_MAX),
-    AfterValidator(_no_nul),
-    WithJsonSchema(
-        {"anyOf": [{"type": "string", "maxLength": DESCRIPTION_MAX, "pattern": NO_NUL}, {"type": "null"}]}
-    ),
-]
+@dataclass(frozen=True)
+class Change:
+    """Each field optional: None leaves it as it is. `description` is set (to a text or
+    to None) only when `set_description`, since None is also a description."""
 
-
-class _Command(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class CreateTask(_Command):
-    title: Title
-    description: Description = None
-
-
-class ChangeTask(_Command):
-    """PATCH: any of the fields; a field left out is left as it is."""
-
-    title: Annotated[Title | None, WithJsonSchema(TITLE_SCHEMA)] = None
-    description: Description = None
-    completed: Annotated[bool | None, WithJsonSchema({"type": "boolean"})] = None
-
-    @field_validator("title", "completed", mode="before")
-    @classmethod
-    def _not_null(cls, value: object) -> object:
-        if value is None:
-            raise ValueError("must not be null")
-        return value
-
-
-class ReplaceTask(_Command):
-    """PUT on the `/api/{user_id}/tasks/{id}` contract: title required, description
-    replaced (null when left out), completed changed only when given."""
-
-    title: Title
-    description: Description = None
+    task_id: UUID
+    title: str | None = None
+    description: str | None = None
+    set_description: bool = False
     completed: bool | None = None
 
 
-class SetCompletion(_Command):
-    completed: bool
+@dataclass(frozen=True)
+class SetCompleted:
+    """Mark the task done or not done; `completed=None` toggles it."""
+
+    task_id: UUID
+    completed: bool | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    task_id: UUID
+
+
+Command = Create | Change | SetCompleted | Delete

@@ -1,216 +1,464 @@
-"""Routes of the command side: translate HTTP into a command, run it, wrap the result."""
+"""The command routes, declared once (`ROUTES`), and the one handler that serves them.
+
+Each `CommandRoute` names its method and path, its body model, how a request becomes a
+command, its success status and whether the path's user must be the caller. The
+FastAPI routes are generated from the table, so the OpenAPI document shows each body
+schema, path parameter and header; but FastAPI's parameter solving never runs for them:
+`CommandDispatcher` (in front of the router) and `CommandAPIRoute` (the router's own
+route) hand every request to `handle`, which answers in this order:
+
+1. the token (401, whatever else is wrong with the request);
+2. a body that is not JSON (422 "Malformed JSON" / "Malformed request body");
+3. the event store (503 while it is unavailable);
+4. the path's task id and the body, validated together (422, per field);
+5. the path's user (403 unless it is the caller);
+6. the Idempotency-Key's form (422);
+7. the command, run by the executor; its refusals map to errors in `ERRORS`.
+
+An Idempotency-Key's fingerprint is the sha256 of [method, path without a trailing
+slash, body] in canonical JSON, the body as `CommandRoute.signed` says; it is part of
+the stored format (the keys already stored must keep matching).
+"""
 
 from __future__ import annotations
 
+import email.message
 import hashlib
+import inspect
 import json
 import re
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Depends, Header, Request
+import orjson
+from fastapi import APIRouter, Body, FastAPI, Header, Request
 from fastapi.responses import Response
-from pydantic import WithJsonSchema
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, TypeAdapter, ValidationError, WithJsonSchema
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from command_api.commands import ChangeTask, CreateTask, ReplaceTask, SetCompletion
-from command_api.handlers import Actor, Outcome, TaskCommands
-from shared.auth import CurrentUser
-from shared.errors import Forbidden, ValidationFailed
+from command_api import commands
+from command_api.bodies import ChangeTask, CreateTask, ReplaceTask, SetCompletion
+from command_api.commands import Command, Stamp
+from command_api.decisions import NotYourTask, TaskDeleted, TaskNotFound
+from command_api.executor import (
+    Executor,
+    Keyed,
+    KeyReused,
+    Outcome,
+    Saved,
+    TooManyConflicts,
+    VersionMismatch,
+)
+from shared.documents import task_document
+from shared.errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    ValidationFailed,
+)
 from shared.etag import IfMatch, etag
-from shared.http import Envelope, request_id
+from shared.events import Task
+from shared.http import Envelope, request_id, validation_details
 from shared.openapi import DataEnvelope, TaskOut, error_responses
 from shared.position import encode
 
-router = APIRouter(prefix="/api", tags=["commands"])
-
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 POSITION_HEADER = "X-Position"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_CANONICAL_UUID = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_UUID = TypeAdapter(UUID)
+
+# The executor's and the decisions' refusals, as HTTP errors: the one table.
+ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
+    TaskNotFound: lambda _: NotFound("Task not found"),
+    TaskDeleted: lambda _: NotFound("Task not found"),
+    NotYourTask: lambda _: Forbidden("You do not have access to this task"),
+    VersionMismatch: lambda e: PreconditionFailed(
+        "The task has changed since the given ETag", details={"current_version": e.current_version}
+    ),
+    TooManyConflicts: lambda _: Conflict("The task is being changed by others; try again"),
+    KeyReused: lambda _: ValidationFailed(
+        "Idempotency-Key was already used with a different request",
+        details={"Idempotency-Key": "reused with a different request"},
+    ),
+}
+_REFUSALS = tuple(ERRORS)
 
 
-async def commands(request: Request) -> TaskCommands:
-    return await request.app.state.open_commands()
+# -- how a request becomes a command ---------------------------------------------------
 
 
-Commands = Annotated[TaskCommands, Depends(commands)]
+def _create(_: UUID | None, body: Any) -> Command:
+    return commands.Create(body.title, body.description)
+
+
+def _change(task_id: UUID | None, body: Any) -> Command:
+    """PATCH: only the fields given."""
+    assert task_id is not None
+    given = body.model_fields_set
+    return commands.Change(
+        task_id,
+        title=body.title if "title" in given else None,
+        description=body.description,
+        set_description="description" in given,
+        completed=body.completed if "completed" in given else None,
+    )
+
+
+def _replace(task_id: UUID | None, body: Any) -> Command:
+    """PUT: title and description replaced, completed only when given."""
+    assert task_id is not None
+    return commands.Change(
+        task_id,
+        title=body.title,
+        description=body.description,
+        set_description=True,
+        completed=body.completed,
+    )
+
+
+def _set_completed(task_id: UUID | None, body: Any) -> Command:
+    assert task_id is not None
+    return commands.SetCompleted(task_id, None if body is None else body.completed)
+
+
+def _delete(task_id: UUID | None, _: Any) -> Command:
+    assert task_id is not None
+    return commands.Delete(task_id)
+
+
+@dataclass(frozen=True)
+class CommandRoute:
+    """One command route. `name` is the endpoint's name (the OpenAPI operationId and
+    summary derive from it). `signed`: which body fields the Idempotency-Key's
+    fingerprint covers: "all" of the model's (None for one not given), or those "given".
+    """
+
+    name: str
+    method: str
+    path: str
+    body: type[BaseModel] | None
+    to_command: Callable[[UUID | None, Any], Command]
+    status: int
+    owner_check: bool
+    signed: Literal["all", "given"] = "given"
+    body_required: bool = True
+
+    @property
+    def takes_task(self) -> bool:
+        return "{task_id}" in self.path
+
+
+ROUTES: tuple[CommandRoute, ...] = (
+    # The plan's contract: /api/tasks
+    CommandRoute("create_task", "POST", "/tasks", CreateTask, _create, 201, False, "all"),
+    CommandRoute("change_task", "PATCH", "/tasks/{task_id}", ChangeTask, _change, 200, False),
+    CommandRoute("delete_task", "DELETE", "/tasks/{task_id}", None, _delete, 204, False),
+    # The /api/{user_id}/tasks contract
+    CommandRoute("create_user_task", "POST", "/{path_user_id}/tasks", CreateTask, _create, 201,
+                 True, "all"),
+    CommandRoute("replace_user_task", "PUT", "/{path_user_id}/tasks/{task_id}", ReplaceTask,
+                 _replace, 200, True),
+    CommandRoute("delete_user_task", "DELETE", "/{path_user_id}/tasks/{task_id}", None, _delete,
+                 204, True),
+    CommandRoute("toggle_user_task", "PATCH", "/{path_user_id}/tasks/{task_id}/complete",
+                 SetCompletion, _set_completed, 200, True, "all", body_required=False),
+)
+
+
+# -- the generic handler -----------------------------------------------------------------
+
+
+class _Parsed:
+    """The headers a command route reads: the first of each, as FastAPI picks."""
+
+    __slots__ = ("authorization", "content_type", "idempotency_key", "if_match")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.authorization = self.content_type = self.if_match = self.idempotency_key = None
+        for name, value in raw:
+            attr = _HEADERS.get(name)
+            if attr is not None and getattr(self, attr) is None:
+                setattr(self, attr, value.decode("latin-1"))
+
+
+_HEADERS = {
+    b"authorization": "authorization",
+    b"content-type": "content_type",
+    b"if-match": "if_match",
+    b"idempotency-key": "idempotency_key",
+}
+_EMPTY: Any = object()  # a request without a body
+
+
+def _json(body: bytes, content_type: str | None) -> Any:
+    """The body as FastAPI reads it: parsed JSON when the content type is JSON, the raw
+    bytes otherwise (which no body model accepts), `_EMPTY` when there is none."""
+    if not body:
+        return _EMPTY
+    if content_type != "application/json":
+        if content_type is None:
+            return body
+        message = email.message.Message()
+        message["content-type"] = content_type
+        subtype = message.get_content_subtype()
+        if message.get_content_maintype() != "application" or not (
+            subtype == "json" or subtype.endswith("+json")
+        ):
+            return body
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # what orjson refuses, the standard library may read (NaN, big integers...)
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        raise ValidationFailed(details={"body": "Malformed JSON"}) from None
+    except Exception:  # not text at all (invalid UTF-8...)
+        raise ValidationFailed(
+            "Malformed request body", details={"body": "Malformed body"}
+        ) from None
+
+
+def _errors(e: ValidationError, *prefix: str) -> list[dict[str, Any]]:
+    return [{**err, "loc": (*prefix, *err["loc"])} for err in e.errors(include_url=False)]
+
+
+def _task_id(raw: str, errors: list[dict[str, Any]]) -> UUID | None:
+    if _CANONICAL_UUID.match(raw):
+        return UUID(raw)
+    try:
+        return _UUID.validate_python(raw)
+    except ValidationError as e:
+        errors += _errors(e, "path", "task_id")
+        return None
+
+
+def _body(route: CommandRoute, value: Any, errors: list[dict[str, Any]]) -> Any:
+    assert route.body is not None
+    if value is _EMPTY or (value is None and not route.body_required):
+        if route.body_required:
+            errors.append({"type": "missing", "loc": ("body",), "msg": "Field required"})
+        return None
+    try:
+        if type(value) is dict:
+            return route.body.model_validate(value)
+        return _ADAPTERS[route.body].validate_python(value, from_attributes=True)
+    except ValidationError as e:
+        errors += _errors(e, "body")
+        return None
+
+
+def _keyed(request: Request, route: CommandRoute, key: str, body: Any) -> Keyed:
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ValidationFailed(
+            "Invalid Idempotency-Key",
+            details={"Idempotency-Key": "1-255 printable ASCII characters"},
+        )
+    signed: Any = None
+    if route.body is not None:
+        if body is None:
+            signed = dict.fromkeys(route.body.model_fields)
+        else:
+            signed = body.model_dump(exclude_unset=route.signed == "given")
+    canonical = json.dumps(
+        [route.method, request.url.path.rstrip("/"), signed], sort_keys=True, separators=(",", ":")
+    )
+    return Keyed(key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def task_view(task: Task | Saved) -> dict[str, Any]:
+    """The task as a command answers with it: the Task document."""
+    return task_document(
+        task.id, task.owner, task.title, task.description, task.completed,
+        task.created_on, task.modified_on, task.version,
+    )
+
+
+def render(route: CommandRoute, outcome: Outcome) -> Response:
+    headers = {}
+    position = encode(outcome.position)
+    if position:
+        headers[POSITION_HEADER] = position
+    task = outcome.task
+    if task is None:
+        return Response(status_code=route.status, headers=headers)
+    headers["ETag"] = etag(task.version)
+    return Envelope(task_view(task), status_code=route.status, headers=headers, position=position)
+
+
+async def handle(route: CommandRoute, request: Request) -> Response:
+    """Serve one request of `route` (the order of checks: the module docstring)."""
+    scope = request.scope
+    state = request.app.state
+    headers = _Parsed(scope["headers"])
+    user_id = await state.authenticator.user_id(headers.authorization)
+    scope.setdefault("state", {})["user_id"] = user_id
+    value = _EMPTY
+    if route.body is not None:
+        value = _json(await request.body(), headers.content_type)
+    executor: Executor = await state.open_executor()
+    errors: list[dict[str, Any]] = []
+    params = scope["path_params"]
+    task_id = _task_id(params["task_id"], errors) if route.takes_task else None
+    body = _body(route, value, errors) if route.body is not None else None
+    if errors:
+        raise ValidationFailed(details=validation_details(errors))
+    if route.owner_check and params["path_user_id"] != user_id:
+        raise Forbidden("You do not have access to this user's tasks")
+    command = route.to_command(task_id, body)
+    key = headers.idempotency_key
+    keyed = None if key is None else _keyed(request, route, key, body)
+    stamp = Stamp(user_id, request_id(request))
+    try:
+        outcome = await executor.run(
+            command, stamp, expected=IfMatch.parse(headers.if_match), keyed=keyed
+        )
+    except _REFUSALS as e:
+        raise ERRORS[type(e)](e) from None
+    return render(route, outcome)
+
+
+# -- the FastAPI routes, for routing and the OpenAPI document ----------------------------
+
+_ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
+
 IfMatchHeader = Annotated[
     str | None,
     Header(alias="If-Match", description='an ETag such as "v3", a list of them, or *'),
     WithJsonSchema({"type": "string"}),
 ]
-# Documented as the route checks it (in `_actor`, which answers 422 with its own message).
-IdempotencyKey = Annotated[
+IdempotencyKeyHeader = Annotated[
     str | None,
     Header(alias="Idempotency-Key", description="1-255 printable ASCII characters"),
     WithJsonSchema({"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}),
 ]
+TaskResponses: dict[int | str, dict[str, Any]] = error_responses(
+    401, 403, 404, 409, 412, 413, 422, 503
+)
 
 
-def _actor(request: Request, user_id: str, key: str | None, body: Any = None) -> Actor:
-    return actor(request.method, request.url.path, request_id(request), user_id, key, body)
+def _signature(route: CommandRoute) -> inspect.Signature:
+    """What the route takes, as FastAPI reads an endpoint's parameters (documented only:
+    `handle` parses the request)."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = []
+    if route.owner_check:
+        params.append(inspect.Parameter("path_user_id", keyword, annotation=str))
+    if route.takes_task:
+        params.append(inspect.Parameter("task_id", keyword, annotation=UUID))
+    if route.body is not None:
+        if route.body_required:
+            params.append(inspect.Parameter("body", keyword, annotation=route.body))
+        else:
+            params.append(inspect.Parameter(
+                "body", keyword, annotation=Annotated[route.body | None, Body()], default=None
+            ))
+    if route.takes_task:
+        params.append(inspect.Parameter("if_match", keyword, annotation=IfMatchHeader,
+                                        default=None))
+    params.append(inspect.Parameter("key", keyword, annotation=IdempotencyKeyHeader,
+                                    default=None))
+    return inspect.Signature(params, return_annotation=Response)
 
 
-def actor(
-    method: str, path: str, request_id: str, user_id: str, key: str | None, body: Any = None
-) -> Actor:
-    """Who acts, and the request's fingerprint when it carries an Idempotency-Key."""
-    if key is not None and not _IDEMPOTENCY_KEY.match(key):
-        raise ValidationFailed(
-            "Invalid Idempotency-Key",
-            details={"Idempotency-Key": "1-255 printable ASCII characters"},
+def _endpoint(route: CommandRoute) -> Callable[..., Any]:
+    async def endpoint(**_: Any) -> Response:
+        raise AssertionError("served by command_api.routes.handle")
+
+    endpoint.__name__ = endpoint.__qualname__ = route.name
+    endpoint.__signature__ = _signature(route)  # type: ignore[attr-defined]
+    endpoint.command_route = route  # type: ignore[attr-defined]
+    return endpoint
+
+
+class CommandAPIRoute(APIRoute):
+    """A FastAPI route whose requests go to `handle` with the endpoint's `CommandRoute`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        route: CommandRoute = self.endpoint.command_route  # type: ignore[attr-defined]
+
+        async def handler(request: Request) -> Response:
+            return await handle(route, request)
+
+        return handler
+
+
+router = APIRouter(prefix="/api", tags=["commands"], route_class=CommandAPIRoute)
+for _route in ROUTES:
+    if _route.body is not None:
+        _ADAPTERS[_route.body] = TypeAdapter(
+            _route.body if _route.body_required else _route.body | None
         )
-    fingerprint = ""
-    if key is not None:
-        canonical = json.dumps(
-            [method, path.rstrip("/"), body],
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
-    return Actor(user_id, request_id, key, fingerprint)
+    router.add_api_route(
+        _route.path,
+        _endpoint(_route),
+        methods=[_route.method],
+        status_code=_route.status,
+        response_model=DataEnvelope[TaskOut] if _route.status != 204 else None,
+        responses=TaskResponses,
+    )
 
 
-def own(path_user_id: str, user_id: str) -> None:
-    if path_user_id != user_id:
-        raise Forbidden("You do not have access to this user's tasks")
+class CommandDispatcher:
+    """Pure ASGI middleware, innermost of the app's: a request that matches a route of
+    `ROUTES` (method and path, in table order, as the router would pick it) goes
+    straight to `handle`, without Starlette's routing and FastAPI's per-request
+    machinery; an error it raises is rendered by the app's exception handlers. Anything
+    else goes on to the app. The answers are the same either way; this way costs less
+    CPU per command."""
+
+    def __init__(self, app: ASGIApp, *, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+        self.routes = [
+            (r, r.endpoint.command_route)  # type: ignore[attr-defined]
+            for r in router.routes
+            if isinstance(r, CommandAPIRoute)
+        ]
+        assert len(self.routes) == len(ROUTES)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _WRITES:
+            method, path = scope["method"], scope["path"]
+            for api_route, route in self.routes:
+                if route.method == method:
+                    found = api_route.path_regex.match(path)
+                    if found:
+                        scope["route"] = api_route
+                        scope["path_params"] = found.groupdict()
+                        await self._serve(route, scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+    async def _serve(self, route: CommandRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await handle(route, request)
+        except Exception as exc:
+            response = await self._render(request, exc)
+        await response(scope, receive, send)
+
+    async def _render(self, request: Request, exc: Exception) -> Response:
+        """`exc` as the app's exception handlers render it (looked up by class as
+        Starlette looks them up); re-raised when only the catch-all would take it
+        (RequestContext then logs it and answers 500)."""
+        handlers = self.fastapi.exception_handlers
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                break
+            handler = handlers.get(cls)
+            if handler is not None:
+                response = await handler(request, exc)
+                assert isinstance(response, Response)
+                return response
+        raise exc
 
 
-async def respond(run: Any, *args: Any) -> Response:
-    outcome: Outcome = await run(*args)
-    headers = {}
-    position = encode(outcome.position)
-    if position:
-        headers[POSITION_HEADER] = position
-    if outcome.task is None:
-        return Response(status_code=outcome.status, headers=headers)
-    headers["ETag"] = etag(outcome.task["version"])
-    return Envelope(outcome.task, status_code=outcome.status, headers=headers, position=position)
-
-
-def as_change(body: ReplaceTask) -> ChangeTask:
-    """PUT as a change: title and description replaced, completed only when given."""
-    fields: dict[str, Any] = {"title": body.title, "description": body.description}
-    if "completed" in body.model_fields_set and body.completed is not None:
-        fields["completed"] = body.completed
-    return ChangeTask.model_validate(fields)
-
-
-TaskResponses: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 409, 412, 413, 422, 503)
-
-
-# -- the plan's contract: /api/tasks ---------------------------------------------------
-
-
-@router.post(
-    "/tasks", status_code=201, response_model=DataEnvelope[TaskOut], responses=TaskResponses
-)
-async def create_task(
-    request: Request, body: CreateTask, user_id: CurrentUser, cmds: Commands, key: IdempotencyKey = None
-) -> Response:
-    actor = _actor(request, user_id, key, body.model_dump())
-    return await respond(cmds.create, actor, body)
-
-
-@router.patch("/tasks/{task_id}", response_model=DataEnvelope[TaskOut], responses=TaskResponses)
-async def change_task(
-    request: Request,
-    task_id: UUID,
-    body: ChangeTask,
-    user_id: CurrentUser,
-    cmds: Commands,
-    if_match: IfMatchHeader = None,
-    key: IdempotencyKey = None,
-) -> Response:
-    actor = _actor(request, user_id, key, body.model_dump(exclude_unset=True))
-    return await respond(cmds.change, actor, task_id, body, IfMatch.parse(if_match))
-
-
-@router.delete("/tasks/{task_id}", status_code=204, responses=TaskResponses)
-async def delete_task(
-    request: Request,
-    task_id: UUID,
-    user_id: CurrentUser,
-    cmds: Commands,
-    if_match: IfMatchHeader = None,
-    key: IdempotencyKey = None,
-) -> Response:
-    actor = _actor(request, user_id, key)
-    return await respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
-
-
-# -- the /api/{user_id}/tasks contract -------------------------------------------------
-
-
-@router.post(
-    "/{path_user_id}/tasks",
-    status_code=201,
-    response_model=DataEnvelope[TaskOut],
-    responses=TaskResponses,
-)
-async def create_user_task(
-    request: Request,
-    path_user_id: str,
-    body: CreateTask,
-    user_id: CurrentUser,
-    cmds: Commands,
-    key: IdempotencyKey = None,
-) -> Response:
-    own(path_user_id, user_id)
-    actor = _actor(request, user_id, key, body.model_dump())
-    return await respond(cmds.create, actor, body)
-
-
-@router.put(
-    "/{path_user_id}/tasks/{task_id}",
-    response_model=DataEnvelope[TaskOut],
-    responses=TaskResponses,
-)
-async def replace_user_task(
-    request: Request,
-    path_user_id: str,
-    task_id: UUID,
-    body: ReplaceTask,
-    user_id: CurrentUser,
-    cmds: Commands,
-    if_match: IfMatchHeader = None,
-    key: IdempotencyKey = None,
-) -> Response:
-    own(path_user_id, user_id)
-    change = as_change(body)
-    actor = _actor(request, user_id, key, body.model_dump(exclude_unset=True))
-    return await respond(cmds.change, actor, task_id, change, IfMatch.parse(if_match))
-
-
-@router.delete("/{path_user_id}/tasks/{task_id}", status_code=204, responses=TaskResponses)
-async def delete_user_task(
-    request: Request,
-    path_user_id: str,
-    task_id: UUID,
-    user_id: CurrentUser,
-    cmds: Commands,
-    if_match: IfMatchHeader = None,
-    key: IdempotencyKey = None,
-) -> Response:
-    own(path_user_id, user_id)
-    actor = _actor(request, user_id, key)
-    return await respond(cmds.delete, actor, task_id, IfMatch.parse(if_match))
-
-
-@router.patch(
-    "/{path_user_id}/tasks/{task_id}/complete",
-    response_model=DataEnvelope[TaskOut],
-    responses=TaskResponses,
-)
-async def toggle_user_task(
-    request: Request,
-    path_user_id: str,
-    task_id: UUID,
-    user_id: CurrentUser,
-    cmds: Commands,
-    body: Annotated[SetCompletion | None, Body()] = None,
-    if_match: IfMatchHeader = None,
-    key: IdempotencyKey = None,
-) -> Response:
-    own(path_user_id, user_id)
-    completed = body.completed if body is not None else None
-    actor = _actor(request, user_id, key, {"completed": completed})
-    return await respond(cmds.toggle, actor, task_id, completed, IfMatch.parse(if_match))
+_WRITES = frozenset(route.method for route in ROUTES)

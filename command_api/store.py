@@ -1,9 +1,9 @@
-"""The command side's event store client: asyncpg on the tables eventsourcing made.
+"""The event store on PostgreSQL: the executor's port (`command_api.ports`) implemented
+with asyncpg on the tables eventsourcing made.
 
-The command API runs on one event loop; a synchronous store would cost a hop to a
-worker thread per command and a fight for the GIL between that thread and the loop
-(measured: most of a command's time). This client reads and appends on the loop with
-asyncpg, and keeps everything the library's recorder keeps:
+The command API runs on one event loop, and this store reads and appends on that loop
+(a synchronous store would cost a hop to a worker thread per command and a fight for
+the GIL). It keeps everything the library's recorder keeps:
 
 - the same tables (`taskctl db init` creates them through `shared.eventstore`), the
   same stored form (each event encoded and decoded by the eventsourcing `Mapper` of
@@ -25,11 +25,11 @@ Commands with several events or an Idempotency-Key take the single-command path.
 NOTIFY is sent after the commit, not inside the transaction (a NOTIFY inside serialises
 every notifying commit on one lock, WAL flush included), and coalesced: one NOTIFY
 covers every save that committed before it was sent, and a process sends at most one
-per `NOTIFY_INTERVAL` (5 ms). The projector also polls, so a
+per `NOTIFY_INTERVAL`. The projector also polls, so a
 NOTIFY lost with a crash delays projection by at most its poll interval.
 
-`lock_table=True` is the library's protocol (EXCLUSIVE table lock and NOTIFY inside the
-transaction), kept only to measure against (EVENT_STORE_TABLE_LOCK=true).
+The purge of expired Idempotency-Keys is here too (`purge_idempotency`): batched, one
+process at a time under an advisory lock.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -47,6 +46,7 @@ import asyncpg
 from eventsourcing.persistence import StoredEvent
 
 from command_api.batching import Coalescer
+from command_api.ports import IdempotencyRecord, KeyTaken, VersionConflict
 from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, PURGE_IDEMPOTENCY_LOCK
 from shared.errors import DATABASE_DOWN
 from shared.events import Task
@@ -104,7 +104,7 @@ _SELECT_MANY = (
     " WHERE originator_id = ids.id ORDER BY originator_version) AS e"
 )
 _SELECT_KEY = (
-    f"SELECT fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
+    f"SELECT user_id, key, fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
     " WHERE user_id = $1 AND key = $2"
 )
 _SELECT_POSITION = (
@@ -118,38 +118,9 @@ _PURGE_BATCH = (
     f"SELECT ctid FROM {IDEMPOTENCY_TABLE}"
     " WHERE created_at < now() - make_interval(secs => $1) LIMIT $2))"
 )
-_LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
 _LATEST = 2**63 - 1
 # At most one NOTIFY per this many seconds per process (what it adds to projection lag).
 NOTIFY_INTERVAL = 0.005
-
-
-class VersionConflict(Exception):
-    """Another writer appended this task's next version first."""
-
-
-class KeyTaken(Exception):
-    """Another request with this Idempotency-Key committed first."""
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """What a command with an `Idempotency-Key` produced, so a retry can answer alike."""
-
-    user_id: str
-    key: str
-    fingerprint: str
-    status: int
-    task_id: UUID | None
-    version: int | None
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    fingerprint: str
-    status: int
-    task_id: UUID | None
-    version: int | None
 
 
 async def _no_session_state(_: asyncpg.Connection) -> None:
@@ -160,12 +131,9 @@ async def _no_session_state(_: asyncpg.Connection) -> None:
     open before this runs."""
 
 
-class AsyncTaskStore:
-    def __init__(
-        self, pool: asyncpg.Pool, *, lock_table: bool = False, acquire_timeout: float = 10.0
-    ) -> None:
+class PostgresEventStore:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 10.0) -> None:
         self.pool = pool
-        self.lock_table = lock_table
         self.acquire_timeout = acquire_timeout
         self.mapper = mapper()
         self._latest: Coalescer[UUID, list[Any]] = Coalescer(
@@ -179,7 +147,7 @@ class AsyncTaskStore:
         self._notifier: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, min_size: int = 1) -> AsyncTaskStore:
+    async def open(cls, settings: Settings, *, min_size: int = 1) -> PostgresEventStore:
         dsn = settings.require_database_url()
         # Named like libpq names it (PGAPPNAME, else ours), unless the URL names it.
         named = {} if "application_name=" in dsn else {
@@ -194,8 +162,7 @@ class AsyncTaskStore:
             server_settings=named,
             reset=_no_session_state,
         )
-        return cls(pool, lock_table=settings.event_store_table_lock,
-                   acquire_timeout=settings.db_pool_timeout)
+        return cls(pool, acquire_timeout=settings.db_pool_timeout)
 
     async def close(self) -> None:
         await self._latest.close()
@@ -222,7 +189,7 @@ class AsyncTaskStore:
         for attempt in (1, 2):
             # A pool that stays exhausted (a stuck database) is a TimeoutError: a 503.
             # asyncio.timeout rather than acquire(timeout=): that one wraps each acquire
-            # in a task of its own (measured: 6% of an update's CPU).
+            # in a task of its own (costly on this path).
             async with asyncio.timeout(self.acquire_timeout):
                 conn = await self.pool.acquire()
             try:
@@ -249,7 +216,7 @@ class AsyncTaskStore:
         to_domain = self.mapper.to_domain_event
         task = None
         # What eventsourcing's project_aggregate() does, without its per-event
-        # isinstance() against a runtime Protocol (measured: 4% of an update's CPU).
+        # isinstance() against a runtime Protocol (costly on this path).
         for v, topic, state in rows:
             task = to_domain(StoredEvent(task_id, v, topic, state)).mutate(task)
         assert isinstance(task, Task)
@@ -263,9 +230,9 @@ class AsyncTaskStore:
             events.setdefault(task_id, []).append((version, topic, state))
         return [events.get(task_id, []) for task_id in task_ids]
 
-    async def key_record(self, user_id: str, key: str) -> KeyRecord | None:
+    async def key_record(self, user_id: str, key: str) -> IdempotencyRecord | None:
         row = await self._call("fetchrow", _SELECT_KEY, user_id, key)
-        return None if row is None else KeyRecord(*row)
+        return None if row is None else IdempotencyRecord(*row)
 
     async def position_of(self, task_id: UUID, version: int) -> Position | None:
         row = await self._call("fetchrow", _SELECT_POSITION, task_id, version)
@@ -311,11 +278,11 @@ class AsyncTaskStore:
         if not pending and idempotency is None:
             return 0, None
         stored = [self.mapper.to_stored_event(e) for e in pending]
-        if len(stored) == 1 and idempotency is None and not self.lock_table:
+        if len(stored) == 1 and idempotency is None:
             # Most commands: one event, no key. Appended together with the concurrent
             # commands' events, in one statement and transaction (group commit).
             e = stored[0]
-            landed = await self._appends((e.originator_id, e.originator_version, e.topic, e.state))
+            landed = await self.append_one((e.originator_id, e.originator_version, e.topic, e.state))
             if landed is None:
                 raise VersionConflict
             self._notify_soon()
@@ -341,12 +308,7 @@ class AsyncTaskStore:
             if stored:
                 statement = _KEYED[statement]
         try:
-            if self.lock_table:
-                rows = await self.use(
-                    lambda conn: self._insert_locked(conn, statement, args, bool(stored))
-                )
-            else:
-                rows = await self._call("fetch", statement, *args)
+            rows = await self.insert(statement, args)
         except asyncpg.UniqueViolationError as e:
             if e.constraint_name == IDEMPOTENCY_KEY:
                 raise KeyTaken from None
@@ -355,8 +317,7 @@ class AsyncTaskStore:
             raise
         if not stored:
             return 0, None
-        if not self.lock_table:
-            self._notify_soon()
+        self._notify_soon()
         last = max(rows, key=lambda row: row[0])
         return len(stored), Position(int(last[1]), last[0])
 
@@ -372,14 +333,15 @@ class AsyncTaskStore:
         landed = {(row[0], row[1]): (row[2], row[3]) for row in rows}
         return [landed.pop((event[0], event[1]), None) for event in events]
 
-    async def _insert_locked(
-        self, conn: asyncpg.Connection, statement: str, args: Sequence[Any], events: bool
-    ) -> list[Any]:
-        async with conn.transaction():
-            if events:
-                await conn.execute(_LOCK)
-                await conn.execute(_NOTIFY)
-            return await conn.fetch(statement, *args)
+    async def append_one(self, event: tuple[Any, ...]) -> tuple[int, str] | None:
+        """Append one event (id, version, topic, state) with the concurrent commands'
+        events (group commit): (notification_id, tx_id) where it landed, or None if its
+        (task id, version) was taken."""
+        return await self._appends(event)
+
+    async def insert(self, statement: str, args: list[Any]) -> list[Any]:
+        """Run one of `save`'s insert statements, in a transaction of its own."""
+        return await self._call("fetch", statement, *args)
 
     def _notify_soon(self) -> None:
         self._notify_wanted.set()
