@@ -1,5 +1,5 @@
-"""`python -m bench.cpu [--kinds create,update,complete] [-n 3000] [--rounds 3]
-[--routes-too]`: CPU time per command, in-process.
+"""`python -m bench.cpu [--kinds create,update,complete] [-n 3000] [--rounds 3]`: CPU
+time per command, in-process.
 
 Saturation figures move with whatever else the machine runs; CPU time per request moves
 much less. This calls each ASGI app directly (no socket, no uvicorn), one request at a
@@ -93,9 +93,7 @@ async def measure(call: Call, request: Callable[[int], tuple[str, str, bytes]], 
     return (time.process_time() - cpu) / n
 
 
-async def run(
-    url: str, kinds: list[str], n: int, rounds: int, routes_too: bool = False
-) -> dict[str, list[float]]:
+async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list[float]]:
     import asyncpg  # noqa: PLC0415
 
     from bench import ceiling_app  # noqa: PLC0415
@@ -112,14 +110,7 @@ async def run(
     user = f"bench-cpu-{uuid.uuid4().hex[:8]}"
     auth = (b"authorization", f"Bearer {mint_token(SECRET, user)}".encode())
     ours.headers.append(auth)  # type: ignore[attr-defined]
-    apps = {"ours": ours}
     lives = [(ceiling_life, ceiling_inbox), (ours_life, ours_inbox)]
-    if routes_too:  # the same commands with COMMAND_FAST_PATH=false
-        slow, slow_life, slow_inbox = await started(
-            create_app(settings.model_copy(update={"command_fast_path": False})))
-        slow.headers.append(auth)  # type: ignore[attr-defined]
-        apps["routes"] = slow
-        lives.append((slow_life, slow_inbox))
     status, body = await ours("POST", "/api/tasks", b'{"title":"target"}')
     assert status == 201, body
     task = json.loads(body)["data"]["id"]
@@ -134,8 +125,6 @@ async def run(
     runs = [("insert (ceiling)", ceiling, "insert (ceiling)")]
     for kind in kinds:
         runs.append((kind, ours, kind))
-        if routes_too:
-            runs.append((f"{kind} (no fast path)", apps["routes"], kind))
     results: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     for _ in range(rounds):  # interleaved, so drift hits every kind alike
         for label, app, kind in runs:
@@ -151,8 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", default="create,update,complete")
     p.add_argument("-n", type=int, default=3000, help="requests per kind and round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--routes-too", action="store_true",
-                   help="also each kind with COMMAND_FAST_PATH=false (FastAPI's routing)")
     p.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL))
     args = p.parse_args(argv)
     dbs = Databases(args.pg_url, prefix="taskservice_benchcpu")
@@ -160,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         url = dbs.create()
         init_database(Settings(environment="test", database_url=url, better_auth_secret=SECRET))
         # On uvloop when installed, as uvicorn runs the servers.
-        results = aio.run(lambda: run(url, args.kinds.split(","), args.n, args.rounds,
-                                        args.routes_too))
+        results = aio.run(lambda: run(url, args.kinds.split(","), args.n, args.rounds))
     finally:
         dbs.drop_all()
     base = statistics.median(results["insert (ceiling)"])

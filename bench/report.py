@@ -140,7 +140,7 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
         if base:
             out.append((
                 "Before/after the lock-free writer: the same commands against a command API"
-                " with EVENT_STORE_TABLE_LOCK=true (the library's recorder), same run",
+                " on the library's table-locking writer (bench/locked_store.py), same run",
                 ["kind", "table lock req/s", "p95 ms", "errors", "/ insert", "ours req/s",
                  "ours / table lock"],
                 [[kind, _f(b["rps"]), _f(b["p95_ms"]), _f(b["errors"]), _f(b["ratio"], 2),

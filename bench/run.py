@@ -202,11 +202,12 @@ class Bench:
             port = free_port()
             self.servers[name] = self.procs.start(name, [*argv, "--port", str(port)], port=port)
         # Issue 8's "before": the same command API with the library's table-locking
-        # writer, measured at saturation in the same run (idle otherwise).
+        # writer (bench/locked_store.py), measured at saturation in the same run.
         port = free_port()
         self.servers["command-api-locked"] = self.procs.start(
-            "command-api-locked", [*tc, "command-api", "--host", "127.0.0.1", "--port", str(port)],
-            port=port, env={"EVENT_STORE_TABLE_LOCK": "true"},
+            "command-api-locked",
+            [sys.executable, "-m", "bench.locked_store", "--host", "127.0.0.1", "--port", str(port)],
+            port=port,
         )
         for name in ("command-api", "query-api", "ceiling", "command-api-locked"):
             self.procs.wait_healthy(self.servers[name])

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.auth import current_user
 from shared.errors import ApiError, ServiceUnavailable
 
 log = logging.getLogger("taskservice.http")
@@ -102,10 +101,7 @@ def install_error_handlers(
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        refused = await _unauthenticated(request)
-        if refused is not None:
-            return refused
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
         return error_response(
             422, "VALIDATION_ERROR", "Validation failed", validation_details(exc.errors())
         )
@@ -140,28 +136,6 @@ def install_error_handlers(
     async def _internal(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "INTERNAL_ERROR", "Internal server error")
-
-
-def _needs_user(dependant: Any) -> bool:
-    return any(
-        d.call is current_user or _needs_user(d) for d in getattr(dependant, "dependencies", ())
-    )
-
-
-async def _unauthenticated(request: Request) -> Response | None:
-    """FastAPI parses a JSON body before it resolves dependencies, so a malformed body
-    would be a 422 before the token is looked at. For a route that needs a user whose
-    token has not been checked yet, check it first: 401 wins, as for any other request."""
-    if getattr(request.state, "user_id", None) is not None:
-        return None
-    route = request.scope.get("route")
-    if not _needs_user(getattr(route, "dependant", None)):
-        return None
-    try:
-        await request.app.state.authenticator.user_id(request.headers.get("authorization"))
-    except ApiError as e:
-        return error_response(e.status, e.code, e.message, e.details, e.headers)
-    return None
 
 
 class RequestContext:

@@ -114,11 +114,6 @@ class Settings(BaseModel):
     db_connect_timeout: int = Field(default=5, ge=1)
     # Longest a request waits for a free pooled connection before it is a 503.
     db_pool_timeout: float = Field(default=10.0, gt=0)
-    # True: the library's table-locking writer (for before/after measurements only).
-    event_store_table_lock: bool = False
-    # False: every command through FastAPI's routing (command_api/fastpath.py says why
-    # there is a fast path, and what it takes).
-    command_fast_path: bool = True
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
     # /api/ready on the query API answers 503 while the oldest event not yet projected
     # is older than this many seconds.

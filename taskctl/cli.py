@@ -56,12 +56,12 @@ def cmd_db_init(_: argparse.Namespace) -> None:
 def purge_idempotency(settings: Settings, older_than_hours: float | None = None) -> int | None:
     """Forget expired Idempotency-Keys with the command API's own purge (batched, under
     its lock); how many, or None when another process is purging right now."""
-    from command_api.store import AsyncTaskStore
+    from command_api.store import PostgresEventStore
 
     hours = settings.idempotency_ttl_hours if older_than_hours is None else older_than_hours
 
     async def purge() -> int | None:
-        store = await AsyncTaskStore.open(settings)
+        store = await PostgresEventStore.open(settings)
         try:
             return await store.purge_idempotency(hours)
         finally:
@@ -109,7 +109,7 @@ def cmd_projector(args: argparse.Namespace) -> None:
 def cmd_seed(args: argparse.Namespace) -> None:
     from command_api.seed import seed  # noqa: PLC0415
 
-    created = seed(_settings(), reset=args.reset)
+    created = aio.run(lambda: seed(_settings(), reset=args.reset))
     print(f"seeded {created} tasks" if created else "demo tasks already present")
 
 
@@ -208,7 +208,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     logging.basicConfig(level=settings.log_level.upper())
     try:
         init_database(settings)
-        seed(settings)
+        aio.run(lambda: seed(settings))
         base = f"http://{args.host}:{args.port}"
         print(f"\nTask service on {base}  (API docs: {base}/docs)")
         if settings.better_auth_secret:

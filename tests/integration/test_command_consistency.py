@@ -10,15 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from command_api.blocking import LoopThread
-from command_api.commands import ChangeTask, CreateTask
-from command_api.handlers import Actor
-from shared.errors import PreconditionFailed
+from command_api.commands import Change, Create, Stamp
+from command_api.executor import Keyed, VersionMismatch
 from shared.etag import IfMatch
 from shared.events import Task
 from shared.eventstore import TaskStore
 from shared.settings import Settings
 from tests.support import bearer, library_store, new_user
+from tests.support.commands import LoopThread
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def store(settings: Settings):
 
 @pytest.fixture(scope="module")
 def loop(settings: Settings):
-    """The API's handlers, called from threads (each call blocks until saved)."""
+    """The API's executor, called from threads (each call blocks until saved)."""
     with LoopThread(settings.model_copy(update={"db_pool_size": 10, "db_max_overflow": 50})) as loop:
         yield loop
 
@@ -114,20 +113,21 @@ def test_a_stale_if_match_is_412_and_changes_nothing(command_client: TestClient,
 def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(
     store: TaskStore, loop: LoopThread
 ):
-    commands = loop.handlers()
+    commands = loop.executor()
     user = new_user()
-    created = commands.create(Actor(user, "r"), CreateTask(title="race"))
-    task_id = uuid.UUID(created.task["id"])
+    created = commands.run(Create("race"), Stamp(user, "r"))
+    task_id = created.task.id
     barrier = threading.Barrier(10)
 
     def attempt(i: int) -> str:
         barrier.wait()
         try:
-            commands.change(
-                Actor(user, f"r{i}"), task_id, ChangeTask(title=f"winner {i}"), IfMatch.parse('"v1"')
+            commands.run(
+                Change(task_id, title=f"winner {i}"), Stamp(user, f"r{i}"),
+                expected=IfMatch.parse('"v1"'),
             )
             return "ok"
-        except PreconditionFailed:
+        except VersionMismatch:
             return "412"
 
     with ThreadPoolExecutor(10) as pool:
@@ -142,15 +142,15 @@ def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(
 def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore, loop: LoopThread):
     # Five handler instances stand for five API processes: within one, commands on a task
     # take turns; between them, the (task id, version) key and the retry keep every event.
-    handlers = [loop.handlers(retries=200) for _ in range(5)]
+    handlers = [loop.executor(retries=200) for _ in range(5)]
     user = new_user()
-    created = handlers[0].create(Actor(user, "r"), CreateTask(title="start"))
-    task_id = uuid.UUID(created.task["id"])
+    created = handlers[0].run(Create("start"), Stamp(user, "r"))
+    task_id = created.task.id
     barrier = threading.Barrier(50)
 
     def update(i: int) -> int:
         barrier.wait()
-        return handlers[i % 5].change(Actor(user, f"req-{i}"), task_id, ChangeTask(title=f"title {i}"), None).task["version"]
+        return handlers[i % 5].run(Change(task_id, title=f"title {i}"), Stamp(user, f"req-{i}")).task.version
 
     with ThreadPoolExecutor(50) as pool:
         versions = list(pool.map(update, range(50)))
@@ -226,14 +226,14 @@ def test_an_invalid_idempotency_key_is_422(command_client: TestClient):
 
 
 def test_concurrent_retries_with_one_key_create_one_task(store: TaskStore, loop: LoopThread):
-    commands = loop.handlers()
+    commands = loop.executor()
     user = new_user()
     barrier = threading.Barrier(12)
 
-    def retry(i: int) -> str:
+    def retry(i: int) -> uuid.UUID:
         barrier.wait()
-        actor = Actor(user, f"r{i}", idempotency_key="concurrent-key", fingerprint="same-request")
-        return commands.create(actor, CreateTask(title="only one")).task["id"]
+        keyed = Keyed("concurrent-key", "same-request")
+        return commands.run(Create("only one"), Stamp(user, f"r{i}"), keyed=keyed).task.id
 
     with ThreadPoolExecutor(12) as pool:
         ids = set(pool.map(retry, range(12)))
@@ -277,24 +277,24 @@ def test_a_process_whose_cached_task_is_behind_another_process_decides_on_fresh_
     store: TaskStore, loop: LoopThread
 ):
     # Two handler instances stand for two API processes; each keeps the tasks it saved.
-    first, second = loop.handlers(), loop.handlers()
+    first, second = loop.executor(), loop.executor()
     user = new_user()
-    created = first.create(Actor(user, "r1"), CreateTask(title="v1"))
-    task_id = uuid.UUID(created.task["id"])
-    first.change(Actor(user, "r2"), task_id, ChangeTask(title="v2 by first"), None)  # cached at v2
-    second.change(Actor(user, "r3"), task_id, ChangeTask(completed=True), None)  # v3 elsewhere
+    created = first.run(Create("v1"), Stamp(user, "r1"))
+    task_id = created.task.id
+    first.run(Change(task_id, title="v2 by first"), Stamp(user, "r2"))  # cached at v2
+    second.run(Change(task_id, completed=True), Stamp(user, "r3"))  # v3 elsewhere
 
     # An ETag from the other process is current, not a 412.
-    fresh = first.change(
-        Actor(user, "r4"), task_id, ChangeTask(title="v4 by first"), IfMatch.parse('"v3"')
+    fresh = first.run(
+        Change(task_id, title="v4 by first"), Stamp(user, "r4"), expected=IfMatch.parse('"v3"')
     )
-    assert fresh.task["version"] == 4 and fresh.task["completed"] is True
+    assert fresh.task.version == 4 and fresh.task.completed is True
     # The other process is now behind: its write lands after ours, losing nothing.
-    later = second.change(Actor(user, "r5"), task_id, ChangeTask(description="d"), None)
-    assert later.task["version"] == 5 and later.task["title"] == "v4 by first"
+    later = second.run(Change(task_id, description="d", set_description=True), Stamp(user, "r5"))
+    assert later.task.version == 5 and later.task.title == "v4 by first"
     # And a stale ETag is still refused, whoever cached what.
-    with pytest.raises(PreconditionFailed):
-        first.change(Actor(user, "r6"), task_id, ChangeTask(title="x"), IfMatch.parse('"v4"'))
+    with pytest.raises(VersionMismatch):
+        first.run(Change(task_id, title="x"), Stamp(user, "r6"), expected=IfMatch.parse('"v4"'))
     events = list(store.events.get(task_id))
     assert [e.originator_version for e in events] == [1, 2, 3, 4, 5]
     assert [type(e).TOPIC for e in events][1:] == [
@@ -316,8 +316,8 @@ def test_the_async_store_and_the_library_read_each_other(store: TaskStore, loop:
         user, "by the library", "d", True, 2)
     assert read.created_on == task.created_on and read.modified_on == task.modified_on
 
-    changed = loop.handlers().change(Actor(user, "api-1"), task.id, ChangeTask(title="by the API"), None)
-    assert changed.task is not None and changed.task["version"] == 3
+    changed = loop.executor().run(Change(task.id, title="by the API"), Stamp(user, "api-1"))
+    assert changed.task is not None and changed.task.version == 3
     by_library = store.repository.get(task.id)
     assert (by_library.title, by_library.completed, by_library.version) == ("by the API", True, 3)
     assert [type(e).TOPIC for e in store.events.get(task.id)][-1] == "TaskTitleChanged"
@@ -337,11 +337,11 @@ def test_version_conflicts_and_idempotent_replays_are_counted_in_metrics(
     conflicts = value("command_version_conflicts_total")
     replays = value("command_idempotent_replays_total")
     user = new_user()
-    first, second = loop.handlers(), loop.handlers()
-    created = first.create(Actor(user, "m1"), CreateTask(title="counted"))
-    task_id = uuid.UUID(created.task["id"])
-    second.change(Actor(user, "m2"), task_id, ChangeTask(title="elsewhere"), None)
-    first.change(Actor(user, "m3"), task_id, ChangeTask(title="from a stale cache"), None)
+    first, second = loop.executor(), loop.executor()
+    created = first.run(Create("counted"), Stamp(user, "m1"))
+    task_id = created.task.id
+    second.run(Change(task_id, title="elsewhere"), Stamp(user, "m2"))
+    first.run(Change(task_id, title="from a stale cache"), Stamp(user, "m3"))
     assert value("command_version_conflicts_total") == conflicts + 1
 
     headers = {**bearer(user), "Idempotency-Key": "counted-key"}

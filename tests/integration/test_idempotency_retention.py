@@ -104,7 +104,7 @@ def test_the_command_api_forgets_expired_keys_by_itself(settings: Settings, data
 def test_the_async_purge_works_in_batches_and_refuses_a_short_retention(
     settings: Settings, database_url: str, command_client: TestClient
 ):
-    from command_api.blocking import LoopThread
+    from tests.support.commands import LoopThread
 
     user = new_user()
     for n in range(5):

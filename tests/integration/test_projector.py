@@ -416,16 +416,18 @@ async def test_group_committed_commands_around_held_writers_are_projected_exactl
     projector stepping throughout: every event once, and a rebuild equals the tables."""
     import random
 
-    from command_api.commands import ChangeTask, CreateTask  # noqa: PLC0415
-    from command_api.handlers import Actor, TaskCommands  # noqa: PLC0415
-    from command_api.store import AsyncTaskStore  # noqa: PLC0415
+    from prometheus_client import REGISTRY
+
+    from command_api.commands import Change, Create, Stamp
+    from command_api.executor import Executor
+    from command_api.store import PostgresEventStore
     from tests.support.projection import settings_for  # noqa: PLC0415
 
     rng = random.Random(11)
-    store = await AsyncTaskStore.open(
+    store = await PostgresEventStore.open(
         settings_for(own_db).model_copy(update={"db_pool_size": 5, "db_max_overflow": 10})
     )
-    commands = TaskCommands(store)
+    commands = Executor(store)
     users = [new_user() for _ in range(4)]
     mapper = store.mapper
 
@@ -450,13 +452,20 @@ async def test_group_committed_commands_around_held_writers_are_projected_exactl
         mine = []
         for i in range(25):
             if mine and rng.random() < 0.5:
-                await commands.change(Actor(user, f"c{i}"), rng.choice(mine),
-                                      ChangeTask(title=f"{user[:4]}-{i}"), None)
+                await commands.run(Change(rng.choice(mine), title=f"{user[:4]}-{i}"),
+                                   Stamp(user, f"c{i}"))
             else:
-                outcome = await commands.create(Actor(user, f"n{i}"), CreateTask(title=f"n{i}"))
-                mine.append(uuid.UUID(outcome.task["id"]))
+                outcome = await commands.run(Create(f"n{i}"), Stamp(user, f"n{i}"))
+                mine.append(outcome.task.id)
             await asyncio.sleep(rng.uniform(0, 0.003))
 
+    def appends() -> tuple[float, float]:
+        """Append batches and the commands in them, so far (the batch-size metric)."""
+        labels = {"kind": "append"}
+        return (REGISTRY.get_sample_value("command_db_batch_items_count", labels) or 0.0,
+                REGISTRY.get_sample_value("command_db_batch_items_sum", labels) or 0.0)
+
+    before = appends()
     sessions = [user_session(u) for u in users for _ in range(3)]  # 12 concurrent sessions
     writers = asyncio.gather(*sessions, *(held_writer(n) for n in range(6)))
     try:
@@ -465,7 +474,8 @@ async def test_group_committed_commands_around_held_writers_are_projected_exactl
             await asyncio.sleep(0.002)
         await writers
         await catch_up(own_db, batch_size=1000)
-        batches, appended = store._appends.batches, store._appends.items
+        after = appends()
+        batches, appended = after[0] - before[0], after[1] - before[1]
     finally:
         await store.close()
 

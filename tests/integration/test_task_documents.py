@@ -14,7 +14,7 @@ import orjson
 import psycopg
 import pytest
 
-from command_api.handlers import task_view
+from command_api.routes import task_view
 from projections.replay import VerificationFailed, replay
 from projections.task_list import DOC_SQL, TaskState, document
 from shared.documents import task_json

@@ -35,13 +35,14 @@ class Recorder:
 
 async def test_concurrent_callers_share_round_trips_and_get_their_own_results() -> None:
     run = Recorder()
-    coalescer = Coalescer(run, max_in_flight=2)
+    sizes: list[int] = []
+    coalescer = Coalescer(run, max_in_flight=2, on_batch=sizes.append)
     results = await asyncio.gather(*(coalescer(i) for i in range(100)))
     assert results == [2 * i for i in range(100)]
     assert sorted(i for batch in run.batches for i in batch) == list(range(100))
     assert len(run.batches) <= 3  # the first item goes alone, the rest wait for it
     assert run.most_running <= 2
-    assert coalescer.batches == len(run.batches) and coalescer.items == 100
+    assert sizes == [len(b) for b in run.batches] and sum(sizes) == 100
 
 
 async def test_a_lone_call_is_not_delayed_by_waiting_for_company() -> None:

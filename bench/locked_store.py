@@ -1,0 +1,83 @@
+"""The command API on the library's table-locking writer, for the benchmark's
+before/after comparison: `python -m bench.locked_store --port N`.
+
+`TableLockingStore` writes as eventsourcing's recorder does: each insert in a
+transaction that first takes the events table in EXCLUSIVE mode and sends NOTIFY inside
+it, and no group commit. Everything else (routes, executor, reads) is the command API's
+own, so the comparison isolates the writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI
+
+from command_api import store
+from command_api.app import create_app as create_command_app
+from command_api.store import PostgresEventStore
+from shared.catalog import EVENTS_TABLE
+from shared.observability import configure_logging
+from shared.settings import Settings
+
+_LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
+_NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
+
+
+class TableLockingStore(PostgresEventStore):
+    async def insert(self, statement: str, args: list[Any]) -> list[Any]:
+        async def locked(conn: asyncpg.Connection) -> list[Any]:
+            async with conn.transaction():
+                if statement != store._INSERT_IDEMPOTENCY_ONLY:  # it appends events
+                    await conn.execute(_LOCK)
+                    await conn.execute(_NOTIFY)
+                return await conn.fetch(statement, *args)
+
+        return await self.use(locked)
+
+    async def append_one(self, event: tuple[Any, ...]) -> tuple[int, str] | None:
+        try:
+            rows = await self.insert(store._INSERT_ONE, list(event))
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name == store.EVENTS_KEY:
+                return None
+            raise
+        return rows[0][0], rows[0][1]
+
+    def _notify_soon(self) -> None:
+        pass  # sent inside each transaction
+
+
+def create_app() -> FastAPI:
+    """The uvicorn factory: the command API on `TableLockingStore`, settings from the
+    environment."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    return create_command_app(settings, store=TableLockingStore.open)
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m bench.locked_store")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    # The same call as taskctl.cli._serve, so both command APIs run the same server.
+    uvicorn.run(
+        "bench.locked_store:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()
