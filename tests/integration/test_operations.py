@@ -142,7 +142,7 @@ def test_an_exhausted_pool_is_a_prompt_503_on_both_apis(settings: Settings):
     user = new_user()
     with TestClient(create_command_app(tight), raise_server_exceptions=False) as client:
         assert client.post("/api/tasks", json={"title": "t"}, headers=bearer(user)).status_code == 201
-        pool = client.portal.call(client.app.state.open_commands).store.pool
+        pool = client.portal.call(client.app.state.open_executor).store.pool
         held = client.portal.call(pool.acquire)  # the only connection, held elsewhere
         try:
             started = time.monotonic()
