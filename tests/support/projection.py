@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -15,8 +16,11 @@ import asyncpg
 import psycopg
 import pytest
 
-from command_api.commands import Change, Create, Delete, Stamp
+from command_api.blocking import LoopThread
+from command_api.commands import ChangeTask, CreateTask
+from command_api.handlers import Actor
 from projections import replay as replay_module
+from projections.manifest import READ_MODELS
 from projections.projector import BATCH_SIZE, apply_until_caught_up, ensure_checkpoint
 from shared.catalog import EVENTS_TABLE, LIVE, Tables
 from shared.events import Task
@@ -25,13 +29,11 @@ from shared.position import ZERO, Position
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, library_store, new_user
-from tests.support.commands import LoopThread
 
-REBUILD = Tables(
-    tasks="rebuild_tasks",
-    history="rebuild_task_history",
-    stats="rebuild_user_stats",
-    checkpoints="rebuild_checkpoints",
+# A second set of read tables (every model of the manifest): rebuild_tasks, ...
+REBUILD = replace(
+    LIVE, checkpoints="rebuild_checkpoints",
+    **{m.TABLE: f"rebuild_{getattr(LIVE, m.TABLE).removeprefix('read_')}" for m in READ_MODELS},
 )
 
 
@@ -75,34 +77,33 @@ def fresh_database(server: PostgresServer) -> str:
 
 
 class Writer:
-    """Writes events the way the command API does (through its `Executor`); `store` is
+    """Writes events the way the command API does (through `TaskCommands`); `store` is
     the library's own application on the same tables, for raw saves and reads."""
 
     def __init__(self, url: str) -> None:
         self.store: TaskStore = library_store(settings_for(url))
         self.loop = LoopThread(settings_for(url))
-        self.commands = self.loop.executor()
+        self.commands = self.loop.handlers()
 
     def close(self) -> None:
         self.loop.close()
         self.store.close()
 
     def create(self, user: str, title: str, description: str | None = None) -> UUID:
-        outcome = self.commands.run(
-            Create(title, description), Stamp(user, f"req-{uuid.uuid4().hex[:8]}")
+        outcome = self.commands.create(
+            Actor(user, f"req-{uuid.uuid4().hex[:8]}"),
+            CreateTask(title=title, description=description),
         )
         assert outcome.task is not None
-        return outcome.task.id
+        return UUID(outcome.task["id"])
 
     def change(self, user: str, task_id: UUID, **fields: Any) -> Position | None:
-        if "description" in fields:
-            fields["set_description"] = True
-        return self.commands.run(
-            Change(task_id, **fields), Stamp(user, f"req-{uuid.uuid4().hex[:8]}")
+        return self.commands.change(
+            Actor(user, f"req-{uuid.uuid4().hex[:8]}"), task_id, ChangeTask(**fields), None
         ).position
 
     def delete(self, user: str, task_id: UUID) -> Position | None:
-        return self.commands.run(Delete(task_id), Stamp(user, "req-del")).position
+        return self.commands.delete(Actor(user, "req-del"), task_id, None).position
 
     def bulk(self, users: int, tasks_per_user: int) -> int:
         """Many tasks with a mix of every event type, saved in one transaction; the count."""
@@ -138,14 +139,13 @@ def insert_raw_event(
 
 
 def snapshot(url: str, t: Tables = LIVE) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the read tables, in key order."""
+    """Every row of every read table, by the model's `TABLE` ("tasks", ...), sorted."""
     with psycopg.connect(url) as conn:
         return {
-            "tasks": conn.execute(f"SELECT * FROM {t.tasks} ORDER BY user_id, task_id").fetchall(),
-            "history": conn.execute(
-                f"SELECT * FROM {t.history} ORDER BY user_id, position"
-            ).fetchall(),
-            "stats": conn.execute(f"SELECT * FROM {t.stats} ORDER BY user_id").fetchall(),
+            m.TABLE: conn.execute(
+                f"SELECT * FROM {getattr(t, m.TABLE)} r ORDER BY r"
+            ).fetchall()
+            for m in READ_MODELS
         }
 
 
