@@ -16,9 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from command_api.blocking import LoopThread
-from command_api.commands import ChangeTask, CreateTask
-from command_api.handlers import Actor
+from command_api.commands import Change, Create, Delete, Stamp
 from projections import replay as replay_module
 from projections.manifest import READ_MODELS
 from projections.projector import BATCH_SIZE, apply_until_caught_up, ensure_checkpoint
@@ -29,6 +27,7 @@ from shared.position import ZERO, Position
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, library_store, new_user
+from tests.support.commands import LoopThread
 
 # A second set of read tables (every model of the manifest): rebuild_tasks, ...
 REBUILD = replace(
@@ -77,33 +76,34 @@ def fresh_database(server: PostgresServer) -> str:
 
 
 class Writer:
-    """Writes events the way the command API does (through `TaskCommands`); `store` is
+    """Writes events the way the command API does (through its `Executor`); `store` is
     the library's own application on the same tables, for raw saves and reads."""
 
     def __init__(self, url: str) -> None:
         self.store: TaskStore = library_store(settings_for(url))
         self.loop = LoopThread(settings_for(url))
-        self.commands = self.loop.handlers()
+        self.commands = self.loop.executor()
 
     def close(self) -> None:
         self.loop.close()
         self.store.close()
 
     def create(self, user: str, title: str, description: str | None = None) -> UUID:
-        outcome = self.commands.create(
-            Actor(user, f"req-{uuid.uuid4().hex[:8]}"),
-            CreateTask(title=title, description=description),
+        outcome = self.commands.run(
+            Create(title, description), Stamp(user, f"req-{uuid.uuid4().hex[:8]}")
         )
         assert outcome.task is not None
-        return UUID(outcome.task["id"])
+        return outcome.task.id
 
     def change(self, user: str, task_id: UUID, **fields: Any) -> Position | None:
-        return self.commands.change(
-            Actor(user, f"req-{uuid.uuid4().hex[:8]}"), task_id, ChangeTask(**fields), None
+        if "description" in fields:
+            fields["set_description"] = True
+        return self.commands.run(
+            Change(task_id, **fields), Stamp(user, f"req-{uuid.uuid4().hex[:8]}")
         ).position
 
     def delete(self, user: str, task_id: UUID) -> Position | None:
-        return self.commands.delete(Actor(user, "req-del"), task_id, None).position
+        return self.commands.run(Delete(task_id), Stamp(user, "req-del")).position
 
     def bulk(self, users: int, tasks_per_user: int) -> int:
         """Many tasks with a mix of every event type, saved in one transaction; the count."""
