@@ -79,7 +79,7 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class Keyed:
+class IdempotencyKey:
     """A request's Idempotency-Key and the fingerprint of the request it came with."""
 
     key: str
@@ -122,15 +122,15 @@ class Executor:
         stamp: Stamp,
         *,
         expected: IfMatch | None = None,
-        keyed: Keyed | None = None,
+        key: IdempotencyKey | None = None,
     ) -> Outcome:
-        if keyed is not None:
-            earlier = await self._replay(stamp.user_id, keyed)
+        if key is not None:
+            earlier = await self._replay(stamp.user_id, key)
             if earlier is not None:
                 return earlier
         task_id = getattr(command, "task_id", None)
         async with self._serialised(task_id):
-            return await self._attempt(command, task_id, stamp, expected, keyed)
+            return await self._attempt(command, task_id, stamp, expected, key)
 
     async def _attempt(
         self,
@@ -138,7 +138,7 @@ class Executor:
         task_id: UUID | None,
         stamp: Stamp,
         expected: IfMatch | None,
-        keyed: Keyed | None,
+        key: IdempotencyKey | None,
     ) -> Outcome:
         kind = kind_of(command)
         for attempt in range(self.retries):
@@ -159,15 +159,15 @@ class Executor:
             if expected is not None and version is not None and not expected.accepts(version):
                 raise VersionMismatch(version)
             record = None
-            if keyed is not None:
+            if key is not None:
                 record = IdempotencyRecord(
-                    stamp.user_id, keyed.key, keyed.fingerprint, kind.value, task.id, task.version
+                    stamp.user_id, key.key, key.fingerprint, kind.value, task.id, task.version
                 )
             try:
                 appended, position = await self.store.save(task, record)
             except KeyTaken:
-                assert keyed is not None
-                earlier = await self._replay(stamp.user_id, keyed)
+                assert key is not None
+                earlier = await self._replay(stamp.user_id, key)
                 if earlier is not None:
                     return earlier
                 continue
@@ -212,12 +212,12 @@ class Executor:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    async def _replay(self, user_id: str, keyed: Keyed) -> Outcome | None:
+    async def _replay(self, user_id: str, key: IdempotencyKey) -> Outcome | None:
         """The outcome of the first request with this key, or None if there was none."""
-        record = await self.store.key_record(user_id, keyed.key)
+        record = await self.store.key_record(user_id, key.key)
         if record is None:
             return None
-        if record.fingerprint != keyed.fingerprint:
+        if record.fingerprint != key.fingerprint:
             raise KeyReused
         IDEMPOTENT_REPLAYS.inc()
         kind = Kind(record.status)

@@ -45,7 +45,7 @@ from command_api.commands import Command, Stamp
 from command_api.decisions import NotYourTask, TaskDeleted, TaskNotFound
 from command_api.executor import (
     Executor,
-    Keyed,
+    IdempotencyKey,
     KeyReused,
     Outcome,
     Saved,
@@ -175,7 +175,7 @@ ROUTES: tuple[CommandRoute, ...] = (
 # -- the generic handler -----------------------------------------------------------------
 
 
-class _Parsed:
+class _Headers:
     """The headers a command route reads: the first of each, as FastAPI picks."""
 
     __slots__ = ("authorization", "content_type", "idempotency_key", "if_match")
@@ -255,7 +255,9 @@ def _body(route: CommandRoute, value: Any, errors: list[dict[str, Any]]) -> Any:
         return None
 
 
-def _keyed(request: Request, route: CommandRoute, key: str, body: Any) -> Keyed:
+def _idempotency_key(
+    request: Request, route: CommandRoute, key: str, body: Any
+) -> IdempotencyKey:
     if not _IDEMPOTENCY_KEY.match(key):
         raise ValidationFailed(
             "Invalid Idempotency-Key",
@@ -270,7 +272,7 @@ def _keyed(request: Request, route: CommandRoute, key: str, body: Any) -> Keyed:
     canonical = json.dumps(
         [route.method, request.url.path.rstrip("/"), signed], sort_keys=True, separators=(",", ":")
     )
-    return Keyed(key, hashlib.sha256(canonical.encode()).hexdigest())
+    return IdempotencyKey(key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
 def task_view(task: Task | Saved) -> dict[str, Any]:
@@ -297,7 +299,7 @@ async def handle(route: CommandRoute, request: Request) -> Response:
     """Serve one request of `route` (the order of checks: the module docstring)."""
     scope = request.scope
     state = request.app.state
-    headers = _Parsed(scope["headers"])
+    headers = _Headers(scope["headers"])
     user_id = await state.authenticator.user_id(headers.authorization)
     scope.setdefault("state", {})["user_id"] = user_id
     value = _EMPTY
@@ -314,11 +316,11 @@ async def handle(route: CommandRoute, request: Request) -> Response:
         raise Forbidden("You do not have access to this user's tasks")
     command = route.to_command(task_id, body)
     key = headers.idempotency_key
-    keyed = None if key is None else _keyed(request, route, key, body)
+    keyed = None if key is None else _idempotency_key(request, route, key, body)
     stamp = Stamp(user_id, request_id(request))
     try:
         outcome = await executor.run(
-            command, stamp, expected=IfMatch.parse(headers.if_match), keyed=keyed
+            command, stamp, expected=IfMatch.parse(headers.if_match), key=keyed
         )
     except _REFUSALS as e:
         raise ERRORS[type(e)](e) from None
@@ -392,6 +394,7 @@ class CommandAPIRoute(APIRoute):
 
 router = APIRouter(prefix="/api", tags=["commands"], route_class=CommandAPIRoute)
 for _route in ROUTES:
+    assert _route.owner_check == ("{path_user_id}" in _route.path), _route.name
     if _route.body is not None:
         _ADAPTERS[_route.body] = TypeAdapter(
             _route.body if _route.body_required else _route.body | None

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from command_api.commands import Change, Create, Stamp
-from command_api.executor import Keyed, VersionMismatch
+from command_api.executor import IdempotencyKey, VersionMismatch
 from shared.etag import IfMatch
 from shared.events import Task
 from shared.eventstore import TaskStore
@@ -232,8 +232,8 @@ def test_concurrent_retries_with_one_key_create_one_task(store: TaskStore, loop:
 
     def retry(i: int) -> uuid.UUID:
         barrier.wait()
-        keyed = Keyed("concurrent-key", "same-request")
-        return commands.run(Create("only one"), Stamp(user, f"r{i}"), keyed=keyed).task.id
+        keyed = IdempotencyKey("concurrent-key", "same-request")
+        return commands.run(Create("only one"), Stamp(user, f"r{i}"), key=keyed).task.id
 
     with ThreadPoolExecutor(12) as pool:
         ids = set(pool.map(retry, range(12)))

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from command_api.commands import Command, Stamp
-from command_api.executor import Executor, Keyed, Outcome
+from command_api.executor import Executor, IdempotencyKey, Outcome
 from command_api.store import PostgresEventStore
 from shared.etag import IfMatch
 from shared.events import Task
@@ -72,6 +72,6 @@ class BlockingExecutor:
         stamp: Stamp,
         *,
         expected: IfMatch | None = None,
-        keyed: Keyed | None = None,
+        key: IdempotencyKey | None = None,
     ) -> Outcome:
-        return self._loop.run(self.executor.run(command, stamp, expected=expected, keyed=keyed))
+        return self._loop.run(self.executor.run(command, stamp, expected=expected, key=key))

@@ -13,7 +13,7 @@ from command_api.commands import Change, Create, Delete, SetCompleted, Stamp
 from command_api.decisions import NotYourTask, TaskDeleted, TaskNotFound
 from command_api.executor import (
     Executor,
-    Keyed,
+    IdempotencyKey,
     KeyReused,
     Kind,
     Saved,
@@ -131,18 +131,18 @@ async def test_a_stale_cached_task_is_decided_again_on_fresh_state() -> None:
 async def test_a_retried_request_gets_the_first_outcome() -> None:
     store = MemoryEventStore()
     executor = Executor(store)
-    keyed = Keyed("k1", "fingerprint-a")
-    first = await executor.run(Create("once"), ME, keyed=keyed)
+    keyed = IdempotencyKey("k1", "fingerprint-a")
+    first = await executor.run(Create("once"), ME, key=keyed)
     await executor.run(Change(first.task.id, title="later"), ME)
-    again = await Executor(store).run(Create("once"), ME, keyed=keyed)
+    again = await Executor(store).run(Create("once"), ME, key=keyed)
     assert again.kind is Kind.CREATED
     assert (again.task.id, again.task.title, again.task.version) == (first.task.id, "once", 1)
     assert again.position == first.position
     assert len(store.events[first.task.id]) == 2  # the retry appended nothing
     assert store.keys["me", "k1"].status == 201
     with pytest.raises(KeyReused):
-        await executor.run(Create("other"), ME, keyed=Keyed("k1", "fingerprint-b"))
-    other_user = await executor.run(Create("once"), Stamp("you", "r"), keyed=keyed)
+        await executor.run(Create("other"), ME, key=IdempotencyKey("k1", "fingerprint-b"))
+    other_user = await executor.run(Create("once"), Stamp("you", "r"), key=keyed)
     assert other_user.task.id != first.task.id  # keys are per user
 
 
@@ -150,20 +150,20 @@ async def test_a_retried_delete_and_no_op_change_answer_alike() -> None:
     store = MemoryEventStore()
     executor = Executor(store)
     task = await create(executor)
-    noop = await executor.run(Change(task.id, title="t"), ME, keyed=Keyed("n", "f"))
+    noop = await executor.run(Change(task.id, title="t"), ME, key=IdempotencyKey("n", "f"))
     assert noop.task.version == 1 and noop.position == await store.position_of(task.id, 1)
-    assert await executor.run(Change(task.id, title="t"), ME, keyed=Keyed("n", "f")) == noop
-    deleted = await executor.run(Delete(task.id), ME, keyed=Keyed("d", "f"))
-    replayed = await executor.run(Delete(task.id), ME, keyed=Keyed("d", "f"))
+    assert await executor.run(Change(task.id, title="t"), ME, key=IdempotencyKey("n", "f")) == noop
+    deleted = await executor.run(Delete(task.id), ME, key=IdempotencyKey("d", "f"))
+    replayed = await executor.run(Delete(task.id), ME, key=IdempotencyKey("d", "f"))
     assert replayed == deleted and replayed.kind is Kind.DELETED and replayed.task is None
     assert [store.keys["me", k].status for k in ("n", "d")] == [200, 204]
 
 
 async def test_a_key_taken_meanwhile_answers_with_the_winners_outcome() -> None:
     store = RacedKey()
-    winner = await Executor(store).run(Create("once"), ME, keyed=Keyed("k", "f"))
+    winner = await Executor(store).run(Create("once"), ME, key=IdempotencyKey("k", "f"))
     store.raced = False  # the next request looks the key up before the winner's commit
-    loser = await Executor(store).run(Create("once"), ME, keyed=Keyed("k", "f"))
+    loser = await Executor(store).run(Create("once"), ME, key=IdempotencyKey("k", "f"))
     assert loser.task.id == winner.task.id
     assert len(store.events) == 1
 
