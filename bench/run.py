@@ -201,7 +201,7 @@ class Bench:
         ):
             port = free_port()
             self.servers[name] = self.procs.start(name, [*argv, "--port", str(port)], port=port)
-        # Issue 8's "before": the same command API with the library's table-locking
+        # The "before": the same command API with the library's table-locking
         # writer (bench/locked_store.py), measured at saturation in the same run.
         port = free_port()
         self.servers["command-api-locked"] = self.procs.start(
