@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -37,17 +38,25 @@ def _local_server() -> str | None:
 
 
 class PostgresServer:
-    """DATABASE_URL if set, else the machine's server on 127.0.0.1:5432, else an
-    embedded one (pgserver or initdb) in a temporary folder."""
+    """DATABASE_URL if set, else the machine's server on 127.0.0.1:5432, else (or with
+    TASKSERVICE_TEST_PG=embedded) an embedded one (`taskctl.embedded`; as root it runs
+    as an unprivileged user) in a temporary folder that `stop` removes."""
 
     def __init__(self) -> None:
         self.embedded = None
-        url = os.environ.get("DATABASE_URL") or _local_server()
+        self._folder: Path | None = None
+        embedded_only = os.environ.get("TASKSERVICE_TEST_PG") == "embedded"
+        url = None if embedded_only else os.environ.get("DATABASE_URL") or _local_server()
         if url is None:
             from taskctl.embedded import EmbeddedPostgres
 
-            self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="taskservice-test-pg-")))
-            url = self.embedded.start()
+            self._folder = Path(tempfile.mkdtemp(prefix="taskservice-test-pg-"))
+            self.embedded = EmbeddedPostgres(self._folder / "postgres")
+            try:
+                url = self.embedded.start()
+            except BaseException:
+                self.stop()
+                raise
         self.url = url
 
     def create_database(self, prefix: str = "taskservice_test") -> str:
@@ -64,6 +73,10 @@ class PostgresServer:
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
+            self.embedded = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
 
 def database_name(url: str) -> str:
