@@ -6,9 +6,7 @@ imports `command_api`, `query_api` and `projections` only inside the commands.""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,16 +128,6 @@ def cmd_token(args: argparse.Namespace) -> None:
     )
 
 
-def _dev_secret(datadir: Path) -> str:
-    """A random HS256 secret kept under .data/ (never in the repository)."""
-    path = datadir / "dev-secret"
-    if not path.exists():
-        datadir.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     """The benchmark harness (`bench/`, a development tool run from a checkout)."""
     root = Path(__file__).resolve().parents[1]
@@ -187,49 +175,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     """Everything on one port for a first run: embedded PostgreSQL when DATABASE_URL is
     unset, tables, demo data, and a token for each demo user."""
-    import uvicorn  # noqa: PLC0415
+    from taskctl.dev import run_dev
 
-    from command_api.seed import DEMO_USERS, seed  # noqa: PLC0415
-    from shared.auth import mint_token  # noqa: PLC0415
-    from taskctl.dbinit import init_database  # noqa: PLC0415
-    from taskctl.dev import create_dev_app  # noqa: PLC0415
-
-    datadir = Path(args.data_dir)
-    embedded = None
-    overrides: dict[str, object] = {"environment": os.environ.get("ENVIRONMENT") or "development"}
-    if not os.environ.get("DATABASE_URL"):
-        from taskctl.embedded import EmbeddedPostgres  # noqa: PLC0415
-
-        embedded = EmbeddedPostgres(datadir / "postgres")
-        overrides["database_url"] = embedded.start()
-    if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL")):
-        overrides["better_auth_secret"] = _dev_secret(datadir)
-    settings = _settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper())
-    try:
-        init_database(settings)
-        aio.run(lambda: seed(settings))
-        base = f"http://{args.host}:{args.port}"
-        print(f"\nTask service on {base}  (API docs: {base}/docs)")
-        if settings.better_auth_secret:
-            for user in DEMO_USERS:
-                token = mint_token(settings.better_auth_secret, user, ttl_seconds=24 * 3600)
-                print(f"\n  demo user {user}:\n  export TOKEN={token}")
-            print(f'\n  curl -H "Authorization: Bearer $TOKEN" {base}/api/tasks\n', flush=True)
-        uvicorn.run(
-            create_dev_app(settings),
-            host=args.host,
-            port=args.port,
-            log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=10,
-        )
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    run_dev(args.host, args.port, Path(args.data_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskctl", description="Run and operate the task service.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database set-up")
@@ -330,9 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taskservice")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if args.func is not cmd_dev:
+        from taskctl.dev import use_recorded_dev_service
+
+        use_recorded_dev_service()
+    try:
+        try:
+            args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the try
+    except BrokenPipeError:
+        # The reader went away (`taskctl audit | head -1`): stop quietly, like cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -127,3 +128,162 @@ def test_taskctl_query_api_serves_the_read_tables(own_db: str, tmp_path: Path):
     finally:
         assert service.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
         assert "Traceback" not in service.log.read_text(), service.log.read_text()
+
+
+# -- `taskctl dev` on its embedded PostgreSQL, with no environment set ------------------
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """The environment of a new user: none of the service's settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL",
+                        "ENVIRONMENT", "TASKCTL_DATA_DIR", "PORT")}
+    env.update(LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+def postgres_on(folder: Path) -> list[int]:
+    """PIDs of postgres processes whose command line names this data folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "postgres" in cmdline and str(folder) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class EmbeddedDev:
+    """`taskctl dev` in `workdir` with no DATABASE_URL or auth settings; its own PID only."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"dev-{self.port}-{time.monotonic_ns()}.log"
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taskctl.cli", "dev", "--port", str(self.port)],
+            cwd=workdir, env=bare_env(PYTHONPATH=str(ROOT)), stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pgdata(self) -> Path:
+        return (self.workdir / ".data" / "postgres" / "pgdata").resolve()
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not healthy in {timeout}s:\n{self.log.read_text()}")
+
+    def wait(self, timeout: float = 45) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"still running {timeout}s after the signal:\n"
+                                 f"{self.log.read_text()}") from None
+        finally:
+            self._out.close()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    # Whatever a test left on its folder is stopped by the PIDs found on it.
+    for pid in postgres_on(tmp_path.resolve()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_stops_taskctl_dev_and_its_postgres(workdir: Path, stop: signal.Signals):
+    dev = EmbeddedDev(workdir)
+    dev.wait_healthy()
+    assert postgres_on(dev.pgdata), dev.log.read_text()
+    dev.proc.send_signal(stop)
+    assert dev.wait() == 0, dev.log.read_text()
+    assert postgres_on(dev.pgdata) == [], dev.log.read_text()
+    assert "Traceback" not in dev.log.read_text(), dev.log.read_text()
+    assert not (workdir / ".data" / "database-url").exists()
+
+
+def test_a_start_after_sigkill_stops_the_orphan_and_serves_again(workdir: Path):
+    first = EmbeddedDev(workdir)
+    first.wait_healthy()
+    orphan = postgres_on(first.pgdata)
+    first.proc.kill()
+    first.wait()
+    assert orphan and all(pid in postgres_on(first.pgdata) for pid in orphan)  # orphaned
+
+    second = EmbeddedDev(workdir)
+    second.wait_healthy()
+    assert not set(orphan) & set(postgres_on(second.pgdata))  # the orphan was stopped
+    token = subprocess.run(
+        [sys.executable, "-m", "taskctl.cli", "token", "--user", "after-kill"], cwd=workdir,
+        env=bare_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+    created = httpx.post(f"{second.base}/api/tasks", json={"title": "after a SIGKILL"},
+                         headers={"Authorization": f"Bearer {token.stdout.strip()}"}, timeout=10)
+    assert created.status_code == 201, created.text
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait() == 0, second.log.read_text()
+    assert postgres_on(second.pgdata) == []
+
+
+def test_a_busy_port_fails_before_anything_is_printed(workdir: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        dev = EmbeddedDev(workdir, port=port)
+        assert dev.wait(30) != 0
+    out = dev.log.read_text()
+    assert f"port {port}" in out and "PORT=" in out, out
+    assert "TOKEN" not in out and "Task service on" not in out, out
+    assert not (workdir / ".data" / "postgres").exists()  # nothing was started either
+
+
+def test_the_cli_finds_the_dev_service_with_no_environment(workdir: Path):
+    dev = EmbeddedDev(workdir)
+    dev.wait_healthy()
+    try:
+        data = workdir / ".data"
+        for name in ("database-url", "dev-secret"):
+            assert (data / name).stat().st_mode & 0o777 == 0o600, name
+
+        def taskctl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "taskctl.cli", *args], cwd=workdir,
+                                  env=bare_env(PYTHONPATH=str(ROOT)), capture_output=True,
+                                  text=True, timeout=60)
+
+        for args in (["token", "--user", "someone"], ["seed"], ["audit"],
+                     ["projections", "status"]):
+            result = taskctl(*args)
+            assert result.returncode == 0, (args, result.stdout, result.stderr)
+            assert result.stderr.count("\n") == 1 and "dev service" in result.stderr, result.stderr
+        assert taskctl("token", "--user", "x").stdout.count(".") == 2  # a JWT
+
+        # A closed pipe ends a printing command quietly, status 0.
+        piped = subprocess.run(
+            f"{sys.executable} -m taskctl.cli audit | head -1; exit ${{PIPESTATUS[0]}}",
+            shell=True, executable="/bin/bash", cwd=workdir, capture_output=True, text=True,
+            env=bare_env(PYTHONPATH=str(ROOT)), timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
+        assert piped.stdout.count("\n") == 1
+    finally:
+        dev.proc.send_signal(signal.SIGTERM)
+        dev.wait()
