@@ -2,15 +2,16 @@
 live ones, then switch the query side over in one transaction.
 
 1. Under a session advisory lock (one replay at a time), drop what an interrupted replay
-   left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables without
-   indexes (nor the task list's and the history's primary keys), and apply every event
-   with the runner (`projections.projector`: same handlers, same transaction per batch,
-   their own checkpoint row) in large pages, into its `BulkRows` sink: task states kept
-   in memory, history COPYed, the task rows COPYed once at the end of the load. The live projector
-   and the query API keep using the live tables. Meanwhile a child process
+   left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables as each
+   read model makes them for a bulk load (no secondary indexes, no keys the load does
+   without), and apply every event with the runner (`projections.projector`: same
+   handlers, same transaction per batch, their own checkpoint row) in large pages, into
+   its `BulkRows` sink: task states kept in memory, history COPYed, the task rows COPYed
+   once at the end of the load. The live projector and the query API keep using the
+   live tables. Meanwhile a child process
    (`verify.FoldProcess`) folds the events independently, on the other core, up to the
    last event committed when the load began.
-2. Add the primary keys and the indexes, catch up again, and check the tables against
+2. Add the keys and the indexes, catch up again, and check the tables against
    the independent fold (`projections.verify`), advanced to the same checkpoint:
    per-user row counts and checksums, the tables' side summed by the server. A
    difference aborts, names the users, and leaves the live tables alone.
