@@ -1,7 +1,8 @@
 # The quick start: `make run` serves the API, `make test` runs the whole test suite.
-# Both install what they need into .venv first, pinned by constraints.txt.
+# Both install what they need into .venv first, pinned by constraints.txt. Another
+# Python beside it: `make test PYTHON=python3.13 VENV=.venv313`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
