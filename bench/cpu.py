@@ -23,11 +23,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.data import Databases
+from bench.procs import db_init
 from bench.run import DEFAULT_PG_URL
 from shared import aio
 from shared.auth import mint_token
 from shared.settings import Settings
-from taskctl.dbinit import init_database
 
 SECRET = "bench-cpu-" + "x" * 32
 Call = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     dbs = Databases(args.pg_url, prefix="taskservice_benchcpu")
     try:
         url = dbs.create()
-        init_database(Settings(environment="test", database_url=url, better_auth_secret=SECRET))
+        db_init(url)
         # On uvloop when installed, as uvicorn runs the servers.
         results = aio.run(lambda: run(url, args.kinds.split(","), args.n, args.rounds))
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench import data
 from bench.http import Pool, closed_loop
+from bench.procs import db_init
 from bench.run import Bench, build_parser, configure
 from bench.workload import QUERY_KINDS, OurRequests
 from shared import aio
@@ -101,10 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         if "replay" in kinds:
             bench.stop_servers()
             url = bench.dbs.create("replay")
-            from shared.settings import Settings  # noqa: PLC0415
-            from taskctl.dbinit import init_database  # noqa: PLC0415
+            from shared.settings import Settings
 
-            init_database(Settings(database_url=url, better_auth_secret=bench.secret))
+            db_init(url)
             data.seed_replay_events(Settings(database_url=url, better_auth_secret=bench.secret),
                                     own.replay_events)
             out = bench.log_dir / "profile-replay.txt"

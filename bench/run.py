@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
-from bench.procs import ROOT, Proc, Processes, free_port, split_cpus, taskctl
+from bench.procs import ROOT, Proc, Processes, db_init, free_port, split_cpus, taskctl
 from bench.replay import rebuild
 from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
 from bench.workload import (
@@ -171,9 +171,7 @@ class Bench:
         self.url = self.dbs.create()
         self.settings = Settings(environment="production", database_url=self.url,
                                  better_auth_secret=self.secret)
-        from taskctl.dbinit import init_database  # noqa: PLC0415
-
-        init_database(self.settings)
+        db_init(self.url)
         user_ids = [uuid.uuid4().hex for _ in range(a.users)]
         self.say(f"seeding {a.users} users x {a.tasks_per_user} tasks through the event store")
         ids, seconds = data.seed_tasks(self.settings, user_ids, a.tasks_per_user)
@@ -428,9 +426,7 @@ class Bench:
         try:
             settings = Settings(environment="production", database_url=url,
                                 better_auth_secret=self.secret)
-            from taskctl.dbinit import init_database  # noqa: PLC0415
-
-            init_database(settings)
+            db_init(url)
             self.say(f"replay: writing {a.replay_events:,} events to a scratch database")
             events, seed_seconds = data.seed_replay_events(settings, a.replay_events)
             self.say(f"replay: {events:,} events written in {seed_seconds:.1f}s; rebuilding")
