@@ -14,6 +14,6 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.run import main as run  # noqa: PLC0415
+    from bench.run import main as run
 
     return run(None if argv is None else list(argv))

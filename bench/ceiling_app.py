@@ -131,7 +131,7 @@ def create_app() -> ASGIApp:
 
 
 def main() -> None:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

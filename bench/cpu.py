@@ -94,10 +94,10 @@ async def measure(call: Call, request: Callable[[int], tuple[str, str, bytes]], 
 
 
 async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list[float]]:
-    import asyncpg  # noqa: PLC0415
+    import asyncpg
 
-    from bench import ceiling_app  # noqa: PLC0415
-    from command_api.app import create_app  # noqa: PLC0415
+    from bench import ceiling_app
+    from command_api.app import create_app
 
     conn = await asyncpg.connect(url)
     for statement in ceiling_app.ddl():

@@ -206,7 +206,7 @@ def event_count(url: str) -> int:
 
 
 def checkpoint(url: str) -> int:
-    from shared.catalog import CHECKPOINTS_TABLE as CHECKPOINTS  # noqa: PLC0415
+    from shared.catalog import CHECKPOINTS_TABLE as CHECKPOINTS
 
     with psycopg.connect(url) as conn:
         row = conn.execute(f"SELECT coalesce(min(position), 0) FROM {CHECKPOINTS}").fetchone()

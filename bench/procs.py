@@ -111,7 +111,7 @@ class Processes:
             p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
         )
         with open(log_path, "wb") as log:
-            proc.popen = subprocess.Popen(  # noqa: S603
+            proc.popen = subprocess.Popen(
                 command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )

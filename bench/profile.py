@@ -51,7 +51,7 @@ def summarise(raw: Path, top: int = 25) -> str:
 
 def record(pid: int, seconds: float, out: Path, idle: bool = False) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "-f", "raw",
          "-o", str(out), *(["--idle"] if idle else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             spy = record(server.pid, own.seconds, out, own.idle)
             ours = OurRequests(bench.users, Pool(0, 0), Pool(0, 0))
 
-            def next_request(rng, kind=kind, ours=ours):  # noqa: ANN001, ANN202
+            def next_request(rng, kind=kind, ours=ours):
                 built = ours.build(kind, rng)
                 return None if built is None else built[1]
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             data.seed_replay_events(Settings(database_url=url, better_auth_secret=bench.secret),
                                     own.replay_events)
             out = bench.log_dir / "profile-replay.txt"
-            worker = subprocess.Popen(  # noqa: S603
+            worker = subprocess.Popen(
                 [sys.executable, "-m", "bench.replay_worker", url],
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                 stdout=subprocess.PIPE, text=True,

@@ -29,7 +29,7 @@ REPLAY_COMMAND = ["replay", "--json"]
 
 def taskctl_has_replay() -> bool:
     """Whether `taskctl replay --help` runs (the CLI package is run, never imported)."""
-    done = subprocess.run([*taskctl(), "replay", "--help"], cwd=ROOT, capture_output=True,  # noqa: S603
+    done = subprocess.run([*taskctl(), "replay", "--help"], cwd=ROOT, capture_output=True,
                           timeout=60, check=False)
     return done.returncode == 0
 
@@ -50,7 +50,7 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
     log = log_dir / "replay.log"
     if via == "projector":
         argv = _pinned(cpus, [sys.executable, "-m", "bench.replay_worker", url])
-        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: S603
+        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=timeout, check=False)
         log.write_text(out.stdout + out.stderr)
         if out.returncode != 0:
@@ -59,7 +59,7 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
         result["via"] = "the live projector's runner into fresh read tables (bench.replay_worker)"
         return result
 
-    import psycopg  # noqa: PLC0415
+    import psycopg
 
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM tasks_events").fetchone()
@@ -67,7 +67,7 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
     argv = _pinned(cpus, [*taskctl(), *REPLAY_COMMAND])
     started = time.perf_counter()
     with open(log, "w") as f:
-        subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,  # noqa: S603
+        subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                        timeout=timeout, check=True)
     seconds = time.perf_counter() - started
     return {"events": events, "seconds": seconds, "events_per_s": events / seconds,

@@ -23,7 +23,7 @@ from shared.catalog import EVENTS_TABLE
 async def catch_up(dsn: str, *, batch_size: int | None = None) -> object:
     """Apply every event committed so far to the live tables, as the live projector's
     runner does; the new checkpoint."""
-    from projections.projector import (  # noqa: PLC0415
+    from projections.projector import (
         BATCH_SIZE,
         apply_until_caught_up,
         ensure_checkpoint,
@@ -38,7 +38,7 @@ async def catch_up(dsn: str, *, batch_size: int | None = None) -> object:
 
 
 async def rebuild(dsn: str) -> dict[str, float]:
-    from bench.procs import db_init  # noqa: PLC0415
+    from bench.procs import db_init
 
     conn = await asyncpg.connect(dsn)
     try:

@@ -253,7 +253,7 @@ class Bench:
         a = self.args
         port = self.servers["ceiling"].port
         assert port is not None
-        from bench.http import Request  # noqa: PLC0415
+        from bench.http import Request
 
         runs = []
         for _ in range(a.repeats):

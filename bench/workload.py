@@ -74,7 +74,7 @@ class LagProbes:
             conn = await self.pool.acquire()
             try:
                 resp = await conn.send(req)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 conn.close()
                 self.errors.append(f"{type(e).__name__}: {e}")
                 return

@@ -77,7 +77,7 @@ class Coalescer(Generic[Item, Result]):
             for waiter in waiters:
                 waiter.cancel()
             raise
-        except Exception as e:  # noqa: BLE001 - every caller of the batch gets it
+        except Exception as e:  # every caller of the batch gets it
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(e)

@@ -156,7 +156,7 @@ class CommandRoute:
 
 
 ROUTES: tuple[CommandRoute, ...] = (
-    # The plan's contract: /api/tasks
+    # The /api/tasks contract
     CommandRoute("create_task", "POST", "/tasks", CreateTask, _create, 201, False, "all"),
     CommandRoute("change_task", "PATCH", "/tasks/{task_id}", ChangeTask, _change, 200, False),
     CommandRoute("delete_task", "DELETE", "/tasks/{task_id}", None, _delete, 204, False),

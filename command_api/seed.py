@@ -1,4 +1,4 @@
-"""`taskctl seed`: the plan's demo users and tasks, written as commands."""
+"""`taskctl seed`: the demo users and tasks, written as commands."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from uuid import UUID
 
 import asyncpg
 
-from projections import task_history, task_list
+from projections import checkpoints, task_history, task_list
 from projections.manifest import READ_MODELS, STATE_MODEL
 from projections.task_list import TaskState
 from shared import aio
@@ -55,6 +56,7 @@ from shared.observability import (
     PROJECTOR_BATCH_SECONDS,
     PROJECTOR_BATCH_SIZE,
     PROJECTOR_POSITION,
+    start_metrics_server,
 )
 from shared.position import Position
 
@@ -262,7 +264,7 @@ async def apply_events(
             after = task_list.evolve(event, before)
             for batch in rows:
                 batch.apply(event, before, after)
-        except Exception as e:  # noqa: BLE001 - wrapped, named and re-raised: never skipped
+        except Exception as e:  # wrapped, named and re-raised: never skipped
             raise _failed(event, f"{type(e).__name__}: {e}") from e
         if after is None:
             states.pop(event.task_id, None)
@@ -354,7 +356,7 @@ async def run(
                           metrics=metrics)
             return
         except RETRYABLE as e:
-            delay = backoff[0] * random.uniform(0.5, 1.0)  # noqa: S311
+            delay = backoff[0] * random.uniform(0.5, 1.0)
             log.warning("projector lost the database at position %s (%s: %s); retrying in %.1fs",
                         metrics.position, type(e).__name__, e, delay,
                         extra={"position": str(metrics.position)})
@@ -411,8 +413,6 @@ class ProjectorMetrics:
         if self.position is None or now - self._last_lag < every:
             return
         self._last_lag = now
-        from projections import checkpoints  # noqa: PLC0415 - it imports this module
-
         head = await checkpoints.head(conn)
         events, seconds = await checkpoints.lag(conn, self.position)
         EVENT_STORE_HEAD.set(head.notification_id)
@@ -492,10 +492,6 @@ def main(
 ) -> int:
     """`taskctl projector`: follow the event store until SIGTERM/SIGINT; the exit status.
     With `metrics_port`, serves /metrics and /health there (a thread of this process)."""
-    import signal  # noqa: PLC0415
-
-    from shared.observability import start_metrics_server  # noqa: PLC0415
-
     metrics = ProjectorMetrics()
 
     def health() -> dict[str, Any]:

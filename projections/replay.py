@@ -66,6 +66,7 @@ from shared.catalog import (
     Tables,
     replay_lock,
 )
+from shared.observability import REPLAY_EVENTS, REPLAY_TOTAL
 from shared.position import Position
 
 BATCH_SIZE = 10_000
@@ -135,8 +136,6 @@ class ReplayCounter:
 
     async def add(self, _: Position, count: int, __: float) -> None:
         """An `after_batch` of the runner."""
-        from shared.observability import REPLAY_EVENTS  # noqa: PLC0415
-
         self.done += count
         REPLAY_EVENTS.labels(PROJECTION).set(self.done)
         if self.on_progress is not None:
@@ -194,8 +193,6 @@ async def _replay(
     on_progress: Callable[[int, int], None] | None,
     lock_wait: float,
 ) -> Result:
-    from shared.observability import REPLAY_TOTAL  # noqa: PLC0415
-
     live = PROJECTIONS[projection]
     started = time.perf_counter()
     phases: dict[str, float] = {}

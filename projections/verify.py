@@ -65,7 +65,7 @@ def row_hash(*parts: Any) -> int:
 
 
 def _hash_text(text: str) -> int:
-    return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big")  # noqa: S324
+    return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big")
 
 
 def _scalar(value: str | bool | None) -> str:
@@ -429,7 +429,7 @@ def _die_with(parent: int) -> None:
     *thread* that started the child ends: `FoldProcess` is started from the thread that
     runs the replay's event loop, which lives as long as the replay.)"""
     try:
-        import ctypes  # noqa: PLC0415
+        import ctypes
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -451,7 +451,7 @@ def _serve(dsn: str, pipe: Any, parent: int) -> None:
             return
         try:
             reply: Any = asyncio.run(_handle(dsn, fold, *message))
-        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+        except Exception as e:  # handed to the parent, which raises it
             reply = (False, f"{type(e).__name__}: {e}")
         else:
             reply = (True, reply)

@@ -79,9 +79,9 @@ class ReadSide:
                         )
                     except DATABASE_DOWN as e:
                         log.warning("read database unavailable: %s", e)
-                        unavailable = ServiceUnavailable("Database unavailable, try again shortly")
-                        unavailable.headers["Retry-After"] = "1"
-                        raise unavailable from None
+                        raise ServiceUnavailable(
+                            "Database unavailable, try again shortly"
+                        ) from None
         return Reader(self.pool, self.watch, self.settings.read_wait_timeout,
                       self.settings.db_pool_timeout)
 

@@ -93,8 +93,7 @@ class Reader:
 class _Pooled:
     """A pooled connection. A pool that stays exhausted (a stuck database) is a
     TimeoutError: a 503. `asyncio.timeout` rather than `acquire(timeout=)`, which runs
-    each acquire in a task of its own (6% of a command's CPU, measured on the command
-    side)."""
+    each acquire in a task of its own."""
 
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self.pool = pool

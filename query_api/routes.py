@@ -145,7 +145,7 @@ async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UU
     )
 
 
-# -- the plan's contract: /api/tasks ---------------------------------------------------
+# -- the /api/tasks contract ---------------------------------------------------------
 
 
 @router.get("/tasks", response_model=ReadEnvelope[list[TaskOut]], responses=ReadResponses)

@@ -119,7 +119,7 @@ class PositionWatch:
                 delay = self.reconnect_delay
                 try:
                     await self._follow(conn)
-                except Exception as e:  # noqa: BLE001 - never die: waiters would only time out
+                except Exception as e:  # never die: waiters would only time out
                     log.warning("position watch lost its connection (%r); reconnecting", e)
                 finally:
                     self.listening = False

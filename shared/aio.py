@@ -14,7 +14,7 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     uvicorn[standard]), as uvicorn runs the APIs: its transports are C, and a process
     that spends its time in database round trips spends less CPU on each."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         factory: Any = uvloop.new_event_loop
     except ImportError:

@@ -80,7 +80,7 @@ def parse_jwks(document: Any) -> dict[str | None, tuple[jwt.PyJWK, frozenset[str
             continue
         try:
             key = jwt.PyJWK(data)
-        except Exception as e:  # noqa: BLE001 - PyJWK raises more than PyJWTError
+        except Exception as e:  # PyJWK raises more than PyJWTError
             log.warning("skipping unusable JWKS key %r: %s", kid, e)
             continue
         keys[kid] = (key, algorithms)
@@ -107,7 +107,7 @@ class JwksCache:
 
     def _fetch(self) -> dict[str | None, tuple[jwt.PyJWK, frozenset[str]]]:
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return parse_jwks(json.loads(response.read(MAX_JWKS_BYTES)))
 
     def _expired(self) -> bool:
@@ -126,7 +126,7 @@ class JwksCache:
             self._fetched_at = time.monotonic()
             try:
                 self._keys = await asyncio.to_thread(self._fetch)
-            except Exception as e:  # noqa: BLE001 - a key server outage is an auth failure
+            except Exception as e:  # a key server outage is an auth failure
                 # Known keys stay usable while the key server is down.
                 log.warning("could not fetch JWKS from %s: %s", self.url, e)
         return self._keys.get(kid)

@@ -27,7 +27,7 @@ def health_router(service: str, ready_check: ReadyCheck) -> APIRouter:
             checks = await ready_check(request)
         except ServiceUnavailable:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure here means "not ready"
+        except Exception as e:  # any failure here means "not ready"
             raise ServiceUnavailable("Not ready", details={"database": type(e).__name__}) from None
         return Envelope({"status": "ready", "service": service, **checks})
 

@@ -1,7 +1,7 @@
-"""`taskctl`: the composition root of every process this service runs.
+"""`taskctl`: the argument parser and one function per subcommand.
 
-Each subcommand builds its settings once and imports the part it runs, so the CLI
-imports `command_api`, `query_api` and `projections` only inside the commands."""
+Each subcommand builds its settings once and imports only the part it runs (inside the
+function), so a small command such as `taskctl token` starts without loading the APIs."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
 
 
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
-    from shared.observability import configure_logging  # noqa: PLC0415
+    from shared.observability import configure_logging
 
     configure_logging(settings.log_level)
     uvicorn.run(
@@ -41,7 +41,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 
 
 def cmd_db_init(_: argparse.Namespace) -> None:
-    from taskctl.dbinit import TransactionCounterBehind, init_database  # noqa: PLC0415
+    from taskctl.dbinit import TransactionCounterBehind, init_database
 
     settings = _settings(require_auth=False)
     try:
@@ -87,10 +87,10 @@ def cmd_query_api(args: argparse.Namespace) -> None:
 
 
 def cmd_projector(args: argparse.Namespace) -> None:
-    from projections.projector import main as follow  # noqa: PLC0415
+    from projections.projector import main as follow
 
     settings = _settings(require_auth=False)
-    from shared.observability import configure_logging  # noqa: PLC0415
+    from shared.observability import configure_logging
 
     configure_logging(settings.log_level)
     sys.exit(
@@ -105,14 +105,14 @@ def cmd_projector(args: argparse.Namespace) -> None:
 
 
 def cmd_seed(args: argparse.Namespace) -> None:
-    from command_api.seed import seed  # noqa: PLC0415
+    from command_api.seed import seed
 
     created = aio.run(lambda: seed(_settings(), reset=args.reset))
     print(f"seeded {created} tasks" if created else "demo tasks already present")
 
 
 def cmd_token(args: argparse.Namespace) -> None:
-    from shared.auth import mint_token  # noqa: PLC0415
+    from shared.auth import mint_token
 
     secret = os.environ.get("BETTER_AUTH_SECRET")
     if not secret:
@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     root = Path(__file__).resolve().parents[1]
     if (root / "bench").is_dir() and str(root) not in sys.path:
         sys.path.insert(0, str(root))  # bench/ is not part of the installed package
-    from bench import main as bench  # noqa: PLC0415
+    from bench import main as bench
 
     sys.exit(bench(args.bench_args))
 
@@ -148,26 +148,26 @@ def _database_url() -> str:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from projections.admin import replay_main  # noqa: PLC0415
+    from projections.admin import replay_main
 
     sys.exit(replay_main(_database_url(), args.projection, in_place=args.in_place,
                          as_json=args.json, batch_size=args.batch_size, lock_wait=args.wait))
 
 
 def cmd_projections_status(args: argparse.Namespace) -> None:
-    from projections.admin import status_main  # noqa: PLC0415
+    from projections.admin import status_main
 
     sys.exit(status_main(_database_url(), as_json=args.json))
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from projections.audit import audit_main  # noqa: PLC0415
+    from projections.audit import audit_main
 
     sys.exit(audit_main(_database_url(), args))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from projections.audit import export_main  # noqa: PLC0415
+    from projections.audit import export_main
 
     sys.exit(export_main(_database_url(), args.user))
 
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--user", required=True, help="the owner whose tasks to export")
     export.set_defaults(func=cmd_export)
 
-    seed = sub.add_parser("seed", help="create the plan's two demo users' tasks through commands")
+    seed = sub.add_parser("seed", help="create the two demo users' tasks through commands")
     seed.add_argument("--reset", action="store_true", help="delete the demo users' tasks first")
     seed.set_defaults(func=cmd_seed)
 

@@ -66,8 +66,8 @@ class OwnPostgres:
     pgserver's dedicated OS user when we are root, as pgserver itself does)."""
 
     def __init__(self) -> None:
-        import pgserver  # noqa: PLC0415
-        from pgserver._commands import pg_ctl  # noqa: PLC0415
+        import pgserver
+        from pgserver._commands import pg_ctl
 
         self._pg_ctl = pg_ctl
         self.datadir = Path(tempfile.mkdtemp(prefix="tsdbrestart-"))

@@ -103,7 +103,7 @@ def write_until(url: str, stop: threading.Event, rng: random.Random, done: list[
             else:
                 writer.delete(user, tasks.pop(rng.randrange(len(tasks))))
             done[0] += 1
-    except BaseException as e:  # noqa: BLE001 - reported by the test
+    except BaseException as e:  # reported by the test
         errors.append(e)
     finally:
         writer.close()

@@ -29,7 +29,7 @@ def own_db(pg_server: PostgresServer) -> Iterator[str]:
 
 
 def start_replay(url: str, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [sys.executable, "-m", "taskctl.cli", "replay", *args],
         env={**os.environ, "DATABASE_URL": url},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

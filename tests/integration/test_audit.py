@@ -21,7 +21,7 @@ from tests.support.projection import Writer, catch_up, fresh_database, insert_ra
 
 
 def taskctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "taskctl.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
         capture_output=True, text=True, timeout=60, check=False,
     )

@@ -421,7 +421,7 @@ async def test_group_committed_commands_around_held_writers_are_projected_exactl
     from command_api.commands import Change, Create, Stamp
     from command_api.executor import Executor
     from command_api.store import PostgresEventStore
-    from tests.support.projection import settings_for  # noqa: PLC0415
+    from tests.support.projection import settings_for
 
     rng = random.Random(11)
     store = await PostgresEventStore.open(

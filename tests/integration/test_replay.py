@@ -54,7 +54,7 @@ def every_event_type(writer: Writer) -> list[str]:
 
 
 def run_taskctl(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "taskctl.cli", *args], env={"DATABASE_URL": url, "PATH": ""},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
@@ -215,7 +215,7 @@ async def test_replay_while_writes_continue_loses_none_and_reads_never_see_a_par
                             "SELECT count(*) FROM read_task_history WHERE user_id = $1", steady)
                     reads.append(count)
                     assert (count, history) == (20, 20), (count, history)
-                except Exception as e:  # noqa: BLE001 - collected and asserted below
+                except Exception as e:  # collected and asserted below
                     errors.append(e)
                 await asyncio.sleep(0)
         finally:
@@ -395,8 +395,8 @@ async def test_a_replay_waits_for_one_still_holding_the_lock_then_says_who(own_d
 def test_the_load_tables_with_their_keys_and_indexes_are_the_db_init_tables(own_db: str) -> None:
     """The replay creates its tables without keys and indexes (`load_ddl`) and adds them
     after the load (`keys_and_indexes`): the result must be what `db init` makes."""
-    from projections.manifest import keys_and_indexes, load_ddl, table_names  # noqa: PLC0415
-    from projections.replay import rebuild_tables  # noqa: PLC0415
+    from projections.manifest import keys_and_indexes, load_ddl, table_names
+    from projections.replay import rebuild_tables
 
     target = rebuild_tables(LIVE, 99)
 

@@ -63,7 +63,7 @@ def test_fold_history_and_counts_agree_over_a_tasks_life() -> None:
 def test_the_folds_spelled_out_hashes_equal_the_generic_row_hash() -> None:
     """`Fold` writes each history row's canonical text directly (it is the replay's hot
     loop): it must hash exactly as `row_hash` of the projector's row would."""
-    from projections.verify import MASK, Fold, row_hash, task_row_hash  # noqa: PLC0415
+    from projections.verify import MASK, Fold, row_hash, task_row_hash
 
     owner, task = "u\u00e9\"1", uuid.uuid4()
     lives = [
@@ -100,11 +100,11 @@ def test_the_folds_spelled_out_hashes_equal_the_generic_row_hash() -> None:
 def test_every_read_model_in_the_manifest_has_the_one_shape() -> None:
     """db init, the runner, the replay and the verification iterate `READ_MODELS`: each
     module must offer what they call, name a table of `Tables`, and be summarised."""
-    from dataclasses import fields  # noqa: PLC0415
+    from dataclasses import fields
 
-    from projections.manifest import READ_MODELS, STATE_MODEL, ddl, table_names  # noqa: PLC0415
-    from projections.verify import TABLE_SUMMARIES  # noqa: PLC0415
-    from shared.catalog import LIVE, Tables  # noqa: PLC0415
+    from projections.manifest import READ_MODELS, STATE_MODEL, ddl, table_names
+    from projections.verify import TABLE_SUMMARIES
+    from shared.catalog import LIVE, Tables
 
     assert STATE_MODEL in READ_MODELS
     names = {f.name for f in fields(Tables)} - {"checkpoints"}
