@@ -1,6 +1,6 @@
 """The real `taskctl projector`, SIGKILLed at random moments while writes continue.
 
-A writer thread keeps issuing commands through `TaskCommands` (creates, renames,
+A writer thread keeps issuing commands through the command executor (creates, renames,
 completions, reopenings, description changes, deletions, for several users) for a
 bounded time; meanwhile the projector process is killed with SIGKILL and restarted,
 4-6 times (CHAOS_SEED, default fixed): each one is killed at a random instant (up to
