@@ -170,6 +170,7 @@ class EmbeddedDev:
             cwd=workdir, env=bare_env(PYTHONPATH=str(ROOT)), stdout=self._out,
             stderr=subprocess.STDOUT,
         )
+        STARTED.append(self)
 
     @property
     def pgdata(self) -> Path:
@@ -199,10 +200,19 @@ class EmbeddedDev:
             self._out.close()
 
 
+STARTED: list[EmbeddedDev] = []
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
-    # Whatever a test left on its folder is stopped by the PIDs found on it.
+    # Whatever a test left running is stopped: its own `taskctl dev` processes by PID,
+    # then the postgres processes found on its folder.
+    while STARTED:
+        dev = STARTED.pop()
+        if dev.proc.poll() is None:
+            dev.proc.kill()
+            dev.proc.wait(timeout=10)
     for pid in postgres_on(tmp_path.resolve()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGQUIT)
