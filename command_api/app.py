@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,7 +106,7 @@ def create_app(
 
     app = FastAPI(
         title="Task service: command API",
-        version="1.0.0",
+        version=package_version("taskservice"),
         lifespan=lifespan,
         redirect_slashes=False,
     )

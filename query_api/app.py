@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
 from typing import Any
 
 import asyncpg
@@ -110,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="Task service: query API",
-        version="1.0.0",
+        version=package_version("taskservice"),
         lifespan=lifespan,
         redirect_slashes=False,
     )

@@ -297,3 +297,20 @@ def test_the_cli_finds_the_dev_service_with_no_environment(workdir: Path):
     finally:
         dev.proc.send_signal(signal.SIGTERM)
         dev.wait()
+
+
+def test_one_version_from_pyproject_in_both_openapi_documents_and_taskctl(dev: Service):
+    import tomllib
+
+    from command_api.app import create_app as command_app
+    from query_api.app import create_app as query_app
+
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    shown = subprocess.run([sys.executable, "-m", "taskctl.cli", "--version"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout.strip() == f"taskctl {expected}", shown
+    assert httpx.get(f"{dev.base}/openapi.json", timeout=10).json()["info"]["version"] == expected
+    settings = Settings(environment="test", database_url="postgresql://unused@/unused",
+                        better_auth_secret=TEST_SECRET)
+    assert command_app(settings).openapi()["info"]["version"] == expected
+    assert query_app(settings).openapi()["info"]["version"] == expected
