@@ -159,7 +159,7 @@ def postgres_on(folder: Path) -> list[int]:
 class EmbeddedDev:
     """`taskctl dev` in `workdir` with no DATABASE_URL or auth settings; its own PID only."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, **env: str) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -167,7 +167,7 @@ class EmbeddedDev:
         self._out = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "taskctl.cli", "dev", "--port", str(self.port)],
-            cwd=workdir, env=bare_env(PYTHONPATH=str(ROOT)), stdout=self._out,
+            cwd=workdir, env=bare_env(PYTHONPATH=str(ROOT), **env), stdout=self._out,
             stderr=subprocess.STDOUT,
         )
         STARTED.append(self)
@@ -264,6 +264,17 @@ def test_a_busy_port_fails_before_anything_is_printed(workdir: Path):
     assert f"port {port}" in out and "PORT=" in out, out
     assert "TOKEN" not in out and "Task service on" not in out, out
     assert not (workdir / ".data" / "postgres").exists()  # nothing was started either
+
+
+def test_an_unreachable_better_auth_url_is_said_not_silent(workdir: Path):
+    closed = free_port()  # nothing listens there
+    dev = EmbeddedDev(workdir, BETTER_AUTH_URL=f"http://127.0.0.1:{closed}")
+    dev.wait_healthy()
+    dev.proc.send_signal(signal.SIGTERM)
+    assert dev.wait() == 0
+    out = dev.log.read_text()
+    assert "TOKEN=" not in out and "No demo tokens" in out, out
+    assert f"http://127.0.0.1:{closed}/api/auth/jwks is not reachable" in out, out
 
 
 def test_the_cli_finds_the_dev_service_with_no_environment(workdir: Path):
