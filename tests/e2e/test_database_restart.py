@@ -1,6 +1,6 @@
 """The database restarted under load, with the real processes running.
 
-This test starts a PostgreSQL of its own (the `pgserver` package's bundled binaries, in
+This test starts a PostgreSQL of its own (the embedded one of `taskctl dev`, in
 a temporary folder, on a unix socket; never the machine's shared server), runs
 `taskctl db init`, then the real `taskctl command-api`, `taskctl query-api` and
 `taskctl projector` against it on free 127.0.0.1 ports. Writers create tasks (each
@@ -37,6 +37,7 @@ import psycopg
 import pytest
 
 from taskctl.dbinit import create_read_tables
+from taskctl.embedded import EmbeddedPostgres
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.projection import (
     REBUILD,
@@ -61,30 +62,20 @@ def free_port() -> int:
 
 
 class OwnPostgres:
-    """A PostgreSQL server of this test only: started with pgserver, stopped and
-    started again with its bundled `pg_ctl` on the same data folder and socket (as
-    pgserver's dedicated OS user when we are root, as pgserver itself does)."""
+    """A PostgreSQL server of this test only, the embedded one `taskctl dev` runs
+    (`taskctl.embedded`): stopped (`pg_ctl -m fast stop`) and started again on the same
+    data folder and socket."""
 
     def __init__(self) -> None:
-        import pgserver
-        from pgserver._commands import pg_ctl
-
-        self._pg_ctl = pg_ctl
         self.datadir = Path(tempfile.mkdtemp(prefix="tsdbrestart-"))
-        server = pgserver.get_server(self.datadir, cleanup_mode=None)
-        self.user = server.system_user
-        self.url = server.get_uri()
-        self.socket_dir = (self.datadir / "postmaster.pid").read_text().splitlines()[4]
+        self.server = EmbeddedPostgres(self.datadir)
+        self.url = self.server.start()
 
     def stop(self) -> None:
-        self._pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.datadir, user=self.user, timeout=30)
+        self.server.stop()
 
     def start(self) -> None:
-        self._pg_ctl(
-            ["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.datadir / "log"),
-             "start"],
-            pgdata=self.datadir, user=self.user, timeout=30,
-        )
+        assert self.server.start() == self.url  # the same socket: clients reconnect
 
     def running(self) -> bool:
         try:
@@ -94,13 +85,10 @@ class OwnPostgres:
             return False
 
     def destroy(self) -> None:
-        if (self.datadir / "postmaster.pid").exists():
-            try:
-                self.stop()
-            except subprocess.SubprocessError:
-                pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
-                os.kill(pid, signal.SIGQUIT)  # the postmaster we started, by its PID
-        shutil.rmtree(self.datadir, ignore_errors=True)
+        try:
+            self.server.stop()
+        finally:
+            shutil.rmtree(self.datadir, ignore_errors=True)
 
 
 @dataclass

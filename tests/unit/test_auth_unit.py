@@ -98,8 +98,8 @@ async def test_unusable_subject_is_refused(sub: Any) -> None:
 @pytest.mark.parametrize(
     "claim",
     [
-        pytest.param({"exp": str(int(time.time()) + 60)}, id="numeric-text-exp"),
-        pytest.param({"exp": f"{time.time() + 60:.3f}"}, id="decimal-text-exp"),
+        pytest.param({"exp": str(int(time.time()) + 86_400)}, id="numeric-text-exp"),
+        pytest.param({"exp": f"{time.time() + 86_400:.3f}"}, id="decimal-text-exp"),
         pytest.param({"exp": 10**400}, id="exp-beyond-float"),
         pytest.param({"exp": float("inf")}, id="infinite-exp"),
         pytest.param({"exp": float("nan")}, id="nan-exp"),
