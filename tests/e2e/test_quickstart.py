@@ -53,7 +53,10 @@ def fresh_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST"))}
     for name in ("DATABASE_URL", "BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL",
-                 "ENVIRONMENT", "TASKCTL_DATA_DIR", "PORT", "TASKSERVICE_TEST_PG"):
+                 "ENVIRONMENT", "TASKCTL_DATA_DIR", "PORT", "TASKSERVICE_TEST_PG",
+                 # an outer `make test PYTHON=...` passes its variables down to every
+                 # make below it, over the environment: the clone's make must pick its own
+                 "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
         env.pop(name, None)
     env["PATH"] = os.pathsep.join(
         p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p
