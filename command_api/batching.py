@@ -97,3 +97,6 @@ class Coalescer(Generic[Item, Result]):
         while self._tasks:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.gather(*self._tasks)
+            # A done task leaves `_tasks` in its done callback, which runs on a later turn
+            # of the loop; gathering tasks already done does not yield on Python 3.12+.
+            await asyncio.sleep(0)
