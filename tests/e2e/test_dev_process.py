@@ -59,16 +59,7 @@ class Service:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not healthy in {timeout}s:\n{self.log.read_text()}")
+        wait_healthy(self.proc, self.base, self.log, timeout)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -141,6 +132,20 @@ def bare_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float) -> None:
+    """Until `base` answers /api/health with 200; the log if the process dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{base}/api/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not healthy in {timeout}s:\n{log.read_text()}")
+
+
 def postgres_on(folder: Path) -> list[int]:
     """PIDs of postgres processes whose command line names this data folder."""
     found = []
@@ -177,16 +182,7 @@ class EmbeddedDev:
         return (self.workdir / ".data" / "postgres" / "pgdata").resolve()
 
     def wait_healthy(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"not healthy in {timeout}s:\n{self.log.read_text()}")
+        wait_healthy(self.proc, self.base, self.log, timeout)
 
     def wait(self, timeout: float = 45) -> int:
         try:
