@@ -73,7 +73,10 @@ def error_response(
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
-    return Json({"error": error, "meta": meta()}, status, dict(headers or {}))
+    # `detail` repeats the message at the top level, where FastAPI's default errors put
+    # it and where most fetch wrappers look for it.
+    return Json({"error": error, "detail": message, "meta": meta()}, status,
+                dict(headers or {}))
 
 
 def render_error(exc: ApiError) -> JSONResponse:

@@ -67,6 +67,7 @@ class ErrorBody(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     error: ErrorBody
+    detail: str  # equal to error.message, for clients that read FastAPI's `detail`
     meta: Meta
 
 

@@ -143,7 +143,7 @@ def assert_unavailable(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     body = response.json()
     assert body["error"]["code"] == "SERVICE_UNAVAILABLE", body
-    assert set(body) == {"error", "meta"} and body["meta"]["request_id"], body
+    assert set(body) == {"error", "detail", "meta"} and body["meta"]["request_id"], body
     assert response.headers.get("Retry-After"), response.headers
 
 

@@ -149,7 +149,7 @@ def wait_ready(proc: Proc, timeout: float) -> float:
 def assert_unavailable(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     body = response.json()
-    assert set(body) == {"error", "meta"} and body["error"]["code"] == "SERVICE_UNAVAILABLE", body
+    assert set(body) == {"error", "detail", "meta"} and body["error"]["code"] == "SERVICE_UNAVAILABLE", body
     assert response.headers.get("Retry-After"), response.headers
 
 

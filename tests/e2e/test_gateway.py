@@ -152,6 +152,7 @@ def test_a_body_over_max_body_bytes_gets_413_in_the_envelope(stack: Stack):
                      json={"title": "x", "description": "y" * 100_000})
     assert big.status_code == 413
     assert big.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert big.json()["detail"] == big.json()["error"]["message"]  # the gateway's own page
     assert big.headers["X-Request-ID"] == "gw-big-body"
     assert big.json()["meta"]["request_id"] == "gw-big-body"
     # Just under the limit, the body reaches the API (which judges its content: 422).

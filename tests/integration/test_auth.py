@@ -270,7 +270,7 @@ def assert_unauthorized(response: Any, message: str) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     body = response.json()
-    assert set(body) == {"error", "meta"}
+    assert set(body) == {"error", "detail", "meta"}
     assert body["error"] == {"code": "UNAUTHORIZED", "message": message}
     assert set(body["meta"]) == {"timestamp", "request_id"}
 

@@ -54,7 +54,7 @@ def envelope_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
     except ValueError:
         raise AssertionError(f"{status}: body is not JSON: {response.content[:200]!r}") from None
     assert isinstance(body, dict), f"{status}: body is not an object: {body!r}"
-    expected = {"error", "meta"} if status >= 400 else {"data", "meta"}
+    expected = {"error", "detail", "meta"} if status >= 400 else {"data", "meta"}
     assert set(body) == expected, f"{status}: keys {sorted(body)}, expected {sorted(expected)}"
     meta = body["meta"]
     assert isinstance(meta, dict) and isinstance(meta.get("timestamp"), str), meta
@@ -63,6 +63,7 @@ def envelope_conformance(ctx: Any, response: Any, case: Any) -> bool | None:
         error = body["error"]
         assert isinstance(error.get("code"), str) and error["code"].isupper(), error
         assert isinstance(error.get("message"), str) and error["message"], error
+        assert body["detail"] == error["message"], body
     return None
 
 

@@ -42,4 +42,5 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert body["error"]["code"] == code, body
     assert set(body["meta"]) >= {"timestamp", "request_id"}
     assert "data" not in body
+    assert body["detail"] == body["error"]["message"], body
     return body["error"]
