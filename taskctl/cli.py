@@ -22,6 +22,75 @@ def _settings(*, require_auth: bool = True, **overrides: object) -> Settings:
         sys.exit(f"taskctl: {e}")
 
 
+# -- argument types: each checks a value as the API checks the same parameter, so a bad
+# filter is a usage error (status 2, naming what is accepted) rather than an empty answer.
+
+def _event_type(text: str) -> str:
+    from shared.events import EVENT_TOPICS  # only when --type is given: it loads the library
+
+    if text not in EVENT_TOPICS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an event type; one of: {', '.join(sorted(EVENT_TOPICS))}")
+    return text
+
+
+def _task_id(text: str) -> str:
+    from uuid import UUID
+
+    try:
+        return str(UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id (a UUID)") from None
+
+
+def _instant(text: str) -> str:
+    from datetime import UTC, datetime
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date or date-time (e.g. 2026-12-01 or"
+            " 2026-12-01T09:30:00+01:00)") from None
+    try:  # an offset can carry it past year 1 or 9999, as the API refuses too
+        (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range (years 1 to 9999 in UTC)") from None
+    return text
+
+
+def _user(text: str) -> str:
+    if not text.strip() or len(text) > 255 or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a user id (1-255 printable characters)")
+    return text
+
+
+def _number(kind: type, *, minimum: float, strict: bool = False, maximum: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if value != value or value < minimum or (strict and value == minimum) or (
+                maximum is not None and value > maximum):
+            bound = f"> {minimum}" if strict else f">= {minimum}"
+            if maximum is not None:
+                bound += f" and <= {maximum}"
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range (must be {bound})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_POSITIVE_INT = _number(int, minimum=1)
+_PORT = _number(int, minimum=0, maximum=65535)
+_SECONDS = _number(float, minimum=0)
+_POSITIVE_SECONDS = _number(float, minimum=0, strict=True)
+
+
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
     import uvicorn
 
@@ -194,27 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
         "purge-idempotency",
         help="forget Idempotency-Keys older than IDEMPOTENCY_TTL_HOURS (default 24; run daily)",
     )
-    purge.add_argument("--older-than-hours", type=float, default=None)
+    purge.add_argument("--older-than-hours", type=_SECONDS, default=None)
     purge.set_defaults(func=cmd_db_purge_idempotency)
 
     api = sub.add_parser("command-api", help="serve the command API with uvicorn")
     api.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    api.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
+    api.add_argument("--port", type=_PORT, default=int(os.environ.get("PORT", "8001")))
     api.set_defaults(func=cmd_command_api)
 
     query = sub.add_parser("query-api", help="serve the query API with uvicorn")
     query.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    query.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8002")))
+    query.add_argument("--port", type=_PORT, default=int(os.environ.get("PORT", "8002")))
     query.set_defaults(func=cmd_query_api)
 
     projector = sub.add_parser("projector", help="follow the event store into the read tables")
-    projector.add_argument("--batch-size", type=int, default=500, help="events per transaction")
+    projector.add_argument("--batch-size", type=_POSITIVE_INT, default=500, help="events per transaction")
     projector.add_argument(
-        "--poll-interval", type=float, default=1.0, help="seconds between polls without NOTIFY"
+        "--poll-interval", type=_POSITIVE_SECONDS, default=1.0, help="seconds between polls without NOTIFY"
     )
     projector.add_argument("--metrics-host", default=None,
                            help="address of /metrics and /health (default METRICS_HOST, 127.0.0.1)")
-    projector.add_argument("--metrics-port", type=int, default=None,
+    projector.add_argument("--metrics-port", type=_PORT, default=None,
                            help="port of /metrics and /health (default METRICS_PORT, 9100; 0: off)")
     projector.set_defaults(func=cmd_projector)
 
@@ -226,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a projection to rebuild (repeatable; default all: task_views)")
     replay.add_argument("--in-place", action="store_true",
                         help="development only: truncate and rebuild the live tables directly")
-    replay.add_argument("--batch-size", type=int, default=10_000, help="events per transaction")
-    replay.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+    replay.add_argument("--batch-size", type=_POSITIVE_INT, default=10_000, help="events per transaction")
+    replay.add_argument("--wait", type=_SECONDS, default=10.0, metavar="SECONDS",
                         help="how long to wait for another replay of the projection (one"
                              " killed a moment ago, say) before giving up (default 10)")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -244,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", help="read the event store itself (not the read tables), oldest first",
         description="Stream events from the event store in its global order. Filters combine."
         " --user matches events of tasks the user owns OR events the user performed (actor).")
-    audit.add_argument("--user", help="task owner OR actor of the event")
-    audit.add_argument("--task", help="task id (UUID)")
-    audit.add_argument("--since", help="ISO 8601, inclusive (no offset means UTC)")
-    audit.add_argument("--until", help="ISO 8601, exclusive")
-    audit.add_argument("--type", action="append", dest="types", metavar="TYPE",
+    audit.add_argument("--user", type=_user, help="task owner OR actor of the event")
+    audit.add_argument("--task", type=_task_id, help="task id (UUID)")
+    audit.add_argument("--since", type=_instant, help="ISO 8601, inclusive (no offset means UTC)")
+    audit.add_argument("--until", type=_instant, help="ISO 8601, exclusive")
+    audit.add_argument("--type", action="append", type=_event_type, dest="types", metavar="TYPE",
                        help="event type, e.g. TaskCompleted (repeatable)")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.add_argument("--verify", action="store_true",
@@ -257,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=cmd_audit)
 
     export = sub.add_parser("export", help="every event of one user's tasks, as JSON lines")
-    export.add_argument("--user", required=True, help="the owner whose tasks to export")
+    export.add_argument("--user", required=True, type=_user, help="the owner whose tasks to export")
     export.set_defaults(func=cmd_export)
 
     seed = sub.add_parser("seed", help="create the two demo users' tasks through commands")
@@ -266,13 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run everything on one port for local development")
     dev.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    dev.add_argument("--port", type=_PORT, default=int(os.environ.get("PORT", "8000")))
     dev.add_argument("--data-dir", default=os.environ.get("TASKCTL_DATA_DIR", ".data"))
     dev.set_defaults(func=cmd_dev)
 
     token = sub.add_parser("token", help="mint a development HS256 token")
-    token.add_argument("--user", required=True)
-    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default one day)")
+    token.add_argument("--user", required=True, type=_user)
+    token.add_argument("--ttl", type=_POSITIVE_INT, default=24 * 3600, help="seconds (default one day)")
     token.set_defaults(func=cmd_token)
 
     # Every argument goes to `python -m bench` untouched: no option prefix for argparse.
