@@ -73,7 +73,9 @@ REPLAY_TOTAL = Gauge("replay_events_total", "Events the running replay will appl
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; `extra={...}` fields become keys."""
 
-    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+    # `color_message` is uvicorn's copy of the message with ANSI colour codes: noise here.
+    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+        "message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

@@ -213,6 +213,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
     from command_api.seed import DEMO_USERS, seed
     from shared import aio
     from shared.auth import mint_token
+    from shared.observability import configure_logging
     from shared.settings import SettingsError
     from taskctl.dbinit import init_database
     from taskctl.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -237,7 +238,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
             settings = Settings.from_env(**overrides)
         except SettingsError as e:
             sys.exit(f"taskctl: {e}")
-        logging.basicConfig(level=settings.log_level.upper())
+        configure_logging(settings.log_level)  # JSON lines, as every other process
         init_database(settings)
         aio.run(lambda: seed(settings))
         base = f"http://{host}:{port}"
@@ -262,6 +263,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
         config = uvicorn.Config(
             create_dev_app(settings),
             log_level=settings.log_level.lower(),
+            log_config=None,  # keep configure_logging's JSON lines (uvicorn's would replace them)
             timeout_graceful_shutdown=10,
         )
         server = uvicorn.Server(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -323,3 +324,45 @@ def test_one_version_from_pyproject_in_both_openapi_documents_and_taskctl(dev: S
                         better_auth_secret=TEST_SECRET)
     assert command_app(settings).openapi()["info"]["version"] == expected
     assert query_app(settings).openapi()["info"]["version"] == expected
+
+
+def test_taskctl_dev_logs_one_json_line_per_request_and_nothing_else(own_db: str, tmp_path: Path):
+    """stderr carries the logs, every line a JSON object (no `INFO:...` lines, no ANSI
+    `color_message`); each request is one line with what an operator looks for."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": own_db, "ENVIRONMENT": "test",
+           "BETTER_AUTH_SECRET": TEST_SECRET, "LOG_LEVEL": "INFO"}
+    out, err = tmp_path / "dev.out", tmp_path / "dev.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskctl.cli", "dev", "--host", "127.0.0.1", "--port",
+             str(port), "--data-dir", str(tmp_path / "data")],
+            cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(proc, base, err, 30)
+            user = new_user()
+            created = httpx.post(f"{base}/api/tasks", json={"title": "logged"}, timeout=10,
+                                 headers={**bearer(user), "X-Request-ID": "log-check-1"})
+            assert created.status_code == 201, created.text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+    lines = err.read_text().splitlines()
+    assert lines, "no log lines"
+    records = []
+    for line in lines:
+        assert line.strip(), f"an empty log line in {lines}"
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    assert not [r for r in records if "color_message" in r or "\x1b[" in json.dumps(r)]
+    requests = [r for r in records if r.get("request_id") == "log-check-1"]
+    assert len(requests) == 1, requests
+    entry = requests[0]
+    assert entry["logger"] == "taskservice.access" and entry["level"] == "INFO"
+    assert (entry["method"], entry["path"], entry["status"]) == ("POST", "/api/tasks", 201)
+    assert entry["user_id"] == user
+    assert isinstance(entry["duration_ms"], (int, float)) and entry["duration_ms"] >= 0
+    assert "Task service on" in out.read_text()  # the banner is for people: on stdout
