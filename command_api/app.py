@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from command_api import routes
 from command_api.executor import Executor
 from command_api.store import PostgresEventStore
+from shared.apidoc import install_docs
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
@@ -109,6 +110,9 @@ def create_app(
         version=package_version("taskservice"),
         lifespan=lifespan,
         redirect_slashes=False,
+        openapi_url=None,  # /openapi.json and /docs: the service's one document, below
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
@@ -128,4 +132,5 @@ def create_app(
     app.include_router(health_router("command-api", ready))
     app.include_router(routes.router)
     app.include_router(metrics_router())
+    install_docs(app)
     return app

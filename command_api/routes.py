@@ -156,13 +156,18 @@ class CommandRoute:
 
 
 ROUTES: tuple[CommandRoute, ...] = (
-    # The /api/tasks contract
+    # The /api/tasks contract (both contracts offer the same operations)
     CommandRoute("create_task", "POST", "/tasks", CreateTask, _create, 201, False, "all"),
     CommandRoute("change_task", "PATCH", "/tasks/{task_id}", ChangeTask, _change, 200, False),
+    CommandRoute("replace_task", "PUT", "/tasks/{task_id}", ReplaceTask, _replace, 200, False),
     CommandRoute("delete_task", "DELETE", "/tasks/{task_id}", None, _delete, 204, False),
+    CommandRoute("toggle_task", "PATCH", "/tasks/{task_id}/complete", SetCompletion,
+                 _set_completed, 200, False, "all", body_required=False),
     # The /api/{user_id}/tasks contract
     CommandRoute("create_user_task", "POST", "/{path_user_id}/tasks", CreateTask, _create, 201,
                  True, "all"),
+    CommandRoute("change_user_task", "PATCH", "/{path_user_id}/tasks/{task_id}", ChangeTask,
+                 _change, 200, True),
     CommandRoute("replace_user_task", "PUT", "/{path_user_id}/tasks/{task_id}", ReplaceTask,
                  _replace, 200, True),
     CommandRoute("delete_user_task", "DELETE", "/{path_user_id}/tasks/{task_id}", None, _delete,

@@ -18,6 +18,7 @@ from query_api import routes
 from query_api.queries import lag_seconds, read_position
 from query_api.reader import Reader
 from query_api.watch import PositionWatch
+from shared.apidoc import install_docs
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
@@ -114,6 +115,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=package_version("taskservice"),
         lifespan=lifespan,
         redirect_slashes=False,
+        openapi_url=None,  # /openapi.json and /docs: the service's one document, below
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
@@ -144,4 +148,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router("query-api", ready))
     app.include_router(routes.router)
     app.include_router(metrics_router())
+    install_docs(app)
     return app

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.apidoc import allowed_methods
 from shared.errors import (
     ApiError,
     MethodNotAllowed,
@@ -120,7 +121,13 @@ def install_error_handlers(
         return render_error(ValidationFailed(details=validation_details(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405):
+            # A path of the service, a method neither API has on it: 405, and `Allow`
+            # names the methods of both APIs (this process knows only its own).
+            allowed = allowed_methods(request.scope["path"])
+            if allowed and request.method not in allowed:
+                return render_error(MethodNotAllowed(headers={"Allow": ", ".join(allowed)}))
         if exc.status_code == 404:
             return render_error(NotFound("Route not found"))
         if exc.status_code == 405:

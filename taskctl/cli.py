@@ -249,6 +249,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     run_dev(args.host, args.port, Path(args.data_dir))
 
 
+def cmd_openapi(args: argparse.Namespace) -> None:
+    from taskctl.openapi import main as openapi
+
+    sys.exit(openapi(write=args.write, check=args.check))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskctl", description="Run and operate the task service.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -324,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check versions, actors and the history read table; exit 1 on a"
                             " difference")
     audit.set_defaults(func=cmd_audit)
+
+    openapi = sub.add_parser(
+        "openapi", help="print the one OpenAPI document of both APIs (shared/openapi.json)")
+    openapi_mode = openapi.add_mutually_exclusive_group()
+    openapi_mode.add_argument("--write", action="store_true",
+                              help="store it in shared/openapi.json (after changing a route)")
+    openapi_mode.add_argument("--check", action="store_true",
+                              help="exit 1 when shared/openapi.json is out of date")
+    openapi.set_defaults(func=cmd_openapi)
 
     export = sub.add_parser("export", help="every event of one user's tasks, as JSON lines")
     export.add_argument("--user", required=True, type=_user, help="the owner whose tasks to export")

@@ -87,6 +87,12 @@ def scenario(send: Callable[..., Any]) -> list[dict[str, Any]]:
        fast=True)
     go("put", "PUT", f"/api/{me}/tasks/{tid}", json={"title": "p", "completed": False},
        fast=True)
+    go("put on /api/tasks", "PUT", f"/api/tasks/{tid}", json={"title": "p0"}, fast=True)
+    go("patch on the user route", "PATCH", f"/api/{me}/tasks/{tid}", json={"title": "p1"},
+       fast=True)
+    go("toggle on /api/tasks", "PATCH", f"/api/tasks/{tid}/complete", fast=True)
+    go("set on /api/tasks", "PATCH", f"/api/tasks/{tid}/complete", json={"completed": False},
+       fast=True)
     go("toggle, no body", "PATCH", f"/api/{me}/tasks/{tid}/complete", fast=True)
     go("toggle, body", "PATCH", f"/api/{me}/tasks/{tid}/complete", json={"completed": True},
        fast=True)
