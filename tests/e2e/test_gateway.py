@@ -4,6 +4,7 @@ the REAL nginx running deploy/nginx.conf: one origin for reads and writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from shared import apidoc
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.compose import (
     NGINX_CONF,
@@ -179,7 +181,7 @@ def test_request_id_is_passed_both_ways(stack: Stack):
 
 
 def test_metrics_are_not_reachable_through_the_gateway(stack: Stack):
-    for path in ("/metrics", "/metrics/", "/api/../metrics", "/docs"):
+    for path in ("/metrics", "/metrics/", "/api/../metrics", "/redoc", "/openapi.yaml"):
         response = httpx.get(f"{stack.gateway}{path}", timeout=10)
         assert response.status_code == 404, (path, response.text)
         assert "http_requests_total" not in response.text
@@ -189,6 +191,41 @@ def test_metrics_are_not_reachable_through_the_gateway(stack: Stack):
         assert f'http_requests_total{{method="GET",route="/api/health",service="{name}"' in (
             metrics.text
         )
+
+
+def test_the_one_openapi_document_and_swagger_ui_are_served(stack: Stack):
+    document = httpx.get(f"{stack.gateway}/openapi.json", timeout=10)
+    assert document.status_code == 200, document.text
+    assert document.json() == json.loads(apidoc.DOCUMENT.read_text())
+    paths = document.json()["paths"]
+    assert {"get", "post"} <= set(paths["/api/tasks"])  # both APIs' routes, one document
+    docs = httpx.get(f"{stack.gateway}/docs/", timeout=10)
+    assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
+    assert "url: '/openapi.json'" in docs.text
+
+
+def test_every_operation_of_both_contracts_and_the_allow_of_both_apis(stack: Stack):
+    user = new_user()
+    with httpx.Client(base_url=stack.gateway, headers=bearer(user), timeout=10) as client:
+        for base in ("/api/tasks", f"/api/{user}/tasks"):
+            tid = client.post(base, json={"title": "t"}).json()["data"]["id"]
+            put = client.put(f"{base}/{tid}", json={"title": "put"})
+            assert put.status_code == 200 and put.json()["data"]["title"] == "put", put.text
+            patch = client.patch(f"{base}/{tid}", json={"title": "patched"})
+            assert patch.status_code == 200 and patch.json()["data"]["title"] == "patched"
+            toggled = client.patch(f"{base}/{tid}/complete")
+            assert toggled.status_code == 200 and toggled.json()["data"]["completed"] is True
+            assert client.delete(f"{base}/{tid}").status_code == 204
+        for method, path, allow in (
+            ("PUT", "/api/tasks", "GET, HEAD, POST"),
+            ("POST", f"/api/tasks/{uuid.uuid4()}", "DELETE, GET, HEAD, PATCH, PUT"),
+            ("GET", f"/api/{user}/tasks/{uuid.uuid4()}/complete", "PATCH"),
+            ("DELETE", "/api/stats", "GET, HEAD"),
+        ):
+            refused = client.request(method, path)
+            assert refused.status_code == 405, (method, path, refused.text)
+            assert refused.headers["Allow"] == allow, (method, path)
+            assert refused.json()["detail"] == refused.json()["error"]["message"]
 
 
 def test_one_projector_is_active_and_reports_its_position(stack: Stack):

@@ -3,11 +3,13 @@ side at the same paths, the projector running in the app's lifespan."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
+from shared import apidoc
 from shared.settings import Settings
 from taskctl.dev import create_dev_app
 from tests.support import bearer, new_user
@@ -55,6 +57,21 @@ def test_dispatches_by_method(dev_client: TestClient):
     head = dev_client.head("/api/tasks", headers=auth)
     assert head.status_code == 200 and head.content == b""
     assert dev_client.get("/api/health").json()["data"]["service"] == "query-api"
-    assert_error(dev_client.put("/api/tasks", json={}, headers=auth), 405, "METHOD_NOT_ALLOWED")
+    refused = dev_client.put("/api/tasks", json={}, headers=auth)
+    assert_error(refused, 405, "METHOD_NOT_ALLOWED")
+    assert refused.headers["Allow"] == "GET, HEAD, POST"  # both apps' methods
     assert_error(dev_client.post("/api/tasks", json={}, headers=auth), 422, "VALIDATION_ERROR")
     assert_error(dev_client.get("/api/tasks"), 401, "UNAUTHORIZED")
+
+
+def test_serves_the_one_document_of_both_apis(dev_client: TestClient):
+    document = dev_client.get("/openapi.json")
+    assert document.status_code == 200
+    assert document.json() == json.loads(apidoc.DOCUMENT.read_text())
+    operations = {(m, p) for p, ops in document.json()["paths"].items() for m in ops}
+    assert {("get", "/api/tasks"), ("post", "/api/tasks"), ("put", "/api/tasks/{task_id}"),
+            ("patch", "/api/tasks/{task_id}/complete")} <= operations
+    assert "bearerAuth" in document.json()["components"]["securitySchemes"]
+    docs = dev_client.get("/docs")
+    assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
+    assert dev_client.head("/openapi.json").status_code == 200
