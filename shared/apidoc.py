@@ -32,7 +32,7 @@ _BOTH = frozenset({"/api/health", "/api/ready"})
 
 # One example envelope per error status a route documents (the messages are real ones).
 _ERROR_EXAMPLES: dict[str, tuple[str, str, Any]] = {
-    "401": ("UNAUTHORIZED", "Token has expired", None),
+    "401": ("UNAUTHORIZED", "Token expired", None),
     "403": ("FORBIDDEN", "You do not have access to this task", None),
     "404": ("NOT_FOUND", "Task not found", None),
     "409": ("CONFLICT", "The task is being changed by others; try again", None),
