@@ -6,13 +6,23 @@ Stored events are read through `shared.events`, in Python and in SQL. `--verify`
 checks the store (each task's versions run 1, 2, 3... without a gap; every event names
 its actor) and that the history read table agrees with it for every task, folding the
 events independently (`projections.verify`) in one snapshot with the checkpoint.
+
+It also prints a digest of the event store: SHA-256 over every event up to a sealed
+position (one no event can ever land before again), each event's order, identity,
+topic and stored bytes. The store only grows, so the digest of events up to a position
+never changes; given one recorded earlier (`--expect-digest`), `--verify` fails when it
+differs: an event before it was rewritten, removed or slipped in, which only the tables'
+owner (or a superuser) can do (docs/operations-append-only.md, "What the owner can still
+do").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -146,8 +156,14 @@ def _time(text: str | None) -> datetime | None:
 
 
 def audit_main(dsn: str, args: argparse.Namespace) -> int:
-    if args.verify:
-        report = asyncio.run(verify(dsn))
+    expected = getattr(args, "expect_digest", None)
+    if args.verify or expected:
+        try:
+            expect = None if expected is None else parse_digest(expected)
+        except ValueError as e:
+            print(f"taskctl audit: {e}", file=sys.stderr)
+            return 2
+        report = asyncio.run(verify(dsn, expect=expect))
         for line in report.lines():
             print(line, file=sys.stdout if report.ok else sys.stderr)
         return 0 if report.ok else 1
@@ -175,6 +191,36 @@ def export_main(dsn: str, user: str) -> int:
 # -- --verify --------------------------------------------------------------------------
 
 
+# The first statement of the snapshot: every transaction below its xmin had ended when
+# it was taken, so each of their events is in it, and no event can get an order before
+# the last of them again (new transaction ids are higher). Cluster-wide, so a long
+# transaction anywhere only makes the sealed prefix shorter.
+SEALED_BOUND = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_DIGEST = re.compile(r"^([0-9]+)\.([0-9]+):(?:sha256:)?([0-9a-f]{64})$")
+
+
+def format_digest(position: Position, digest: str) -> str:
+    """The token `--verify` prints and `--expect-digest` takes: `<position>:<sha256>`."""
+    return f"{position}:{digest}"
+
+
+def parse_digest(text: str) -> tuple[Position, str]:
+    match = _DIGEST.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a digest as `taskctl audit --verify` prints it"
+                         " (<position>:<64 hex digits>, e.g. 1234.56:9f86d0...)")
+    return Position(int(match[1]), int(match[2])), match[3]
+
+
+def _digest_update(digest: Any, tx: str, position: int, task_id: UUID, version: int,
+                   topic: str, state: bytes) -> None:
+    """One event into a digest: its order, identity and topic, then its stored bytes,
+    length-prefixed (no two different events feed the same bytes)."""
+    head = f"{tx}.{position} {task_id} {version} {topic} {len(state)}\n".encode()
+    digest.update(head)
+    digest.update(state)
+
+
 @dataclass
 class Report:
     events: int = 0
@@ -184,17 +230,33 @@ class Report:
     no_actor: list[str] = field(default_factory=list)
     undecodable: list[str] = field(default_factory=list)
     history: list[str] = field(default_factory=list)
+    # The digest of every event up to `sealed`, and how many those are.
+    sealed: Position | None = None
+    sealed_events: int = 0
+    digest: str = ""
+    # `--expect-digest`: what was recorded, and a line when the store no longer matches.
+    expected: tuple[Position, str] | None = None
+    tampered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.gaps or self.no_actor or self.undecodable or self.history)
+        return not (self.gaps or self.no_actor or self.undecodable or self.history
+                    or self.tampered)
 
     def lines(self, limit: int = 50) -> list[str]:
         out = [f"checked {self.events:,} events of {self.tasks:,} tasks; history read table"
                f" at checkpoint {self.position}"]
+        if self.sealed is not None:
+            out.append(f"event store digest {format_digest(self.sealed, self.digest)}"
+                       f" ({self.sealed_events:,} events up to position {self.sealed}); keep"
+                       " it outside the database and pass it as --expect-digest next time")
+        if self.expected is not None and not self.tampered:
+            out.append(f"the {self.expected[0]} digest recorded earlier matches")
         for title, items in (("version gaps", self.gaps), ("events without an actor",
                              self.no_actor), ("undecodable events", self.undecodable),
-                             ("history differs from the event store", self.history)):
+                             ("history differs from the event store", self.history),
+                             ("the event store differs from its recorded digest",
+                              self.tampered)):
             if items:
                 out.append(f"{title}: {len(items)}")
                 out.extend(f"  {item}" for item in items[:limit])
@@ -210,12 +272,19 @@ def _actor(state: bytes) -> str | None:
     return actor if isinstance(actor, str) and actor else None
 
 
-async def verify(dsn: str, tables: Tables = LIVE) -> Report:
-    report = Report()
+async def verify(
+    dsn: str, tables: Tables = LIVE, expect: tuple[Position, str] | None = None
+) -> Report:
+    """`expect`: a digest recorded earlier (`parse_digest`), checked against the store."""
+    report = Report(expected=expect)
     fold = Fold()
+    sealed_digest, expected_digest = hashlib.sha256(), hashlib.sha256()
+    expected_events = 0
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
+            sealed = await cp.head_below(conn, int(await conn.fetchval(SEALED_BOUND)))
+            report.sealed = sealed
             checkpoint = await cp.read_checkpoint(conn, tables)
             report.position = str(checkpoint)
             last_task: UUID | None = None
@@ -227,6 +296,13 @@ async def verify(dsn: str, tables: Tables = LIVE) -> Report:
             ):
                 position, task_id, version, topic, state, tx = row
                 report.events += 1
+                at = Position(int(tx), position)
+                if at <= sealed:
+                    _digest_update(sealed_digest, tx, position, task_id, version, topic, state)
+                    report.sealed_events += 1
+                if expect is not None and at <= expect[0]:
+                    _digest_update(expected_digest, tx, position, task_id, version, topic, state)
+                    expected_events += 1
                 if task_id != last_task:
                     last_task, expected_version = task_id, 1
                     report.tasks += 1
@@ -257,6 +333,12 @@ async def verify(dsn: str, tables: Tables = LIVE) -> Report:
                 sums[1] &= MASK
     finally:
         await conn.close()
+    report.digest = sealed_digest.hexdigest()
+    if expect is not None and expected_digest.hexdigest() != expect[1]:
+        report.tampered.append(
+            f"the {expected_events:,} events up to position {expect[0]} no longer hash to the"
+            f" digest recorded: an event before it was rewritten, removed or added (only the"
+            " tables' owner or a superuser can: docs/operations-append-only.md)")
     for task_id in sorted(set(fold.task_history) | set(actual), key=str):
         want = fold.task_history.get(task_id, [0, 0])
         have = actual.get(task_id, [0, 0])

@@ -110,12 +110,12 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
 
 
 def cmd_db_init(_: argparse.Namespace) -> None:
-    from taskctl.dbinit import TransactionCounterBehind, init_database
+    from taskctl.dbinit import InitRefused, init_database
 
     settings = _settings(require_auth=False)
     try:
         init_database(settings)
-    except TransactionCounterBehind as e:
+    except InitRefused as e:  # a restored store ahead of the cluster, a role unsafe...
         sys.exit(f"taskctl db init: refusing: {e}")
     print("database initialised")
 
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--verify", action="store_true",
                        help="check versions, actors and the history read table; exit 1 on a"
                             " difference")
+    audit.add_argument("--expect-digest", metavar="POSITION:SHA256",
+                       help="with --verify (implied): a digest an earlier --verify printed;"
+                            " exit 1 if the events up to its position no longer hash to it")
     audit.set_defaults(func=cmd_audit)
 
     openapi = sub.add_parser(

@@ -1,15 +1,33 @@
-"""`taskctl db init`: every table the service needs, created once, explicitly.
+"""`taskctl db init`: every table the service needs, created once, explicitly, and the
+roles the processes connect as, each granted only what its code does.
 
 Processes never create tables at start-up (concurrent creation fails intermittently)."""
 
 from __future__ import annotations
 
-import psycopg
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
 
-from projections.manifest import ddl
-from shared.catalog import DDL_LOCK, EVENTS_TABLE, LIVE, Tables
+import psycopg
+from psycopg import sql
+
+from projections.manifest import ddl, table_names
+from projections.replay import VERSIONS_DDL
+from shared.catalog import (
+    DDL_LOCK,
+    EVENTS_TABLE,
+    IDEMPOTENCY_TABLE,
+    LIVE,
+    VERSIONS_TABLE,
+    Tables,
+)
 from shared.eventstore import create_schema
-from shared.settings import Settings
+from shared.settings import MAKE_A_SECRET, Settings, weak_secret
 
 APPEND_ONLY_FUNCTION = "taskservice_events_append_only"
 APPEND_ONLY_MESSAGE = "the event store is append-only"
@@ -37,7 +55,11 @@ APPEND_ONLY_DDL = (
 )
 
 
-class TransactionCounterBehind(RuntimeError):
+class InitRefused(RuntimeError):
+    """`db init` cannot do its job safely; the message says why and what to do."""
+
+
+class TransactionCounterBehind(InitRefused):
     """The cluster's transaction counter is behind the stored events' tx_id values
     (a restore into a new cluster): new events would sort before old ones."""
 
@@ -79,11 +101,15 @@ def check_transaction_counter(settings: Settings) -> None:
         )
 
 
-def init_database(settings: Settings) -> None:
+def init_database(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Everything, idempotently; the role passwords come from `environ` (default the
+    process's environment, `PASSWORD_VARIABLES`). Raises `InitRefused`."""
     check_transaction_counter(settings)
+    role_passwords(settings, os.environ if environ is None else environ)  # refuse early
     create_schema(settings)
     _make_events_append_only(settings)
     create_read_tables(settings.require_database_url())
+    grant_roles(settings, environ)
 
 
 def create_read_tables(url: str, tables: Tables = LIVE) -> None:
@@ -94,6 +120,8 @@ def create_read_tables(url: str, tables: Tables = LIVE) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         for statement in ddl(tables):
             conn.execute(statement)
+        if tables == LIVE:
+            conn.execute(VERSIONS_DDL)
 
 
 def _make_events_append_only(settings: Settings) -> None:
@@ -102,3 +130,168 @@ def _make_events_append_only(settings: Settings) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         for statement in APPEND_ONLY_DDL:
             conn.execute(statement)
+
+
+# -- least privilege -------------------------------------------------------------------
+#
+# `db init` runs as the tables' owner; the processes connect as these roles, which can
+# do what their code does and nothing else (docs/operations.md, "Database roles"). None
+# owns a table, so none can ALTER, DROP, disable a trigger or grant; and no role is
+# granted UPDATE, DELETE or TRUNCATE on the events. Replay renames and drops tables,
+# which only an owner may: it runs as the owner and carries these grants over to the
+# tables it builds (`projections.replay._copy_privileges`).
+
+COMMAND_ROLE = "taskservice_command"
+PROJECTOR_ROLE = "taskservice_projector"
+QUERY_ROLE = "taskservice_query"
+ROLES = (COMMAND_ROLE, PROJECTOR_ROLE, QUERY_ROLE)
+# Set, db init gives the role this password (compose does, from .env); unset, the role
+# has none and logs in only where pg_hba.conf trusts it (or the operator sets one).
+PASSWORD_VARIABLES = {
+    COMMAND_ROLE: "COMMAND_DB_PASSWORD",
+    PROJECTOR_ROLE: "PROJECTOR_DB_PASSWORD",
+    QUERY_ROLE: "QUERY_DB_PASSWORD",
+}
+ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+
+# The command API names these four columns in every INSERT (`command_api.store`): the
+# order columns (notification_id, tx_id) always take their defaults, so even the command
+# role cannot place an event before ones already projected.
+EVENT_INSERT_COLUMNS = ("originator_id", "originator_version", "topic", "state")
+READ_WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+Grants = dict[str, dict[str, tuple[str, ...]]]
+
+
+def grants(t: Tables = LIVE) -> Grants:
+    """Table -> role -> privileges, for every table `db init` makes (an empty mapping:
+    the owner's alone). The read tables come from the manifest, so a new read model is
+    granted like the others; any other new table must be added here (a test fails on a
+    table of `shared.catalog`, or of an initialised database, that is missing)."""
+    read_tables: Grants = {
+        name: {PROJECTOR_ROLE: READ_WRITE, QUERY_ROLE: ("SELECT",)} for name in table_names(t)
+    }
+    return {
+        EVENTS_TABLE: {
+            COMMAND_ROLE: ("SELECT", f"INSERT ({', '.join(EVENT_INSERT_COLUMNS)})"),
+            PROJECTOR_ROLE: ("SELECT",),
+            QUERY_ROLE: ("SELECT",),  # the query API's lag: the oldest unprojected event
+        },
+        # Written with the events; DELETE for the purge of expired keys.
+        IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "DELETE")},
+        # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.
+        t.checkpoints: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
+        VERSIONS_TABLE: {},  # written and read by replay and status, as the owner
+        **read_tables,
+    }
+
+
+def scram_verifier(password: str, *, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802/7677):
+    `ALTER ROLE ... PASSWORD` given the verifier stores it as is, so the password itself
+    never reaches the server or its statement log. (SASLprep is the identity for the
+    ASCII passwords this is meant for.)"""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    salt_text, stored, server = (base64.b64encode(b).decode()
+                                 for b in (salt, stored_key, server_key))
+    return f"SCRAM-SHA-256${iterations}:{salt_text}${stored}:{server}"
+
+
+def role_passwords(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The passwords set for the roles in `environ`; in production, a weak one refuses."""
+    passwords = {}
+    for role, variable in PASSWORD_VARIABLES.items():
+        password = environ.get(variable, "")
+        if not password:
+            continue
+        if settings.environment == "production" and (why := weak_secret(password)):
+            raise InitRefused(f"{variable} {why}; {MAKE_A_SECRET}. Nothing was changed.")
+        passwords[role] = password
+    return passwords
+
+
+def grant_roles(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Create the roles (if missing; idempotent, safe beside a concurrent run in another
+    database of the cluster), set the passwords `environ` gives, and make each role's
+    privileges exactly `grants()`: every earlier privilege of theirs on these tables and
+    their sequences is revoked first, in the same transaction."""
+    passwords = role_passwords(settings, os.environ if environ is None else environ)
+    with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
+        for role in ROLES:
+            _create_role(conn, role)
+        for role, password in passwords.items():
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(role), sql.Literal(scram_verifier(password))))
+            except psycopg.errors.InsufficientPrivilege as e:
+                raise InitRefused(
+                    f"cannot set the password of role {role} ({e.diag.message_primary}):"
+                    " run db init as a role with CREATEROLE, or unset"
+                    f" {PASSWORD_VARIABLES[role]} and set it yourself. Nothing was changed."
+                ) from None
+        schema = sql.Identifier(_one(conn, "SELECT current_schema()"))
+        roles = sql.SQL(", ").join(map(sql.Identifier, ROLES))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, roles))
+        for table, by_role in grants().items():
+            sequences = [r[0] for r in conn.execute(OWNED_SEQUENCES, (table,)).fetchall()]
+            ident = sql.Identifier(table)
+            conn.execute(sql.SQL("REVOKE ALL ON TABLE {} FROM {}").format(ident, roles))
+            for seq in sequences:
+                conn.execute(sql.SQL("REVOKE ALL ON SEQUENCE {} FROM {}").format(
+                    sql.Identifier(seq), roles))
+            for role, privileges in by_role.items():
+                conn.execute(sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                    sql.SQL(", ").join(map(sql.SQL, privileges)), ident, sql.Identifier(role)))
+                if any(p.startswith("INSERT") for p in privileges):
+                    for seq in sequences:  # nextval() only: USAGE, never UPDATE (setval)
+                        conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
+                            sql.Identifier(seq), sql.Identifier(role)))
+
+
+# The sequences of a table's serial and identity columns (nextval on INSERT).
+OWNED_SEQUENCES = (
+    "SELECT s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid"
+    " WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass"
+    " AND d.refobjid = %s::regclass AND d.deptype IN ('a', 'i') AND s.relkind = 'S'"
+    " ORDER BY s.relname"
+)
+# A concurrent `db init` in another database may create the same role first: it is a
+# cluster-wide name, and the advisory lock above is per database.
+_CREATE_ROLE = (
+    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {name}) THEN"
+    " CREATE ROLE {role} " + ROLE_ATTRIBUTES + "; END IF;"
+    " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+)
+
+
+def _create_role(conn: psycopg.Connection[Any], role: str) -> None:
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL(_CREATE_ROLE).format(name=sql.Literal(role),
+                                                      role=sql.Identifier(role)))
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise InitRefused(
+            f"cannot create role {role} ({e.diag.message_primary}): run db init as a role"
+            f" with CREATEROLE, or have an administrator run `CREATE ROLE {role}"
+            f" {ROLE_ATTRIBUTES}` first (docs/operations.md, 'Database roles')."
+        ) from None
+    unsafe = conn.execute(
+        "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (role,)
+    ).fetchone()
+    if unsafe and unsafe[0]:
+        raise InitRefused(
+            f"role {role} is a superuser or bypasses row security, so no grant limits it:"
+            f" `ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS`, then run db init again."
+        )
+
+
+def _one(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]

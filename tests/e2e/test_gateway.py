@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from tests.support.compose import (
     nginx_for_test,
     service_environment,
 )
+from taskctl.dbinit import PASSWORD_VARIABLES, ROLES
 from tests.support.process import Proc, free_port, require_binary
 
 pytestmark = pytest.mark.slow
@@ -39,10 +41,24 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
 
 
+# What .env gives compose. The role passwords go unused: the test server trusts
+# 127.0.0.1, so each service connects as the role compose names without one.
+COMPOSE_ENV = {"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET,
+               **{variable: "unused-here" for variable in PASSWORD_VARIABLES.values()}}
+
+
 def process_env(service: dict, database_url: str, **extra: str) -> dict[str, str]:
     env = service_environment(service)
     assert "@postgres:5432/" in env["DATABASE_URL"]  # the compose host, mapped below
-    env["DATABASE_URL"] = database_url
+    user = urlsplit(env["DATABASE_URL"]).username
+    if user in ROLES:  # as compose connects it; init as the test server's owner
+        parts = urlsplit(database_url)
+        netloc = f"{user}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        env["DATABASE_URL"] = urlunsplit(parts._replace(netloc=netloc))
+    else:
+        env["DATABASE_URL"] = database_url
+    for variable in PASSWORD_VARIABLES.values():
+        env.pop(variable, None)  # so db init sets none
     return {"PATH": os.environ.get("PATH", ""), **env, **extra}
 
 
@@ -69,7 +85,7 @@ def healthcheck(service: dict, port: int, env: dict[str, str]) -> subprocess.Com
 def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = require_binary("nginx", "/usr/sbin/nginx")
     tmp = tmp_path_factory.mktemp("gateway")
-    compose = load_compose({"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET})
+    compose = load_compose(COMPOSE_ENV)
     services = compose["services"]
     url = pg_server.create_database("taskservice_gateway")
     stack = Stack(gateway="", ports={name: free_port() for name in APIS},
@@ -115,7 +131,7 @@ def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_compose_health_checks_pass_against_the_running_services(stack: Stack):
-    compose = load_compose({"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET})
+    compose = load_compose(COMPOSE_ENV)
     env = {"PATH": os.environ.get("PATH", "")}
     for name in APIS:
         result = healthcheck(compose["services"][name], stack.ports[name], env)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -16,6 +17,15 @@ from taskctl.cli import (
     cmd_db_init,
     cmd_projector,
     cmd_query_api,
+)
+from taskctl.dbinit import (
+    COMMAND_ROLE,
+    PASSWORD_VARIABLES,
+    PROJECTOR_ROLE,
+    QUERY_ROLE,
+    ROLES,
+    InitRefused,
+    role_passwords,
 )
 from tests.support.compose import (
     COMPOSE,
@@ -33,6 +43,11 @@ from tests.support.compose import (
 # (HOST, PORT) and uvicorn (FORWARDED_ALLOW_IPS).
 PROCESS_VARIABLES = {"HOST", "PORT", "FORWARDED_ALLOW_IPS"}
 POSTGRES_IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+# Read by `taskctl db init` only: the roles' passwords.
+INIT_VARIABLES = set(PASSWORD_VARIABLES.values())
+# Who each service connects as: init as the tables' owner, the others as their role.
+SERVICE_ROLES = {"command-api": COMMAND_ROLE, "projector": PROJECTOR_ROLE,
+                 "query-api": QUERY_ROLE}
 TASKCTL_SERVICES = {
     "init": cmd_db_init,
     "command-api": cmd_command_api,
@@ -54,7 +69,8 @@ def env_example() -> dict[str, str]:
 def production_env() -> dict[str, str]:
     """.env.example as an operator would fill it in."""
     return {**env_example(), "POSTGRES_PASSWORD": secrets.token_hex(32),
-            "BETTER_AUTH_SECRET": secrets.token_urlsafe(48)}
+            "BETTER_AUTH_SECRET": secrets.token_urlsafe(48),
+            **{variable: secrets.token_hex(32) for variable in INIT_VARIABLES}}
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +93,39 @@ def test_each_command_is_a_taskctl_command(compose: dict, name: str):
 @pytest.mark.parametrize("name", sorted(TASKCTL_SERVICES))
 def test_each_variable_is_a_real_setting_and_valid(compose: dict, name: str):
     env = service_environment(compose["services"][name])
-    unknown = set(env) - SETTING_NAMES - PROCESS_VARIABLES
+    unknown = set(env) - SETTING_NAMES - PROCESS_VARIABLES - (
+        INIT_VARIABLES if name == "init" else set())
     assert not unknown, f"{name} sets variables no process reads: {sorted(unknown)}"
     # The values compose gives them pass the same validation the process runs at start.
     api = name in ("command-api", "query-api")
     settings = Settings.from_env(env, require_auth=api)
     assert settings.environment == "production"
     assert settings.database_url and "@postgres:5432/" in settings.database_url
+
+
+def test_each_service_connects_as_its_role(compose: dict):
+    services = compose["services"]
+    owner = urlsplit(service_environment(services["init"])["DATABASE_URL"])
+    assert owner.username == service_environment(services["postgres"])["POSTGRES_USER"]
+    assert owner.username not in ROLES
+    passwords = {}
+    for name, role in SERVICE_ROLES.items():
+        url = urlsplit(service_environment(services[name])["DATABASE_URL"])
+        assert url.username == role, name
+        assert (url.hostname, url.port, url.path) == (owner.hostname, owner.port, owner.path)
+        passwords[role] = url.password
+    # ... with the password init gives the role (and production accepts it).
+    init_env = service_environment(services["init"])
+    assert role_passwords(Settings.from_env(init_env, require_auth=False), init_env) == passwords
+    assert set(SERVICE_ROLES.values()) == set(ROLES)
+
+
+def test_the_shipped_role_passwords_are_refused_in_production():
+    env = {**env_example(), "BETTER_AUTH_SECRET": secrets.token_urlsafe(48)}
+    compose = load_compose({**env, "POSTGRES_PASSWORD": secrets.token_hex(32)})
+    init_env = service_environment(compose["services"]["init"])
+    with pytest.raises(InitRefused, match="COMMAND_DB_PASSWORD"):
+        role_passwords(Settings.from_env(init_env, require_auth=False), init_env)
 
 
 def test_postgres_service(compose: dict):
@@ -137,7 +179,12 @@ def test_no_secret_in_the_file():
     with pytest.raises(MissingVariable, match="POSTGRES_PASSWORD"):
         load_compose({})
     assert re.search(r"POSTGRES_PASSWORD:\s*\$\{POSTGRES_PASSWORD:\?", text)
-    for name in ("BETTER_AUTH_SECRET", "POSTGRES_PASSWORD"):
+    for variable in INIT_VARIABLES:  # required wherever used: never an empty password
+        with pytest.raises(MissingVariable, match=variable):
+            load_compose({k: v for k, v in production_env().items() if k != variable})
+        uses = re.findall(rf"\$\{{{variable}([^}}]*)\}}", text)
+        assert uses and all(u.startswith(":?") for u in uses), variable
+    for name in ("BETTER_AUTH_SECRET", "POSTGRES_PASSWORD", *INIT_VARIABLES):
         for value in re.findall(rf"^\s*{name}:\s*(\S+)", text, re.MULTILINE):
             assert value.startswith("${"), f"{name} has a literal value in compose.yaml"
 
