@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from taskctl.dev import create_dev_app
 from tests.support import TEST_SECRET, new_user
 from tests.support.live import serve
 from tests.support.node import node, node_modules
+from tests.support.process import Proc, free_port
 
 pytestmark = pytest.mark.slow
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "frontend.md"
@@ -157,3 +159,133 @@ def test_the_guides_fetch_wrapper_works_against_the_live_service(
     assert out["unauthorized"]["status"] == 401
     assert out["unauthorized"]["detail"] == "Token expired"
     assert out["signedOut"] == 1
+
+
+AUTH_SERVER = r"""
+import { createServer } from "node:http";
+import { betterAuth } from "better-auth";
+import { memoryAdapter } from "better-auth/adapters/memory";
+import { jwt } from "better-auth/plugins";
+import { toNodeHandler } from "better-auth/node";
+
+const port = Number(process.env.PORT);
+export const auth = betterAuth({
+  baseURL: `http://127.0.0.1:${port}`,
+  secret: process.env.AUTH_SECRET,
+  database: memoryAdapter({ user: [], session: [], account: [], verification: [], jwks: [] }),
+  emailAndPassword: { enabled: true },
+  plugins: [jwt()],  // as the guide's lib/auth.ts
+  telemetry: { enabled: false },
+});
+createServer(toNodeHandler(auth)).listen(port, "127.0.0.1");
+"""
+
+# A signed-in browser, in Node: Better Auth's client with the guide's jwtClient(), its
+# cookies kept by a small jar (and Origin sent, as a browser sends it).
+AUTH_DRIVER = r"""
+import { createAuthClient } from "better-auth/client";
+import { jwtClient } from "better-auth/client/plugins";
+import { createTasksApi } from "./out/tasks-api.js";
+
+const authUrl = process.env.AUTH_URL, apiBase = process.env.API_BASE;
+const jar = new Map();
+async function browserFetch(input, init = {}) {
+  const headers = new Headers(init.headers);
+  headers.set("origin", authUrl);
+  if (jar.size) headers.set("cookie", [...jar].map(([k, v]) => `${k}=${v}`).join("; "));
+  const response = await fetch(input, { ...init, headers });
+  for (const cookie of response.headers.getSetCookie()) {
+    const [pair] = cookie.split(";");
+    jar.set(pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1));
+  }
+  return response;
+}
+const authClient = createAuthClient({
+  baseURL: authUrl, plugins: [jwtClient()], fetchOptions: { customFetchImpl: browserFetch },
+});
+const signedUp = await authClient.signUp.email(
+  { email: "guide@example.com", password: "correct horse battery staple", name: "Guide" });
+if (signedUp.error) throw new Error(JSON.stringify(signedUp.error));
+
+// The guide's lib/tasks.ts: a token from authClient.token() on every call.
+const tasksApi = createTasksApi(apiBase, async () => (await authClient.token()).data?.token ?? null);
+const created = await tasksApi.create({ title: "Signed in with Better Auth" });
+const listed = await tasksApi.list();
+
+// The two other ways: the set-auth-jwt header of getSession, GET /api/auth/token.
+let headerJwt = null;
+const session = await authClient.getSession({ fetchOptions: {
+  onSuccess: (ctx) => { headerJwt = ctx.response.headers.get("set-auth-jwt"); } } });
+const raw = await (await browserFetch(`${authUrl}/api/auth/token`)).json();
+const statuses = [];
+for (const token of [headerJwt, raw.token]) {
+  const r = await fetch(`${apiBase}/api/stats`, { headers: { Authorization: `Bearer ${token}` } });
+  statuses.push(r.status);
+}
+const [header, payload] = raw.token.split(".").slice(0, 2)
+  .map((part) => JSON.parse(Buffer.from(part, "base64url").toString()));
+console.log(JSON.stringify({ user: session.data.user.id, created, titles: listed.tasks.map((t) => t.title),
+                             statuses, alg: header.alg, iss: payload.iss, aud: payload.aud,
+                             ttl: payload.exp - payload.iat }));
+"""
+
+BROWSER_PROJECT = {
+    "compilerOptions": {
+        "strict": True, "target": "ES2022", "module": "ESNext", "moduleResolution": "Bundler",
+        "lib": ["ES2022", "DOM", "DOM.Iterable"], "types": ["node"], "skipLibCheck": True,
+        "noEmit": True, "paths": {"@/lib/*": ["./lib/*"]},
+    },
+    "include": ["lib"],
+}
+
+
+def test_the_guides_better_auth_set_up_type_checks_and_its_tokens_work(
+    settings: Settings, tmp_path: Path
+):
+    """The guide's lib/auth.ts, lib/auth-client.ts and lib/tasks.ts type-check against the
+    real better-auth package (a Next.js-like project); then a real Better Auth server with
+    the guide's jwt() plugin signs a user up, and its tokens (authClient.token(), the
+    set-auth-jwt header, GET /api/auth/token) work on the service configured as the guide
+    says: BETTER_AUTH_URL, with JWT_ISSUER and JWT_AUDIENCE its base URL."""
+    modules = node_modules()
+    (tmp_path / "node_modules").symlink_to(modules)
+    (tmp_path / "package.json").write_text('{"type": "module"}\n')
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("auth.ts", "auth-client.ts", "tasks-api.ts", "tasks.ts"):
+        (lib / name).write_text(guide_block(name))
+    (tmp_path / "tsconfig.json").write_text(json.dumps(BROWSER_PROJECT))
+    tsc = [node(), str(modules / "typescript" / "bin" / "tsc")]
+    checked = subprocess.run([*tsc, "-p", "."], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=180)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG | {"files": ["lib/tasks-api.ts"]}))
+    built = subprocess.run([*tsc, "-p", ".", "--rootDir", "lib"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stdout + built.stderr
+
+    (tmp_path / "auth-server.mjs").write_text(AUTH_SERVER)
+    (tmp_path / "driver.mjs").write_text(AUTH_DRIVER)
+    port = free_port()
+    auth_url = f"http://127.0.0.1:{port}"
+    server = Proc([node(), "auth-server.mjs"], tmp_path / "auth.log",
+                  {**os.environ, "PORT": str(port), "AUTH_SECRET": secrets.token_urlsafe(32)},
+                  cwd=tmp_path)
+    try:
+        server.wait_http(f"{auth_url}/api/auth/jwks")
+        service = settings.model_copy(update={
+            "better_auth_secret": None, "better_auth_url": auth_url,
+            "jwt_issuer": auth_url, "jwt_audience": auth_url})
+        with serve(create_dev_app(service)) as base:
+            ran = subprocess.run([node(), "driver.mjs"], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=120,
+                                 env={**os.environ, "AUTH_URL": auth_url, "API_BASE": base})
+    finally:
+        server.stop()
+    assert ran.returncode == 0, ran.stdout + ran.stderr + server.output()
+    out = json.loads(ran.stdout)
+    assert out["created"]["user_id"] == out["user"]  # sub: the Better Auth user id
+    assert out["titles"] == ["Signed in with Better Auth"]
+    assert out["statuses"] == [200, 200]
+    assert (out["alg"], out["iss"], out["aud"]) == ("EdDSA", auth_url, auth_url)
+    assert out["ttl"] == 15 * 60  # the guide's "15 minutes"

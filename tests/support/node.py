@@ -20,6 +20,10 @@ PACKAGES = {
     "openapi-fetch": "0.17.0",
     "swagger-ui-dist": "5.35.0",
     "@types/node": "20.19.25",
+    # docs/frontend.md's Better Auth set-up, type-checked and run for real.
+    "better-auth": "1.7.25",
+    "react": "19.3.1",
+    "@types/react": "19.3.3",
 }
 
 
