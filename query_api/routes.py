@@ -30,7 +30,42 @@ router = APIRouter(prefix="/api", tags=["queries"])
 ReadResponses: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 422, 503)
 
 
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(route: Any) -> frozenset[str]:
+    """The query parameter names `route` declares (a query model's fields included)."""
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        found: set[str] = set()
+        pending = [route.dependant]
+        while pending:  # the route's own parameters and its dependencies'
+            dependant = pending.pop()
+            pending.extend(dependant.dependencies)
+            for param in dependant.query_params:
+                annotation = param.field_info.annotation
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                    found.update(f.alias or n for n, f in annotation.model_fields.items())
+                else:
+                    found.add(param.alias)
+        names = _QUERY_NAMES[id(route)] = frozenset(found)
+    return names
+
+
 async def reader(request: Request) -> Reader:
+    """The request's reader, once its query names are known ones: a misspelt filter
+    (`serach=`, `skip=`) is a 422 naming the accepted parameters, on every query route,
+    rather than an answer that silently ignores it."""
+    route = request.scope.get("route")
+    if route is not None and request.query_params:
+        accepted = _query_names(route)
+        unknown = sorted(set(request.query_params.keys()) - accepted)
+        if unknown:
+            listed = ", ".join(sorted(accepted)) or "none"
+            raise ValidationFailed(
+                "Unknown query parameter", details={
+                    name[:64]: f"unknown query parameter; accepted: {listed}"
+                    for name in unknown[:10]})
     return await request.app.state.open_reader()
 
 

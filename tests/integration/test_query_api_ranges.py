@@ -341,3 +341,21 @@ def test_zz_the_properties_reached_sql_and_refusals_alike() -> None:
     if not CALLS:
         pytest.skip("the properties did not run")
     assert CALLS.get("200", 0) > EXAMPLES // 4 and CALLS.get("422", 0) > EXAMPLES // 4, CALLS
+
+
+@pytest.mark.parametrize("path, params", [
+    ("/api/tasks", {"search": "milk"}),
+    ("/api/tasks", {"skip": "10", "limit": "5"}),
+    ("/api/stats", {"verbose": "1"}),
+    ("/api/history", {"page": "2"}),
+])
+def test_an_unknown_query_parameter_name_is_a_422_naming_the_accepted_ones(
+        query_client, path, params):
+    response = query_client.get(path, params=params, headers=bearer(new_user()))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    unknown = next(name for name in params if name != "limit")
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert "accepted: " in body["error"]["details"][unknown]
+    assert "min_position" in body["error"]["details"][unknown]
+    assert body["detail"] == "Unknown query parameter"
