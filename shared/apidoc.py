@@ -115,11 +115,22 @@ def merge(command: dict[str, Any], query: dict[str, Any], *, version: str) -> di
     }
 
 
+# Status phrases that differ between Pythons: (older names..., RFC 9110's, which we use).
+_OLD_PHRASES: dict[str, tuple[str, ...]] = {
+    "413": ("Request Entity Too Large", "Content Too Large"),
+    "422": ("Unprocessable Entity", "Unprocessable Content"),
+}
+
+
 def _document(op: dict[str, Any]) -> None:
     responses = op.get("responses", {})
     if "401" in responses:
         op["security"] = [{SECURITY_SCHEME: []}]
     for status, response in responses.items():
+        if status.isdigit() and response.get("description") in _OLD_PHRASES.get(status, ()):
+            # FastAPI takes the phrase from the running Python's http.HTTPStatus, which
+            # renamed 413 and 422 in 3.13 (RFC 9110): one document on every Python.
+            response["description"] = _OLD_PHRASES[status][-1]
         example = _ERROR_EXAMPLES.get(status)
         content = response.get("content", {}).get("application/json")
         if example is None or content is None:
