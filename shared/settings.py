@@ -78,7 +78,14 @@ def weak_secret(secret: str) -> str | None:
         )
     return None
 
-_ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$")
+# scheme://host[:port]: a DNS name or an IP literal (nothing nginx or a header could
+# read as syntax: the gateway's config gets the list too, deploy/nginx.conf).
+_ORIGIN = re.compile(
+    r"^https?://(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?/?$"
+)
+# A request header name as a frontend sends it (RFC 9110 token, less its rare symbols).
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SettingsError(Exception):
@@ -121,6 +128,9 @@ class Settings(BaseModel):
     # Browser origins allowed to call the APIs with credentials, comma-separated
     # (scheme://host[:port]); empty: no cross-origin access. Never "*".
     cors_origins: str = ""
+    # Request headers preflights allow besides the API's own and the tracing ones
+    # (shared/cors.py), comma-separated names; "*" is refused.
+    cors_allow_headers_extra: str = ""
     # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -149,6 +159,26 @@ class Settings(BaseModel):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @field_validator("cors_allow_headers_extra")
+    @classmethod
+    def _check_header_names(cls, value: str) -> str:
+        for name in (n.strip() for n in value.split(",") if n.strip()):
+            if "*" in name:
+                raise ValueError(
+                    "CORS_ALLOW_HEADERS_EXTRA must name headers explicitly ('*' is not a"
+                    " wildcard for requests with credentials)"
+                )
+            if not _HEADER_NAME.match(name):
+                raise ValueError(
+                    f"CORS_ALLOW_HEADERS_EXTRA: {name!r} is not a header name like"
+                    " x-client-version (letters, digits, '-', '_', '.')"
+                )
+        return value
+
+    @property
+    def cors_allow_headers_extra_list(self) -> list[str]:
+        return [n.strip().lower() for n in self.cors_allow_headers_extra.split(",") if n.strip()]
 
     @model_validator(mode="after")
     def _check_auth(self, info: ValidationInfo) -> Settings:

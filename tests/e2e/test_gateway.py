@@ -13,15 +13,17 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 
 from shared import apidoc
+from shared.settings import Settings
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.compose import (
-    NGINX_CONF,
+    gateway_conf,
     load_compose,
     nginx_for_test,
     service_environment,
@@ -43,7 +45,10 @@ class Stack:
 
 # What .env gives compose. The role passwords go unused: the test server trusts
 # 127.0.0.1, so each service connects as the role compose names without one.
+ORIGIN = "https://app.example.com"  # a frontend on another origin
 COMPOSE_ENV = {"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET,
+               "CORS_ORIGINS": f"http://127.0.0.1:5173, {ORIGIN}/",
+               "CORS_ALLOW_HEADERS_EXTRA": "X-Client-Version",
                **{variable: "unused-here" for variable in PASSWORD_VARIABLES.values()}}
 
 
@@ -81,6 +86,18 @@ def healthcheck(service: dict, port: int, env: dict[str, str]) -> subprocess.Com
     return subprocess.run([sys.executable, *args], env=env, timeout=10, capture_output=True)
 
 
+def start_gateway(nginx: str, prefix: Path, upstreams: dict[str, int]) -> tuple[Proc, str]:
+    """nginx on deploy/nginx.conf as the gateway container renders it from COMPOSE_ENV,
+    in front of `upstreams` (service name -> port on 127.0.0.1)."""
+    listen = free_port()
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_for_test(gateway_conf(COMPOSE_ENV), prefix, listen, upstreams))
+    proc = Proc([nginx, "-p", str(prefix), "-c", str(conf), "-e", "stderr"],
+                prefix.parent / f"{prefix.name}.log")
+    return proc, f"http://127.0.0.1:{listen}"
+
+
 @pytest.fixture(scope="module")
 def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = require_binary("nginx", "/usr/sbin/nginx")
@@ -107,14 +124,7 @@ def stack(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -
             stack.procs[f"projector-{i}"] = Proc(taskctl(services["projector"]["command"]),
                                                  tmp / f"projector-{i}.log", env)
 
-        listen = free_port()
-        prefix = tmp / "nginx"
-        prefix.mkdir()
-        conf = prefix / "nginx.conf"
-        conf.write_text(nginx_for_test(NGINX_CONF.read_text(), prefix, listen, stack.ports))
-        stack.procs["nginx"] = Proc([nginx, "-p", str(prefix), "-c", str(conf), "-e", "stderr"],
-                                    tmp / "nginx.log")
-        stack.gateway = f"http://127.0.0.1:{listen}"
+        stack.procs["nginx"], stack.gateway = start_gateway(nginx, tmp / "nginx", stack.ports)
 
         for name in APIS:
             stack.procs[name].wait_http(f"http://127.0.0.1:{stack.ports[name]}/api/health")
@@ -178,6 +188,97 @@ def test_a_body_over_max_body_bytes_gets_413_in_the_envelope(stack: Stack):
                       json={"title": "x", "description": "y" * 60_000})
     assert near.status_code == 422, near.text
     assert "description" in near.json()["error"]["details"]
+
+
+def cors_headers(response: httpx.Response) -> dict[str, list[str]]:
+    return {name: response.headers.get_list(name) for name in response.headers
+            if name.startswith("access-control-")}
+
+
+def names(values: list[str]) -> set[str]:
+    return {n.strip().lower() for v in values for n in v.split(",")}
+
+
+def test_the_gateways_own_answers_carry_the_apis_cors_headers(stack: Stack):
+    origin = {"Origin": ORIGIN}
+    with httpx.Client(base_url=stack.gateway, timeout=10) as client:
+        api = client.get("/api/tasks", headers={**origin, **bearer(new_user())})
+        own = {
+            413: client.post("/api/tasks", content=b"{" + b" " * 100_000 + b"}",
+                             headers={**origin, **bearer(new_user()),
+                                      "Content-Type": "application/json"}),
+            404: client.get("/metrics", headers=origin),
+        }
+        assert api.status_code == 200, api.text
+        assert cors_headers(api)["access-control-allow-origin"] == [ORIGIN]  # the API's, once
+        for status, response in own.items():
+            assert response.status_code == status, response.text
+            assert response.json()["error"]["code"] in ("PAYLOAD_TOO_LARGE", "NOT_FOUND")
+            headers = cors_headers(response)
+            assert headers["access-control-allow-origin"] == [ORIGIN], status
+            assert headers["access-control-allow-credentials"] == ["true"]
+            assert names(headers["access-control-expose-headers"]) == names(
+                cors_headers(api)["access-control-expose-headers"])
+            assert "origin" in response.headers["vary"].lower()
+        # The other listed origin gets its own echoed; one not listed gets no CORS at all.
+        other = client.get("/metrics", headers={"Origin": "http://127.0.0.1:5173"})
+        assert other.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+        for evil in ("https://evil.example.net", "https://app.example.com.evil.net",
+                     "https://app.example.co", "null"):
+            refused = client.get("/metrics", headers={"Origin": evil})
+            assert refused.status_code == 404
+            assert cors_headers(refused) == {}, evil
+
+
+def test_while_an_api_is_down_a_page_still_reads_the_503(stack: Stack, tmp_path: Path):
+    """A gateway whose APIs do not answer: it approves an allowed origin's preflight
+    itself (the same lists as the API's), so the request then reads the 503 envelope."""
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, traceparent,"
+                                                   " x-client-version"}
+    up = httpx.options(f"{stack.gateway}/api/tasks", headers=preflight, timeout=10)
+    assert up.status_code == 200, up.text  # answered by the command API
+    nginx = require_binary("nginx", "/usr/sbin/nginx")
+    dead = {name: free_port() for name in APIS}  # nothing listens there
+    proc, gateway = start_gateway(nginx, tmp_path / "nginx", dead)
+    try:
+        proc.wait_http(f"{gateway}/healthz")
+        down = httpx.options(f"{gateway}/api/tasks", headers=preflight, timeout=10)
+        assert down.status_code == 204
+        assert down.headers["access-control-allow-origin"] == ORIGIN
+        assert down.headers["access-control-allow-credentials"] == "true"
+        safelisted = {"accept", "accept-language", "content-language"}  # Starlette lists them
+        for header in ("access-control-allow-headers", "access-control-allow-methods"):
+            got = names(down.headers.get_list(header))
+            assert got == names(up.headers.get_list(header)) - safelisted, header
+        assert {"traceparent", "x-client-version"} <= names(
+            down.headers.get_list("access-control-allow-headers"))
+        for method in ("GET", "POST"):
+            response = httpx.request(method, f"{gateway}/api/tasks", timeout=10,
+                                     headers={"Origin": ORIGIN, **bearer(new_user())},
+                                     json={"title": "x"} if method == "POST" else None)
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            assert response.headers["access-control-allow-origin"] == ORIGIN
+            assert "retry-after" in names(response.headers.get_list(
+                "access-control-expose-headers"))
+            assert response.headers["retry-after"] == "1"
+        # An origin not listed: no approval, no CORS header.
+        refused = httpx.options(f"{gateway}/api/tasks", timeout=10,
+                                headers={**preflight, "Origin": "https://evil.example.net"})
+        assert refused.status_code == 503 and cors_headers(refused) == {}
+    finally:
+        proc.stop(signal.SIGQUIT)
+
+
+def test_a_token_of_max_token_bytes_gets_through_the_gateway(stack: Stack):
+    """nginx's default header line buffer (8k) would refuse a token the APIs accept."""
+    env = service_environment(load_compose(COMPOSE_ENV)["services"]["command-api"])
+    limit = Settings.from_env(env).max_token_bytes
+    response = httpx.get(f"{stack.gateway}/api/tasks", timeout=10,
+                         headers={"Authorization": "Bearer " + "a" * limit})
+    assert response.status_code == 401, response.text  # the API's refusal, not nginx's 400
+    assert response.json()["error"]["code"] == "UNAUTHORIZED"
 
 
 def test_request_id_is_passed_both_ways(stack: Stack):

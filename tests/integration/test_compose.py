@@ -206,7 +206,16 @@ def test_only_the_gateway_publishes_a_port(compose: dict):
 def test_gateway_config_agrees_with_the_services(compose: dict):
     gateway = compose["services"]["gateway"]
     assert gateway["image"].split(":")[0] == "nginx"
-    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in gateway["volumes"]
+    # A template the image renders into /etc/nginx/nginx.conf with the CORS settings.
+    assert "./deploy/nginx.conf:/etc/nginx/templates/nginx.conf.template:ro" in gateway["volumes"]
+    env = service_environment(gateway)
+    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    api_env = service_environment(compose["services"]["command-api"])
+    for name in ("CORS_ORIGINS", "CORS_ALLOW_HEADERS_EXTRA"):  # the APIs' values, and
+        assert env[name] == api_env[name]                      # nothing else substituted
+        assert re.search(env["NGINX_ENVSUBST_FILTER"], name)
+    assert set(re.findall(r"\$\{(\w+)\}", NGINX_CONF.read_text())) == {
+        "CORS_ORIGINS", "CORS_ALLOW_HEADERS_EXTRA"}
     conf = NGINX_CONF.read_text()
     for name in ("command-api", "query-api"):
         port = build_parser().parse_args(compose["services"][name]["command"][1:]).port

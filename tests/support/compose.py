@@ -73,13 +73,40 @@ def nginx_directive(conf: str, name: str) -> list[str]:
     return re.findall(rf"^\s*{name}\s+([^;]+);", conf, re.MULTILINE)
 
 
+def render_nginx_template(template: str, env: Mapping[str, str]) -> str:
+    """What the nginx image's entrypoint makes of the template (its
+    20-envsubst-on-templates.sh): `envsubst` of the variables that are set in the
+    container's environment `env` and whose names match NGINX_ENVSUBST_FILTER; any other
+    `$name` is left for nginx."""
+    name_filter = re.compile(env.get("NGINX_ENVSUBST_FILTER", ""))
+    names = {name for name in env if name_filter.search(name)}
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        return env[name] if name in names else match.group(0)
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", one, template)
+
+
+def gateway_conf(compose_env: Mapping[str, str], **overrides: str) -> str:
+    """deploy/nginx.conf as compose's gateway container renders it from `compose_env`
+    (what .env gives compose), with `overrides` in the container's environment."""
+    gateway = load_compose(compose_env)["services"]["gateway"]
+    assert any(v.startswith("./deploy/nginx.conf:/etc/nginx/templates/nginx.conf.template")
+               for v in gateway["volumes"])
+    env = {**service_environment(gateway), **overrides}
+    assert env["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"  # -> /etc/nginx/nginx.conf
+    return render_nginx_template(NGINX_CONF.read_text(), env)
+
+
 def nginx_for_test(
     conf: str, prefix: Path, listen_port: int, upstreams: Mapping[str, int]
 ) -> str:
-    """The gateway config, runnable by an unprivileged-looking nginx on 127.0.0.1:
-    upstream hosts (`command-api:8001`) become `127.0.0.1:<port>`, the listen port a free
-    one, the pid file and temp paths live under `prefix`, and nginx stays in the
-    foreground (`daemon off`)."""
+    """The gateway config (rendered: `gateway_conf`), runnable by an
+    unprivileged-looking nginx on 127.0.0.1: upstream hosts (`command-api:8001`) become
+    `127.0.0.1:<port>`, the listen port a free one, the pid file and temp paths live
+    under `prefix`, and nginx stays in the foreground (`daemon off`)."""
+    assert "${CORS_" not in conf, "render the template first (gateway_conf)"
     for host, port in upstreams.items():
         conf, n = re.subn(rf"server\s+{re.escape(host)}:\d+;", f"server 127.0.0.1:{port};", conf)
         assert n == 1, f"no upstream server {host} in deploy/nginx.conf"
