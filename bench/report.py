@@ -15,6 +15,8 @@ STEADY_LIST_P95_MS = 60.0
 LAG_P95_MS = 100.0
 COMMAND_RATIO = 0.7
 QUERY_RATIO = 0.8
+# Reads with the read-your-own-writes check vs the same reads without it (issue 15).
+OWN_WRITES_RATIO = 0.9
 REPLAY_EVENTS_PER_S = 20_000
 
 
@@ -147,6 +149,22 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
                   _f(sat["kinds"][kind]["rps"]), _f(b["ours_vs_table_lock"], 2)]
                  for kind, b in base.items()],
                 "Ours: no table lock, events ordered by (tx_id, notification_id).",
+            ))
+        checks = sat.get("own_writes_check") or {}
+        if checks:
+            out.append((
+                "Read-your-own-writes: the same reads against a query API without the check"
+                " (bench/unchecked_reads.py), same run",
+                ["kind", "without req/s", "p95 ms", "errors", "ours req/s", "ours / without",
+                 "target", ""],
+                [[kind, _f(c["rps"]), _f(c["p95_ms"]), _f(c["errors"]),
+                  _f(sat["kinds"][kind]["rps"]), _f(c["ours_vs_unchecked"], 2),
+                  f">= {OWN_WRITES_RATIO:g}",
+                  _mark(None if c["ours_vs_unchecked"] is None
+                        else c["ours_vs_unchecked"] >= OWN_WRITES_RATIO)]
+                 for kind, c in checks.items()],
+                "Without: the reader is not bound to the token's user, so the statement does"
+                " not join the user's latest position and never waits for it.",
             ))
     rp = r.get("replay")
     if rp:

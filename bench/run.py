@@ -207,7 +207,17 @@ class Bench:
             [sys.executable, "-m", "bench.locked_store", "--host", "127.0.0.1", "--port", str(port)],
             port=port,
         )
-        for name in ("command-api", "query-api", "ceiling", "command-api-locked"):
+        # The "without": the same query API without the read-your-own-writes check
+        # (bench/unchecked_reads.py), measured at saturation in the same run.
+        port = free_port()
+        self.servers["query-api-unchecked"] = self.procs.start(
+            "query-api-unchecked",
+            [sys.executable, "-m", "bench.unchecked_reads", "--host", "127.0.0.1",
+             "--port", str(port)],
+            port=port,
+        )
+        for name in ("command-api", "query-api", "ceiling", "command-api-locked",
+                     "query-api-unchecked"):
             self.procs.wait_healthy(self.servers[name])
         self.say("servers up; waiting for the projector to catch up")
         caught_up = self.wait_projector(timeout=60 + events / 1000)
@@ -349,6 +359,7 @@ class Bench:
                  "ceiling": self.servers["ceiling"].port}
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*KINDS, *CEILINGS)}
         locked: dict[str, list[dict[str, Any]]] = {}
+        unchecked: dict[str, list[dict[str, Any]]] = {}
         ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
 
         def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
@@ -382,6 +393,9 @@ class Bench:
                 if kind in COMMAND_KINDS:
                     locked.setdefault(kind, []).append(
                         one(kind, self.servers["command-api-locked"].port, next_request))
+                else:
+                    unchecked.setdefault(kind, []).append(
+                        one(kind, self.servers["query-api-unchecked"].port, next_request))
 
         def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
             return {
@@ -410,10 +424,16 @@ class Bench:
             row["ratio"] = ratio(row["rps"], ceilings["insert"]["rps"])
             row["ours_vs_table_lock"] = ratio(kinds[kind]["rps"], row["rps"])
             table_lock[kind] = row
+        without_check = {}
+        for kind, rs in unchecked.items():
+            row = summary(rs)
+            row["ours_vs_unchecked"] = ratio(kinds[kind]["rps"], row["rps"])
+            without_check[kind] = row
         self.results["saturation"] = {
             "connections": a.connections, "seconds": a.saturation_seconds,
             "warmup": a.warmup, "repeats": a.repeats, "kinds": kinds, "ceilings": ceilings,
             "table_lock_baseline": table_lock,
+            "own_writes_check": without_check,
         }
 
     def stop_servers(self) -> None:

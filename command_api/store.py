@@ -11,7 +11,9 @@ the GIL). It keeps everything the library's recorder keeps:
 - per-task optimistic concurrency: the primary key on (task id, version);
 - the global order (tx_id, notification_id): the insert takes no table lock, and the
   projector takes only events of transactions older than every running one;
-- the idempotency record in the same statement (a data-modifying CTE) as the events.
+- the idempotency record in the same statement (a data-modifying CTE) as the events;
+- and, also in that statement, the user's latest position (`user_write_positions`),
+  which the query side compares with its checkpoint: read-your-own-writes by default.
 
 Round trips are coalesced (`command_api.batching.Coalescer`): the latest-state reads of
 concurrent commands go out as one `= ANY($1)` query, and their single-event appends
@@ -47,7 +49,12 @@ from eventsourcing.persistence import StoredEvent
 
 from command_api.batching import Coalescer
 from command_api.ports import IdempotencyRecord, KeyTaken, VersionConflict
-from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, PURGE_IDEMPOTENCY_LOCK
+from shared.catalog import (
+    EVENTS_TABLE,
+    IDEMPOTENCY_TABLE,
+    OWN_POSITIONS_TABLE,
+    PURGE_IDEMPOTENCY_LOCK,
+)
 from shared.errors import DATABASE_DOWN
 from shared.events import Task
 from shared.eventstore import mapper
@@ -63,33 +70,67 @@ IDEMPOTENCY_KEY = f"{IDEMPOTENCY_TABLE}_pkey"
 APPLICATION_NAME = "taskservice-command-api"
 
 _EVENT_COLUMNS = f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
-_RETURNING = " RETURNING notification_id, tx_id::text"
-# One event (most commands) as plain parameters; several as arrays. $5-$10: idempotency.
-_INSERT_ONE = f"{_EVENT_COLUMNS} VALUES ($1, $2, $3, $4){_RETURNING}"
-_INSERT_MANY = (
-    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
-    f"{_RETURNING}"
+# The user's latest position, in the statement (so the transaction) that appends their
+# events: `{own}` selects (user_id, notification_id) rows from the appended events. The
+# row lock it takes is held until the commit; with several users (a batch) the rows are
+# locked in user order, after every event is in, so two batches never deadlock. A
+# transaction that commits after a later one keeps the later position: the checkpoint
+# passes a position only once every older transaction is projected.
+_UPSERT_OWN = (
+    f"INSERT INTO {OWN_POSITIONS_TABLE} AS o (user_id, tx_id, notification_id)"
+    " SELECT user_id, pg_current_xact_id(), max(notification_id) FROM ({own}) AS own"
+    " GROUP BY user_id ORDER BY user_id"
+    " ON CONFLICT (user_id) DO UPDATE SET tx_id = excluded.tx_id,"
+    " notification_id = excluded.notification_id"
+    " WHERE (o.tx_id, o.notification_id) < (excluded.tx_id, excluded.notification_id)"
+)
+
+
+def _appending(insert: str, owner: str) -> str:
+    """`insert` (an events INSERT whose rows are all the user `owner`'s, an SQL
+    expression) with the user's position upserted in the same statement."""
+    own = _UPSERT_OWN.format(own=f"SELECT {owner} AS user_id, notification_id FROM appended")
+    return (
+        f"WITH appended AS ({insert} RETURNING notification_id, tx_id), own AS ({own})"
+        " SELECT notification_id, tx_id::text FROM appended"
+    )
+
+
+# One event (most commands) as plain parameters; several as arrays. $5: the user;
+# $6-$11: idempotency.
+_INSERT_ONE = _appending(f"{_EVENT_COLUMNS} VALUES ($1, $2, $3, $4)", "$5::text")
+_INSERT_MANY = _appending(
+    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])",
+    "$5::text",
 )
 _INSERT_IDEMPOTENCY = (
     f"INSERT INTO {IDEMPOTENCY_TABLE} (user_id, key, fingerprint, status, task_id, version)"
-    " VALUES ($5, $6, $7, $8, $9, $10) RETURNING 1"
+    " VALUES ($6, $7, $8, $9, $10, $11) RETURNING 1"
 )
 _INSERT_IDEMPOTENCY_ONLY = _INSERT_IDEMPOTENCY.replace(
-    "$5, $6, $7, $8, $9, $10", "$1, $2, $3, $4, $5, $6"
+    "$6, $7, $8, $9, $10, $11", "$1, $2, $3, $4, $5, $6"
 )
 # The same with the idempotency record: one statement, one transaction.
 _KEYED = {
-    statement: f"WITH idempotency AS ({_INSERT_IDEMPOTENCY}) {statement}"
+    statement: statement.replace("WITH ", f"WITH idempotency AS ({_INSERT_IDEMPOTENCY}), ", 1)
     for statement in (_INSERT_ONE, _INSERT_MANY)
 }
 
 
-# Single-event appends of concurrent commands, in one statement: a row that loses the
-# race for its (task id, version) is left out of RETURNING, and only its command fails.
+# Single-event appends of concurrent commands (of any users), in one statement: a row
+# that loses the race for its (task id, version) is left out of RETURNING, and only its
+# command fails.
 _APPEND_BATCH = (
-    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
+    "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[],"
+    " $5::text[]) AS b(id, version, topic, state, user_id)),"
+    f" appended AS ({_EVENT_COLUMNS} SELECT id, version, topic, state FROM batch"
     f" ON CONFLICT ON CONSTRAINT {EVENTS_KEY} DO NOTHING"
-    " RETURNING originator_id, originator_version, notification_id, tx_id::text"
+    " RETURNING originator_id, originator_version, notification_id, tx_id),"
+    " own AS ("
+    + _UPSERT_OWN.format(own=(
+        "SELECT b.user_id, a.notification_id FROM appended a JOIN batch b"
+        " ON b.id = a.originator_id AND b.version = a.originator_version"))
+    + ") SELECT originator_id, originator_version, notification_id, tx_id::text FROM appended"
 )
 _SELECT_EVENTS = (
     f"SELECT originator_version, topic, state FROM {EVENTS_TABLE}"
@@ -282,7 +323,9 @@ class PostgresEventStore:
             # Most commands: one event, no key. Appended together with the concurrent
             # commands' events, in one statement and transaction (group commit).
             e = stored[0]
-            landed = await self.append_one((e.originator_id, e.originator_version, e.topic, e.state))
+            landed = await self.append_one(
+                (e.originator_id, e.originator_version, e.topic, e.state, task.owner)
+            )
             if landed is None:
                 raise VersionConflict
             self._notify_soon()
@@ -290,7 +333,7 @@ class PostgresEventStore:
         args: list[Any] = []
         if len(stored) == 1:
             e = stored[0]
-            args = [e.originator_id, e.originator_version, e.topic, e.state]
+            args = [e.originator_id, e.originator_version, e.topic, e.state, task.owner]
             statement = _INSERT_ONE
         elif stored:
             args = [
@@ -298,6 +341,7 @@ class PostgresEventStore:
                 [e.originator_version for e in stored],
                 [e.topic for e in stored],
                 [e.state for e in stored],
+                task.owner,
             ]
             statement = _INSERT_MANY
         else:
@@ -324,7 +368,7 @@ class PostgresEventStore:
     async def _append_batch(
         self, events: list[tuple[Any, ...]]
     ) -> list[tuple[int, str] | None]:
-        """For each event (id, version, topic, state): (notification_id, tx_id) where
+        """For each event (id, version, topic, state, owner): (notification_id, tx_id) where
         it landed, or None if its (task id, version) was taken (by another writer, or by
         an earlier event of this batch)."""
         rows = await self._call(
@@ -334,9 +378,9 @@ class PostgresEventStore:
         return [landed.pop((event[0], event[1]), None) for event in events]
 
     async def append_one(self, event: tuple[Any, ...]) -> tuple[int, str] | None:
-        """Append one event (id, version, topic, state) with the concurrent commands'
-        events (group commit): (notification_id, tx_id) where it landed, or None if its
-        (task id, version) was taken."""
+        """Append one event (id, version, topic, state, the task's owner) with the
+        concurrent commands' events (group commit): (notification_id, tx_id) where it
+        landed, or None if its (task id, version) was taken."""
         return await self._appends(event)
 
     async def insert(self, statement: str, args: list[Any]) -> list[Any]:

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from query_api import routes
 from query_api.queries import lag_seconds, read_position
-from query_api.reader import Reader
+from query_api.reader import OwnPositions, Reader
 from query_api.watch import PositionWatch
 from shared.apidoc import install_docs
 from shared.auth import Authenticator
@@ -60,6 +60,16 @@ class ReadSide:
         self.pool: asyncpg.Pool | None = None
         self.watch: PositionWatch | None = None
         self._lock: asyncio.Lock | None = None
+        # On a replica, users' latest positions come from the primary (docs/scaling.md).
+        self.own_positions: OwnPositions | None = None
+        primary = settings.database_url
+        if settings.read_database_url and primary and primary != settings.read_database_url:
+            self.own_positions = OwnPositions(
+                primary,
+                pool_size=settings.db_pool_size,
+                connect_timeout=settings.db_connect_timeout,
+                acquire_timeout=settings.db_pool_timeout,
+            )
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
@@ -85,11 +95,13 @@ class ReadSide:
                             "Database unavailable, try again shortly"
                         ) from None
         return Reader(self.pool, self.watch, self.settings.read_wait_timeout,
-                      self.settings.db_pool_timeout)
+                      self.settings.db_pool_timeout, own_positions=self.own_positions)
 
     async def close(self) -> None:
         if self.watch is not None:
             await self.watch.close()
+        if self.own_positions is not None:
+            await self.own_positions.close()
         pool, self.pool = self.pool, None
         if pool is not None:
             try:

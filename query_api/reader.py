@@ -1,5 +1,6 @@
-"""One read: optionally wait for a position, then query the read tables and their
-checkpoint in one snapshot, so `meta.position` names exactly what the data shows.
+"""One read: query the read tables and their checkpoint in one snapshot, so
+`meta.position` names exactly what the data shows; wait first if the read must reflect
+the user's own latest write (read-your-own-writes, by default) or a position it names.
 
 Both in one statement, which reads one snapshot: the checkpoint's row LEFT JOIN
 LATERAL the query. One round trip, where a read-only REPEATABLE READ transaction
@@ -8,6 +9,7 @@ around two queries makes four (BEGIN, the checkpoint, the query, COMMIT)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -16,70 +18,130 @@ import asyncpg
 
 from query_api.queries import Query, position_from, position_sql
 from query_api.watch import PositionWatch
-from shared.position import Position, encode
+from shared.catalog import OWN_POSITIONS_TABLE
+from shared.errors import DATABASE_DOWN
+from shared.position import ZERO, Position, encode
 
 T = TypeVar("T")
+log = logging.getLogger("taskservice.query_api.reader")
 
 
 @dataclass(frozen=True)
 class Read(Generic[T]):
     result: T
     position: Position
-    stale: bool | None  # None when the request named no position
+    stale: bool  # whether the read tables had not reached what the read must reflect
 
     def meta(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"position": encode(self.position)}
-        if self.stale is not None:
-            extra["stale"] = self.stale
-        return extra
+        return {"position": encode(self.position), "stale": self.stale}
+
+
+_OWN = f"LEFT JOIN {OWN_POSITIONS_TABLE} o ON o.user_id = ${{n}}"
+_OWN_COLUMNS = "o.tx_id::text AS own_tx_id, o.notification_id AS own_position"
+_NO_OWN_COLUMNS = "NULL::text AS own_tx_id, NULL::bigint AS own_position"
+# The checkpoint's three columns and the user's latest position's two come first.
+_LEAD = 5
 
 
 class Reader:
+    """Reads for one user (`for_user`). Every read reflects the user's own acknowledged
+    writes: the statement that reads the rows also reads the checkpoint and the user's
+    latest position (`command_api.store`); if the checkpoint is behind it, the read
+    waits for the projector (at most `wait_timeout` in all) and reads again. A user with
+    nothing unprojected pays one index lookup in the same statement, no wait and no
+    round trip. A read may also name a position of its own to wait for (`wanted`)."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,
         watch: PositionWatch,
         wait_timeout: float,
         acquire_timeout: float = 10.0,
+        *,
+        user_id: str | None = None,
+        own_positions: OwnPositions | None = None,
     ) -> None:
         self.pool = pool
         self.watch = watch
         self.wait_timeout = wait_timeout
         self.acquire_timeout = acquire_timeout
+        self.user_id = user_id
+        self.own_positions = own_positions
+
+    def for_user(self, user_id: str) -> Reader:
+        """This reader, reflecting `user_id`'s own writes."""
+        return Reader(self.pool, self.watch, self.wait_timeout, self.acquire_timeout,
+                      user_id=user_id, own_positions=self.own_positions)
 
     async def read_row(self, wanted: Position | None, query: Query) -> Read[asyncpg.Record]:
         """`query`'s row (its columns all NULL when it has none) with the checkpoint,
         both from one statement."""
-        row = await self._joined(wanted, query, "fetchrow")
-        return self._read(row, row, wanted)
+        row, position, stale = await self._joined(wanted, query, "fetchrow")
+        return Read(row, position, stale)
 
     async def read_rows(
         self, wanted: Position | None, query: Query
     ) -> Read[list[tuple[Any, ...]]]:
         """`query`'s rows (each its own columns only, in `query.order`) with the
         checkpoint, both from one statement."""
-        records = await self._joined(wanted, query, "fetch")
+        records, position, stale = await self._joined(wanted, query, "fetch")
         # Without rows, the join's one row has NULL for every column of the query's.
-        rows = [tuple(r)[3:] for r in records if r[3] is not None]
-        return self._read(rows, records[0], wanted)
+        rows = [tuple(r)[_LEAD:] for r in records if r[_LEAD] is not None]
+        return Read(rows, position, stale)
 
-    async def _joined(self, wanted: Position | None, query: Query, method: str) -> Any:
-        """Wait for `wanted` if asked, then run the checkpoint's row LEFT JOIN LATERAL
-        `query` with `conn.<method>`."""
+    async def _joined(
+        self, wanted: Position | None, query: Query, method: str
+    ) -> tuple[Any, Position, bool]:
+        """Wait for `wanted` if asked, run the statement; if the user's own latest write
+        is past the checkpoint, wait for it and run the statement again. The result,
+        the checkpoint it reflects, and whether that is short of what it must reflect."""
+        deadline = asyncio.get_running_loop().time() + self.wait_timeout
         if wanted is not None:
             await self.watch.wait_for(wanted, self.wait_timeout)
-        order = f" ORDER BY {query.order}" if query.order else ""
-        async with self.connection() as conn:
-            return await getattr(conn, method)(
-                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, q.* FROM ({position_sql()}) p"
-                f" LEFT JOIN LATERAL ({query.sql}) q ON true{order}",
-                *query.args,
-            )
+        own: Position | None = None
+        in_statement = self.user_id is not None
+        if self.user_id is not None and self.own_positions is not None:
+            # The user's position is the primary's, the rows a replica's (docs/scaling.md).
+            try:
+                own = await self.own_positions.latest(self.user_id)
+                in_statement = False
+            except PrimaryAway:  # the replica's own copy, which lags with the rows
+                pass
+            if own is not None:
+                await self.watch.wait_for(own, self._left(deadline))
+        result = await self._statement(query, method, in_statement)
+        first = result if method == "fetchrow" else (result[0] if result else None)
+        position = ZERO if first is None else position_from(first[0], first[1], first[2])
+        if in_statement and first is not None and first[3] is not None:
+            own = Position(int(first[3]), first[4])
+            if position < own and await self.watch.wait_for(own, self._left(deadline)):
+                result = await self._statement(query, method, in_statement)
+                first = result if method == "fetchrow" else result[0]
+                position = position_from(first[0], first[1], first[2])
+        target = max((p for p in (wanted, own) if p is not None), default=ZERO)
+        return result, position, position < target
 
     @staticmethod
-    def _read(result: T, checkpoint: asyncpg.Record, wanted: Position | None) -> Read[T]:
-        position = position_from(checkpoint[0], checkpoint[1], checkpoint[2])
-        return Read(result, position, None if wanted is None else position < wanted)
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
+    async def _statement(self, query: Query, method: str, own: bool) -> Any:
+        """The checkpoint's row, LEFT JOIN the user's latest position if `own`, LEFT
+        JOIN LATERAL `query`, with `conn.<method>`: one statement, one snapshot."""
+        order = f" ORDER BY {query.order}" if query.order else ""
+        args = query.args
+        if own and self.user_id is not None:
+            args = (*args, self.user_id)
+            columns, own = _OWN_COLUMNS, " " + _OWN.format(n=len(args))
+        else:
+            columns, own = _NO_OWN_COLUMNS, ""
+        async with self.connection() as conn:
+            return await getattr(conn, method)(
+                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
+                f" FROM ({position_sql()}) p{own}"
+                f" LEFT JOIN LATERAL ({query.sql}) q ON true{order}",
+                *args,
+            )
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`operation(conn)` on a pooled connection, outside any snapshot."""
@@ -88,6 +150,67 @@ class Reader:
 
     def connection(self) -> _Pooled:
         return _Pooled(self.pool, self.acquire_timeout)
+
+
+class PrimaryAway(Exception):
+    """The primary cannot be asked right now."""
+
+
+class OwnPositions:
+    """Users' latest positions read from the primary, for a query API whose read tables
+    are a replica's: the replica's own copy of a position lags with everything else, so
+    a read would not know to wait. One index lookup on the primary per read.
+
+    While the primary is away (a failover, an outage) reads go on from the replica, which
+    then reflects the writes it has replayed: after a failure the primary is not asked
+    again for `retry_after` seconds, so reads do not each wait for it."""
+
+    def __init__(self, dsn: str, *, pool_size: int, connect_timeout: float,
+                 acquire_timeout: float, retry_after: float = 5.0) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.acquire_timeout = acquire_timeout
+        self.retry_after = retry_after
+        self.pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+        self._away_until = 0.0
+
+    async def latest(self, user_id: str) -> Position | None:
+        """The user's latest position on the primary (None: no writes); raises
+        PrimaryAway."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._away_until:
+            raise PrimaryAway
+        try:
+            if self.pool is None:
+                async with self._lock:
+                    if self.pool is None:
+                        self.pool = await asyncpg.create_pool(
+                            self.dsn, min_size=1, max_size=self.pool_size,
+                            timeout=self.connect_timeout, command_timeout=30,
+                        )
+            async with _Pooled(self.pool, self.acquire_timeout) as conn:
+                row = await conn.fetchrow(_SELECT_OWN, user_id)
+        except (TimeoutError, *DATABASE_DOWN) as e:
+            self._away_until = loop.time() + self.retry_after
+            log.warning("the primary is away (%r): reads reflect what the replica holds"
+                        " for %.0fs", e, self.retry_after)
+            raise PrimaryAway from None
+        return None if row is None else Position(int(row[0]), row[1])
+
+    async def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, *DATABASE_DOWN):
+                pool.terminate()
+
+
+_SELECT_OWN = (
+    f"SELECT tx_id::text, notification_id FROM {OWN_POSITIONS_TABLE} WHERE user_id = $1"
+)
 
 
 class _Pooled:

@@ -18,7 +18,7 @@ from query_api.cursor import BadCursor, decode_cursor, encode_cursor
 from query_api.queries import Sort, Status
 from query_api.reader import Reader
 from shared.auth import CurrentUser
-from shared.errors import Forbidden, NotFound, ValidationFailed
+from shared.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from shared.etag import etag
 from shared.events import EVENT_TOPICS
 from shared.http import Envelope
@@ -52,10 +52,11 @@ def _query_names(route: Any) -> frozenset[str]:
     return names
 
 
-async def reader(request: Request) -> Reader:
-    """The request's reader, once its query names are known ones: a misspelt filter
-    (`serach=`, `skip=`) is a 422 naming the accepted parameters, on every query route,
-    rather than an answer that silently ignores it."""
+async def reader(request: Request, user_id: CurrentUser) -> Reader:
+    """The request's reader, reflecting the token's user's own writes, once the query
+    names are known ones: a misspelt filter (`serach=`, `skip=`) is a 422 naming the
+    accepted parameters, on every query route, rather than an answer that silently
+    ignores it."""
     route = request.scope.get("route")
     if route is not None and request.query_params:
         accepted = _query_names(route)
@@ -66,7 +67,7 @@ async def reader(request: Request) -> Reader:
                 "Unknown query parameter", details={
                     name[:64]: f"unknown query parameter; accepted: {listed}"
                     for name in unknown[:10]})
-    return await request.app.state.open_reader()
+    return (await request.app.state.open_reader()).for_user(user_id)
 
 
 async def wanted_position(
@@ -153,7 +154,7 @@ def _own(path_user_id: str, user_id: str) -> None:
         raise Forbidden("You do not have access to this user's tasks")
 
 
-async def _not_yours(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> Exception:
+async def _not_yours(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> ApiError:
     if await queries.owned_by_someone_else(conn, user_id, task_id):
         return Forbidden("You do not have access to this task")
     return NotFound("Task not found")
@@ -174,7 +175,8 @@ async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UU
     read = await reads.read_row(wanted, queries.get_task(user_id, task_id))
     doc = read.result["doc"]
     if doc is None:
-        raise await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
+        error = await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
+        raise error.with_meta(**read.meta())
     return Envelope(
         orjson.Fragment(doc), headers={"ETag": etag(read.result["version"])}, **read.meta()
     )
@@ -203,7 +205,8 @@ async def get_task_history(
 ) -> Response:
     read = await reads.read_rows(wanted, queries.task_history(user_id, task_id))
     if not read.result:
-        raise await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
+        error = await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
+        raise error.with_meta(**read.meta())
     return Envelope([r.view() for r in queries.history_rows(read.result)], **read.meta())
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass, fields
 # The event store (the eventsourcing recorder's tables, see `shared.eventstore`).
 EVENTS_TABLE = "tasks_events"
 IDEMPOTENCY_TABLE = "command_idempotency"
+# Each user's latest event, written in the statement that appends it: a query compares
+# it with the read tables' checkpoint, so a user reads their own writes without asking.
+OWN_POSITIONS_TABLE = "user_write_positions"
 # The command side NOTIFYs this after its commits; the projector LISTENs.
 EVENTS_CHANNEL = EVENTS_TABLE
 

@@ -36,7 +36,14 @@ class ApiError(Exception):
         self.message = message or self.default_message
         self.details = details
         self.headers = headers or {}
+        self.meta: dict[str, Any] = {}  # extra `meta` keys of the envelope
         super().__init__(self.message)
+
+    def with_meta(self, **extra: Any) -> ApiError:
+        """This error, its envelope's `meta` carrying `extra` too (e.g. a read's
+        `position` and `stale`, so a 404 says whether the read tables had caught up)."""
+        self.meta.update(extra)
+        return self
 
 
 class Unauthorized(ApiError):

@@ -18,15 +18,15 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 from psycopg.sql import SQL, Identifier
 
-from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE
+from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, OWN_POSITIONS_TABLE
 from shared.settings import Settings, postgres_params
 
 APPLICATION_NAME = "Tasks"
 
 
 class TaskRecorder(PostgresApplicationRecorder):
-    """The stock recorder's tables, plus the transaction-id order and the idempotency
-    table."""
+    """The stock recorder's tables, plus the transaction-id order, the idempotency
+    table and each user's latest position."""
 
     def __init__(self, datastore: Any, *, events_table_name: str = EVENTS_TABLE) -> None:
         super().__init__(datastore, events_table_name=events_table_name)
@@ -48,6 +48,17 @@ class TaskRecorder(PostgresApplicationRecorder):
             SQL(
                 "CREATE INDEX IF NOT EXISTS {index} ON {table} (created_at)"
             ).format(index=Identifier(f"{IDEMPOTENCY_TABLE}_created_at_idx"), table=table)
+        )
+        # A row per user: the position of their latest event (`command_api.store`).
+        # Updated by nearly every command, so room on each page for HOT updates.
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {table} ("
+                " user_id text PRIMARY KEY,"
+                " tx_id xid8 NOT NULL,"
+                " notification_id bigint NOT NULL)"
+                " WITH (fillfactor = 50)"
+            ).format(table=Identifier(self.datastore.schema, OWN_POSITIONS_TABLE))
         )
         events = Identifier(self.datastore.schema, self.events_table_name)
         # The global order: the id of the transaction that wrote the event, then its

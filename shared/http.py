@@ -70,19 +70,21 @@ def error_response(
     message: str,
     details: Any = None,
     headers: Mapping[str, str] | None = None,
+    meta_extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
     # `detail` repeats the message at the top level, where FastAPI's default errors put
     # it and where most fetch wrappers look for it.
-    return Json({"error": error, "detail": message, "meta": meta()}, status,
-                dict(headers or {}))
+    return Json({"error": error, "detail": message, "meta": meta(**(meta_extra or {}))},
+                status, dict(headers or {}))
 
 
 def render_error(exc: ApiError) -> JSONResponse:
     """The error's envelope, with its status and headers."""
-    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers,
+                          exc.meta)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

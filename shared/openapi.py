@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 T = TypeVar("T")
 
@@ -46,6 +46,13 @@ class Meta(BaseModel):
 
 
 class ReadMeta(Meta):
+    position: str | None = Field(
+        default=None, description="How far the read tables had caught up: the data is"
+        " exactly the events up to this position.")
+    stale: bool | None = Field(
+        default=None, description="false: the answer reflects every acknowledged command of"
+        " the token's user (and X-Min-Position, if sent); true: the read tables had not"
+        " caught up within READ_WAIT_TIMEOUT and the answer is what they hold.")
     next_cursor: str | None = None
 
 

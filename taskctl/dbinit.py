@@ -23,6 +23,7 @@ from shared.catalog import (
     EVENTS_TABLE,
     IDEMPOTENCY_TABLE,
     LIVE,
+    OWN_POSITIONS_TABLE,
     VERSIONS_TABLE,
     Tables,
 )
@@ -179,6 +180,8 @@ def grants(t: Tables = LIVE) -> Grants:
         },
         # Written with the events; DELETE for the purge of expired keys.
         IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "DELETE")},
+        # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.
+        OWN_POSITIONS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.
         t.checkpoints: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         VERSIONS_TABLE: {},  # written and read by replay and status, as the owner

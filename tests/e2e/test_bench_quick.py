@@ -52,6 +52,10 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
     assert set(saturation["kinds"]) == set(KINDS)
     for kind, row in saturation["kinds"].items():
         assert row["rps"] > 0 and row["ratio"] is not None, kind
+    checks = saturation["own_writes_check"]
+    assert set(checks) == {"list", "get", "history"}
+    for kind, row in checks.items():
+        assert row["rps"] > 0 and row["errors"] == 0 and row["ours_vs_unchecked"] > 0, kind
 
     replay = r["replay"]
     assert replay["events"] >= 20_000

@@ -366,3 +366,18 @@ def test_taskctl_dev_logs_one_json_line_per_request_and_nothing_else(own_db: str
     assert entry["user_id"] == user
     assert isinstance(entry["duration_ms"], (int, float)) and entry["duration_ms"] >= 0
     assert "Task service on" in out.read_text()  # the banner is for people: on stdout
+
+
+def test_under_taskctl_dev_a_frontend_reads_its_writes_without_a_position(dev: Service):
+    """Create, then at once get and list with no header, 200 times: every task visible."""
+    with httpx.Client(base_url=dev.base, headers=bearer(new_user()), timeout=10) as client:
+        for i in range(200):
+            created = client.post("/api/tasks", json={"title": f"seen {i}"})
+            assert created.status_code == 201, created.text
+            task = created.json()["data"]
+            got = client.get(f"/api/tasks/{task['id']}")
+            assert got.status_code == 200, (i, got.text)
+            assert got.json()["data"] == task and got.json()["meta"]["stale"] is False
+            listed = client.get("/api/tasks", params={"limit": 1})
+            assert listed.json()["data"] == [task], (i, listed.text)
+            assert listed.json()["meta"]["total"] == i + 1

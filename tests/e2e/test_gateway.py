@@ -357,3 +357,21 @@ def test_one_projector_is_active_and_reports_its_position(stack: Stack):
     position = re.search(r'^projector_position\{projection="task_views"\} (\S+)$', metrics, re.M)
     assert position and float(position.group(1)) > 0, metrics
     assert re.search(r"^projector_batch_events_count (\S+)$", metrics, re.M)
+
+
+def test_a_frontend_that_never_sends_a_position_reads_its_writes_at_once(stack: Stack):
+    """Separate command, query and projector processes behind the gateway: a create,
+    then at once a get and a list with no header, 200 times: every task visible."""
+    with httpx.Client(base_url=stack.gateway, headers=bearer(new_user()), timeout=10) as client:
+        ids: list[str] = []
+        for i in range(200):
+            created = client.post("/api/tasks", json={"title": f"seen {i}"})
+            assert created.status_code == 201, created.text
+            task = created.json()["data"]
+            ids.append(task["id"])
+            got = client.get(f"/api/tasks/{task['id']}")
+            assert got.status_code == 200, (i, got.text)
+            assert got.json()["data"] == task and got.json()["meta"]["stale"] is False
+            listed = client.get("/api/tasks", params={"limit": 1})
+            assert listed.json()["data"] == [task], (i, listed.text)
+            assert listed.json()["meta"]["total"] == i + 1

@@ -92,7 +92,7 @@ def test_lists_the_users_live_tasks_newest_first_as_the_command_side_shows_them(
     assert body["meta"]["total"] == 3
     assert set(body["meta"]) >= {"timestamp", "request_id", "position"}
     assert position_of(body["meta"]["position"]) >= position_of(world.last_position)
-    assert "stale" not in body["meta"]
+    assert body["meta"]["stale"] is False
 
 
 @pytest.mark.parametrize(
