@@ -68,6 +68,12 @@ PROJECTOR_BATCH_SECONDS = Histogram(
 )
 REPLAY_EVENTS = Gauge("replay_events_done", "Events applied by the running replay", ["projection"])
 REPLAY_TOTAL = Gauge("replay_events_total", "Events the running replay will apply", ["projection"])
+AUTH_REFUSALS = Counter(
+    "auth_refusals_total",
+    "Requests refused by the bearer-token check, by reason (shared.auth.REASONS;"
+    " keys_unavailable answers 503, the others 401)",
+    ["reason"],
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -86,6 +86,27 @@ _ORIGIN = re.compile(
 )
 # A request header name as a frontend sends it (RFC 9110 token, less its rare symbols).
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CLAIM_URL = re.compile(r"^https?://[^/\s?#@]+(/[^\s#]*)?$")
+
+
+def normalise_claim_url(value: str, *, origin_only: bool = False) -> str:
+    """An issuer or audience as Better Auth writes its base URL: for an http(s) URL,
+    the scheme and host in lower case, no default port, no trailing slash (`origin_only`:
+    no path either); any other text only stripped of surrounding white space."""
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return text
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
+        return text
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host if port in (None, {"http": 80, "https": 443}[scheme]) else f"{host}:{port}"
+    path = "" if origin_only else parts.path.rstrip("/")
+    query = f"?{parts.query}" if parts.query and not origin_only else ""
+    return f"{scheme}://{netloc}{path}{query}"
 
 
 class SettingsError(Exception):
@@ -105,12 +126,16 @@ class Settings(BaseModel):
     jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
-    jwks_refetch_interval: float = Field(default=30.0, ge=0)
+    # At most one key-set fetch for unknown kids per this many seconds per process.
+    jwks_refetch_interval: float = Field(default=5.0, ge=0)
     jwks_max_age: float = Field(default=900.0, ge=1)
+    # The whole of one key-set fetch (connect, headers, body), in seconds.
+    jwks_fetch_timeout: float = Field(default=5.0, gt=0, le=60)
     jwt_leeway: float = Field(default=0.0, ge=0, le=300)
 
     max_body_bytes: int = Field(default=65_536, ge=1024)
-    max_token_bytes: int = Field(default=8_192, ge=256)
+    # Better Auth's default payload is the whole user (a data: URL image included).
+    max_token_bytes: int = Field(default=16_384, ge=256)
     idempotency_ttl_hours: float = Field(default=24.0, ge=24.0)
     # The command API forgets Idempotency-Keys past their TTL this often (one process
     # at a time, under an advisory lock); 0: never (run `taskctl db purge-idempotency`).
@@ -197,12 +222,29 @@ class Settings(BaseModel):
                 raise ValueError(f"BETTER_AUTH_SECRET {weakness}; {MAKE_A_SECRET}")
         return self
 
+    @field_validator("jwt_issuer", "jwt_audience")
+    @classmethod
+    def _normalise_claim(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Better Auth writes its base URL's origin: no trailing slash, host in lower case.
+        if value is None or not value.strip():
+            return None
+        normalised = normalise_claim_url(value)
+        if "://" in normalised and not _CLAIM_URL.match(normalised):
+            name = str(info.field_name)
+            raise ValueError(
+                f"{normalised!r} is not a URL like https://auth.example.com: set"
+                f" {name.upper()} to the exact {name[4:]} Better Auth signs with (by default"
+                " its base URL)")
+        return normalised
+
     @property
     def effective_jwks_url(self) -> str | None:
         if self.jwks_url:
             return self.jwks_url
         if self.better_auth_url:
-            return self.better_auth_url.rstrip("/") + "/api/auth/jwks"
+            # As Better Auth reads its baseURL: one with a path is the auth route itself.
+            url = self.better_auth_url.rstrip("/")
+            return url + ("/jwks" if urlsplit(url).path else "/api/auth/jwks")
         return None
 
     def require_database_url(self) -> str:
