@@ -156,6 +156,11 @@ class Settings(BaseModel):
     # Request headers preflights allow besides the API's own and the tracing ones
     # (shared/cors.py), comma-separated names; "*" is refused.
     cors_allow_headers_extra: str = ""
+    # The direct path (taskctl serving with uvicorn): a request's line and headers must
+    # arrive within HTTP_HEADER_TIMEOUT seconds, its body within HTTP_BODY_TIMEOUT
+    # seconds after them; else 408 and the connection is closed (taskctl/serving.py).
+    http_header_timeout: float = Field(default=10.0, gt=0, le=300)
+    http_body_timeout: float = Field(default=30.0, gt=0, le=600)
     # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)

@@ -95,6 +95,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
     import uvicorn
 
     from shared.observability import configure_logging
+    from taskctl.serving import uvicorn_options
 
     configure_logging(settings.log_level)
     uvicorn.run(
@@ -106,6 +107,7 @@ def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
         log_config=None,  # keep configure_logging's JSON lines
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),  # envelopes and slow-client deadlines (taskctl.serving)
     )
 
 

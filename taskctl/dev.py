@@ -217,6 +217,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
     from shared.settings import SettingsError
     from taskctl.dbinit import init_database
     from taskctl.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    from taskctl.serving import uvicorn_options
 
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     sock = bind_port(host, port)
@@ -265,6 +266,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
             log_level=settings.log_level.lower(),
             log_config=None,  # keep configure_logging's JSON lines (uvicorn's would replace them)
             timeout_graceful_shutdown=10,
+            **uvicorn_options(settings),  # envelopes and slow-client deadlines
         )
         server = uvicorn.Server(config)
         if hasattr(signal, "SIGHUP"):
