@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from uuid import UUID
@@ -59,6 +58,7 @@ from shared.errors import DATABASE_DOWN
 from shared.events import Task
 from shared.eventstore import mapper
 from shared.observability import COMMAND_DB_BATCH
+from shared.pools import pool_options
 from shared.position import Position
 from shared.settings import Settings
 
@@ -189,19 +189,15 @@ class PostgresEventStore:
 
     @classmethod
     async def open(cls, settings: Settings, *, min_size: int = 1) -> PostgresEventStore:
+        """The store on a new pool, its timeouts from the settings (`shared.pools`: a
+        hung database is a 503 within DB_POOL_TIMEOUT or twice DB_STATEMENT_TIMEOUT)."""
         dsn = settings.require_database_url()
-        # Named like libpq names it (PGAPPNAME, else ours), unless the URL names it.
-        named = {} if "application_name=" in dsn else {
-            "application_name": os.environ.get("PGAPPNAME") or APPLICATION_NAME
-        }
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=settings.db_pool_size + settings.db_max_overflow,
-            timeout=settings.db_connect_timeout,
-            command_timeout=30,
-            server_settings=named,
             reset=_no_session_state,
+            **pool_options(settings, dsn, APPLICATION_NAME),
         )
         return cls(pool, acquire_timeout=settings.db_pool_timeout)
 

@@ -25,10 +25,13 @@ from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
+from shared.pools import pool_options
 from shared.position import encode
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.query_api")
+
+APPLICATION_NAME = "taskservice-query-api"
 
 
 class HeadAsGet:
@@ -59,7 +62,8 @@ class ReadSide:
         self.dsn = settings.read_database_url or settings.require_database_url()
         self.pool: asyncpg.Pool | None = None
         self.watch: PositionWatch | None = None
-        self._lock: asyncio.Lock | None = None
+        self._started = False
+        self._opening: asyncio.Task[None] | None = None
         # On a replica, users' latest positions come from the primary (docs/scaling.md).
         self.own_positions: OwnPositions | None = None
         primary = settings.database_url
@@ -72,32 +76,44 @@ class ReadSide:
             )
 
     async def start(self) -> None:
-        self._lock = asyncio.Lock()
+        self._started = True
         self.watch = PositionWatch(self.dsn, connect_timeout=self.settings.db_connect_timeout)
 
     async def open(self) -> Reader:
-        if self.watch is None or self._lock is None:
+        if self.watch is None or not self._started:
             raise ServiceUnavailable("Starting up, try again shortly")
         if self.pool is None:
-            async with self._lock:
-                if self.pool is None:
-                    try:
-                        self.pool = await asyncpg.create_pool(
-                            self.dsn,
-                            min_size=1,
-                            max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
-                            timeout=self.settings.db_connect_timeout,
-                            command_timeout=30,
-                        )
-                    except DATABASE_DOWN as e:
-                        log.warning("read database unavailable: %s", e)
-                        raise ServiceUnavailable(
-                            "Database unavailable, try again shortly"
-                        ) from None
+            # One attempt at a time, its outcome shared by every request that came
+            # meanwhile: a database that does not answer costs each of them one
+            # DB_CONNECT_TIMEOUT at most, not one per request queued before it.
+            if self._opening is None or self._opening.done():
+                self._opening = asyncio.create_task(self._open_pool())
+                self._opening.add_done_callback(
+                    lambda t: t.cancelled() or t.exception()  # retrieved, also unawaited
+                )
+            try:
+                await asyncio.shield(self._opening)
+            except DATABASE_DOWN as e:
+                log.warning("read database unavailable: %s", e)
+                raise ServiceUnavailable("Database unavailable, try again shortly") from None
+        assert self.pool is not None
         return Reader(self.pool, self.watch, self.settings.read_wait_timeout,
                       self.settings.db_pool_timeout, own_positions=self.own_positions)
 
+    async def _open_pool(self) -> None:
+        """The pool, its timeouts from the settings (`shared.pools`)."""
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=1,
+            max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
+            **pool_options(self.settings, self.dsn, APPLICATION_NAME),
+        )
+        self.pool = pool
+
     async def close(self) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._opening
         if self.watch is not None:
             await self.watch.close()
         if self.own_positions is not None:
@@ -143,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def ready(_: Request) -> dict[str, Any]:
         reader = await side.open()
-        async with reader.pool.acquire() as conn:
+        async with reader.connection() as conn:  # DB_POOL_TIMEOUT, as for every read
             position = await read_position(conn)
             lag = await lag_seconds(conn, position)
         checks = {

@@ -18,6 +18,9 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
     # A connection whose backend was terminated while it sat in a pool can fail its
     # next use with "cannot switch to state ..." (nothing was sent).
     asyncpg.exceptions.InternalClientError,
+    # The server's statement_timeout (DB_STATEMENT_TIMEOUT): it did not answer in time.
+    # asyncpg's own command_timeout raises TimeoutError, an OSError.
+    asyncpg.exceptions.QueryCanceledError,
 )
 
 

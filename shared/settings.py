@@ -143,9 +143,17 @@ class Settings(BaseModel):
     command_retries: int = Field(default=20, ge=1, le=1000)
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
-    db_connect_timeout: int = Field(default=5, ge=1)
+    # Seconds to open a new database connection (TCP, TLS, authentication).
+    db_connect_timeout: int = Field(default=1, ge=1)
     # Longest a request waits for a free pooled connection before it is a 503.
-    db_pool_timeout: float = Field(default=10.0, gt=0)
+    db_pool_timeout: float = Field(default=3.0, gt=0)
+    # Longest one statement of the APIs may run: the client cancels it (asyncpg's
+    # command_timeout) and so does the server (statement_timeout); a 503 either way.
+    # With these defaults a hung database is a 503 within 3 s (docs/reliability.md).
+    db_statement_timeout: float = Field(default=1.5, gt=0, le=600)
+    # The server ends an API's session left idle inside a transaction this long
+    # (idle_in_transaction_session_timeout; 0: not set).
+    db_idle_in_transaction_timeout: float = Field(default=10.0, ge=0)
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
     # /api/ready on the query API answers 503 while the oldest event not yet projected
     # is older than this many seconds.
