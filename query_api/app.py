@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from typing import Any
 
@@ -15,18 +16,19 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from query_api import routes
-from query_api.queries import lag_seconds, read_position
-from query_api.reader import OwnPositions, Reader
+from query_api.queries import OLDEST_UNPROJECTED, lag_seconds, read_position
+from query_api.reader import OwnPositions, PrimaryAway, Reader
 from query_api.watch import PositionWatch
 from shared.apidoc import install_docs
 from shared.auth import Authenticator
 from shared.cors import install_cors
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
+from shared.events import event_time
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
 from shared.pools import pool_options
-from shared.position import encode
+from shared.position import Position, encode
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.query_api")
@@ -126,6 +128,18 @@ class ReadSide:
                 pool.terminate()
 
 
+async def _primary_lag(primary: OwnPositions, position: Position) -> float:
+    """Age of the oldest event on the primary after `position` (the replica's read
+    tables'), in seconds. A replica's own copy of the events lags with its read tables,
+    so only the primary shows how far behind the replica is (replay paused, a lost
+    connection to the primary, a slow disk). Raises PrimaryAway."""
+    row = await primary.fetchrow(OLDEST_UNPROJECTED, str(position.tx_id),
+                                 position.notification_id)
+    if row is None:
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - event_time(row[0])).total_seconds())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     side = ReadSide(settings)
@@ -162,11 +176,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with reader.connection() as conn:  # DB_POOL_TIMEOUT, as for every read
             position = await read_position(conn)
             lag = await lag_seconds(conn, position)
+        measured_on = "read database"
+        if side.own_positions is not None:
+            with contextlib.suppress(PrimaryAway):
+                lag = max(lag, await _primary_lag(side.own_positions, position))
+                measured_on = "primary"
         checks = {
             "database": "ok",
             "position": encode(position),
             "listening": reader.watch.listening,
             "lag_seconds": round(lag, 3),
+            "lag_measured_on": measured_on,
             "max_lag_seconds": settings.ready_max_lag_seconds,
         }
         if lag > settings.ready_max_lag_seconds:

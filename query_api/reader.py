@@ -179,6 +179,11 @@ class OwnPositions:
     async def latest(self, user_id: str) -> Position | None:
         """The user's latest position on the primary (None: no writes); raises
         PrimaryAway."""
+        row = await self.fetchrow(_SELECT_OWN, user_id)
+        return None if row is None else Position(int(row[0]), row[1])
+
+    async def fetchrow(self, statement: str, *args: Any) -> asyncpg.Record | None:
+        """`statement`'s first row, read on the primary; raises PrimaryAway."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._away_until:
             raise PrimaryAway
@@ -191,13 +196,12 @@ class OwnPositions:
                             timeout=self.connect_timeout, command_timeout=30,
                         )
             async with _Pooled(self.pool, self.acquire_timeout) as conn:
-                row = await conn.fetchrow(_SELECT_OWN, user_id)
+                return await conn.fetchrow(statement, *args)
         except (TimeoutError, *DATABASE_DOWN) as e:
             self._away_until = loop.time() + self.retry_after
             log.warning("the primary is away (%r): reads reflect what the replica holds"
                         " for %.0fs", e, self.retry_after)
             raise PrimaryAway from None
-        return None if row is None else Position(int(row[0]), row[1])
 
     async def close(self) -> None:
         pool, self.pool = self.pool, None

@@ -5,9 +5,11 @@ One `PositionWatch` per process holds one asyncpg connection that LISTENs on
 request that asks for a position parks on a future keyed by that position; the
 watch's loop re-reads the checkpoints when notified, when a new waiter arrives, and
 on a slow timer (a lost notification costs at most `recheck_interval`), and resolves
-every future the checkpoints have passed. Nothing here runs for requests that do not
-ask to wait, and the loop reads nothing while nobody waits. The connection comes back
-by itself after the database does.
+every future the checkpoints have passed. Where LISTEN is refused (a hot standby
+delivers no NOTIFY) it re-reads them every `poll_interval` instead, while anyone waits:
+a read waiting for the replica then ends within that much of the replica's replay.
+Nothing here runs for requests that do not ask to wait, and the loop reads nothing
+while nobody waits. The connection comes back by itself after the database does.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ class PositionWatch:
         dsn: str,
         *,
         recheck_interval: float = 1.0,
+        poll_interval: float = 0.02,
         reconnect_delay: float = 0.5,
         connect_timeout: float = 5.0,
     ) -> None:
         self.dsn = dsn
         self.recheck_interval = recheck_interval
+        self.poll_interval = poll_interval
         self.reconnect_delay = reconnect_delay
         self.connect_timeout = connect_timeout
         self.listening = False
@@ -146,7 +150,10 @@ class PositionWatch:
             self._wake.clear()
             if self._futures:
                 self._advance(await read_position(conn))
-            idle = self.recheck_interval if self._futures else 5 * self.recheck_interval
+            if not self._futures:
+                idle = 5 * self.recheck_interval
+            else:  # without NOTIFY only this timer tells the checkpoints moved
+                idle = self.recheck_interval if self.listening else self.poll_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), idle)
 
