@@ -58,7 +58,7 @@ from shared.errors import DATABASE_DOWN
 from shared.events import Task
 from shared.eventstore import mapper
 from shared.observability import COMMAND_DB_BATCH
-from shared.pools import pool_options
+from shared.pools import pool_options, warn_if_pool_over_budget
 from shared.position import Position
 from shared.settings import Settings
 
@@ -190,7 +190,8 @@ class PostgresEventStore:
     @classmethod
     async def open(cls, settings: Settings, *, min_size: int = 1) -> PostgresEventStore:
         """The store on a new pool, its timeouts from the settings (`shared.pools`: a
-        hung database is a 503 within DB_POOL_TIMEOUT or twice DB_STATEMENT_TIMEOUT)."""
+        hung database is a 503 within DB_POOL_TIMEOUT or twice DB_STATEMENT_TIMEOUT);
+        warns when the pool could exhaust the server's connections."""
         dsn = settings.require_database_url()
         pool = await asyncpg.create_pool(
             dsn,
@@ -199,6 +200,7 @@ class PostgresEventStore:
             reset=_no_session_state,
             **pool_options(settings, dsn, APPLICATION_NAME),
         )
+        await warn_if_pool_over_budget(pool, settings, process="command API")
         return cls(pool, acquire_timeout=settings.db_pool_timeout)
 
     async def close(self) -> None:

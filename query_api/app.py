@@ -27,7 +27,7 @@ from shared.events import event_time
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
-from shared.pools import pool_options
+from shared.pools import pool_options, warn_if_pool_over_budget
 from shared.position import Position, encode
 from shared.settings import Settings
 
@@ -103,11 +103,15 @@ class ReadSide:
                       self.settings.db_pool_timeout, own_positions=self.own_positions)
 
     async def _open_pool(self) -> None:
-        """The pool, its timeouts from the settings (`shared.pools`)."""
+        """The pool, its timeouts from the settings (`shared.pools`); warns when it
+        (with the watch's LISTEN connection) could exhaust the server's connections."""
         pool = await asyncpg.create_pool(
             self.dsn, min_size=1,
             max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
             **pool_options(self.settings, self.dsn, APPLICATION_NAME),
+        )
+        await warn_if_pool_over_budget(
+            pool, self.settings, process="query API", beside=1, beside_what="LISTEN"
         )
         self.pool = pool
 
