@@ -115,7 +115,7 @@ def read_jwks(document: Any) -> tuple[list[PublishedKey], list[str]]:
             what = f"{data.get('kty')} {data.get('crv') or ''}".strip()
             declared = f" declared for {data.get('alg')!r}" if "alg" in data else ""
             skipped.append(
-                f"{name}: a {what} key{declared}; this service verifies {SUPPORTED_KEYS}")
+                f"{name}: {what} key{declared}; this service verifies {SUPPORTED_KEYS}")
             continue
         try:
             jwk = jwt.PyJWK(data)

@@ -242,7 +242,8 @@ class Settings(BaseModel):
         if value is None or not value.strip():
             return None
         normalised = normalise_claim_url(value)
-        if "://" in normalised and not _CLAIM_URL.match(normalised):
+        url_like = normalised.lower().startswith(("http:", "https:"))
+        if url_like and not _CLAIM_URL.match(normalised):
             name = str(info.field_name)
             raise ValueError(
                 f"{normalised!r} is not a URL like https://auth.example.com: set"

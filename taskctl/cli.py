@@ -251,6 +251,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     run_dev(args.host, args.port, Path(args.data_dir))
 
 
+def cmd_auth_check(args: argparse.Namespace) -> None:
+    from taskctl.authcheck import main as auth_check
+
+    sys.exit(auth_check(_settings(), args.token))
+
+
 def cmd_openapi(args: argparse.Namespace) -> None:
     from taskctl.openapi import main as openapi
 
@@ -335,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --verify (implied): a digest an earlier --verify printed;"
                             " exit 1 if the events up to its position no longer hash to it")
     audit.set_defaults(func=cmd_audit)
+
+    auth = sub.add_parser("auth", help="the APIs' token check")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    auth_check = auth_sub.add_parser(
+        "check", help="print the auth settings and the key server's state; with --token, each"
+                      " verification step (exit 1 when the APIs would refuse it)")
+    auth_check.add_argument("--token", metavar="T",
+                            help="a token (or 'Bearer T'; '-' reads it from stdin)")
+    auth_check.set_defaults(func=cmd_auth_check)
 
     openapi = sub.add_parser(
         "openapi", help="print the one OpenAPI document of both APIs (shared/openapi.json)")
