@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
@@ -112,6 +113,8 @@ def event_templates() -> dict[str, str]:
         second.change(title=p["title"], description=p["description"], set_description=True,
                       completed=True, **stamp)
         second.change(completed=False, **stamp)
+        second.change(priority="high", tags=["bench"], due_date=datetime(2030, 1, 1, tzinfo=UTC),
+                      set_due_date=True, **stamp)
         second.delete(**stamp)
         templates = {}
         for event in [*first.collect_events(), *second.collect_events()[1:]]:

@@ -41,6 +41,9 @@ def create(_: Task | None, command: Create, stamp: Stamp) -> Task:
         owner=stamp.user_id,
         title=command.title,
         description=command.description,
+        priority=command.priority,
+        tags=command.tags,
+        due_date=command.due_date,
         actor=stamp.user_id,
         request_id=stamp.request_id,
     )
@@ -55,6 +58,10 @@ def change(task: Task | None, command: Change, stamp: Stamp) -> Task:
         description=command.description,
         set_description=command.set_description,
         completed=command.completed,
+        priority=command.priority,
+        tags=command.tags,
+        due_date=command.due_date,
+        set_due_date=command.set_due_date,
     )
     return task
 

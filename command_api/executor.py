@@ -61,11 +61,15 @@ class Saved(NamedTuple):
     created_on: datetime
     modified_on: datetime
     version: int
+    priority: str
+    tags: tuple[str, ...]
+    due_date: datetime | None
 
     @classmethod
     def of(cls, task: Task) -> Saved:
         return cls(task.id, task.owner, task.title, task.description, task.completed,
-                   task.created_on, task.modified_on, task.version)
+                   task.created_on, task.modified_on, task.version,
+                   task.priority, task.tags, task.due_date)
 
 
 @dataclass(frozen=True)

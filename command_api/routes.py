@@ -17,7 +17,12 @@ route) hand every request to `handle`, which answers in this order:
 
 An Idempotency-Key's fingerprint is the sha256 of [method, path without a trailing
 slash, body] in canonical JSON, the body as `CommandRoute.signed` says; it is part of
-the stored format (the keys already stored must keep matching).
+the stored format (the keys already stored must keep matching): the fields added since
+(`bodies.ADDED_FIELDS`) are in it only when given (PATCH, PUT) or, for "all", when not
+at their defaults, so a body without them signs as it always did.
+
+A body field no model knows is a 422 whose details name the field and list the
+route's accepted fields.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError, WithJsonSchema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from command_api import commands
-from command_api.bodies import ChangeTask, CreateTask, ReplaceTask, SetCompletion
+from command_api.bodies import ADDED_FIELDS, ChangeTask, CreateTask, ReplaceTask, SetCompletion
 from command_api.commands import Command, Stamp
 from command_api.decisions import NotYourTask, TaskDeleted, TaskNotFound
 from command_api.executor import (
@@ -95,7 +100,7 @@ _REFUSALS = tuple(ERRORS)
 
 
 def _create(_: UUID | None, body: Any) -> Command:
-    return commands.Create(body.title, body.description)
+    return commands.Create(body.title, body.description, body.priority, body.tags, body.due_date)
 
 
 def _change(task_id: UUID | None, body: Any) -> Command:
@@ -108,11 +113,16 @@ def _change(task_id: UUID | None, body: Any) -> Command:
         description=body.description,
         set_description="description" in given,
         completed=body.completed if "completed" in given else None,
+        priority=body.priority if "priority" in given else None,
+        tags=body.tags if "tags" in given else None,
+        due_date=body.due_date,
+        set_due_date="due_date" in given,
     )
 
 
 def _replace(task_id: UUID | None, body: Any) -> Command:
-    """PUT: title and description replaced, completed only when given."""
+    """PUT: every field replaced (a field left out by its default) but completed, which
+    changes only when given."""
     assert task_id is not None
     return commands.Change(
         task_id,
@@ -120,6 +130,10 @@ def _replace(task_id: UUID | None, body: Any) -> Command:
         description=body.description,
         set_description=True,
         completed=body.completed,
+        priority=body.priority,
+        tags=body.tags,
+        due_date=body.due_date,
+        set_due_date=True,
     )
 
 
@@ -231,8 +245,17 @@ def _json(body: bytes, content_type: str | None) -> Any:
         ) from None
 
 
-def _errors(e: ValidationError, *prefix: str) -> list[dict[str, Any]]:
-    return [{**err, "loc": (*prefix, *err["loc"])} for err in e.errors(include_url=False)]
+def _errors(
+    e: ValidationError, *prefix: str, model: type[BaseModel] | None = None
+) -> list[dict[str, Any]]:
+    errors = [{**err, "loc": (*prefix, *err["loc"])} for err in e.errors(include_url=False)]
+    if model is not None:
+        accepted = ", ".join(model.model_fields)
+        for err in errors:
+            if err["type"] == "extra_forbidden":
+                err["type"] = "unknown_field"
+                err["msg"] = f"Unknown field; accepted: {accepted}"
+    return errors
 
 
 def _task_id(raw: str, errors: list[dict[str, Any]]) -> UUID | None:
@@ -256,7 +279,7 @@ def _body(route: CommandRoute, value: Any, errors: list[dict[str, Any]]) -> Any:
             return route.body.model_validate(value)
         return _ADAPTERS[route.body].validate_python(value, from_attributes=True)
     except ValidationError as e:
-        errors += _errors(e, "body")
+        errors += _errors(e, "body", model=route.body)
         return None
 
 
@@ -273,7 +296,12 @@ def _idempotency_key(
         if body is None:
             signed = dict.fromkeys(route.body.model_fields)
         else:
-            signed = body.model_dump(exclude_unset=route.signed == "given")
+            signed = body.model_dump(mode="json", exclude_unset=route.signed == "given")
+            if route.signed == "all":  # the added fields only when not at their defaults
+                fields = route.body.model_fields
+                for name in ADDED_FIELDS:
+                    if name in fields and getattr(body, name) == fields[name].default:
+                        del signed[name]
     canonical = json.dumps(
         [route.method, request.url.path.rstrip("/"), signed], sort_keys=True, separators=(",", ":")
     )
@@ -285,6 +313,7 @@ def task_view(task: Task | Saved) -> dict[str, Any]:
     return task_document(
         task.id, task.owner, task.title, task.description, task.completed,
         task.created_on, task.modified_on, task.version,
+        task.priority, task.tags, task.due_date,
     )
 
 

@@ -106,8 +106,13 @@ def _record(row: asyncpg.Record) -> dict[str, Any]:
         "owner": row["owner"],
         "actor": event.actor,
         "request_id": event.request_id,
-        "data": {k: v for k, v in event.data.items() if k != "owner"},
+        "data": {k: _plain(v) for k, v in event.data.items() if k != "owner"},
     }
+
+
+def _plain(value: Any) -> Any:
+    """A field as JSON shows it: a date-time (a due date) in ISO 8601, UTC."""
+    return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
 
 
 async def stream(dsn: str, filters: Filters) -> AsyncIterator[dict[str, Any]]:

@@ -1,7 +1,11 @@
 """Read model: task history, one row per event, kept after the task is deleted.
 
 `changes` holds {field: {"from": old, "to": new}}; a created task's fields come from
-null. A deleted task's row has no changes (its `event_type` says what happened).
+null: its title, description and completed, and its priority, tags and due date when
+they are not the defaults (medium, none, none), so a task created without them, or
+before they existed, has the row it always had. A due date shows as ISO 8601 in UTC,
+as in the task document. A deleted task's row has no changes (its `event_type` says what
+happened).
 Rows are keyed by event-store position, so inserting one twice changes nothing.
 The read-model shape: see `projections.manifest`.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -20,9 +25,13 @@ from shared.catalog import Tables
 from shared.events import (
     COMPLETED,
     CREATED,
+    DEFAULT_PRIORITY,
     DELETED,
     DESCRIPTION_CHANGED,
+    DUE_DATE_CHANGED,
+    PRIORITY_CHANGED,
     REOPENED,
+    TAGS_CHANGED,
     TITLE_CHANGED,
     TaskEvent,
 )
@@ -90,12 +99,24 @@ def _change(old: Any, new: Any) -> dict[str, Any]:
     return {"from": old, "to": new}
 
 
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
 def _created(e: TaskEvent, _: TaskState | None) -> Changes:
-    return {
-        "title": _change(None, e.data["title"]),
-        "description": _change(None, e.data["description"]),
+    d = e.data
+    changes = {
+        "title": _change(None, d["title"]),
+        "description": _change(None, d["description"]),
         "completed": _change(None, False),
     }
+    if d.get("priority", DEFAULT_PRIORITY) != DEFAULT_PRIORITY:
+        changes["priority"] = _change(None, d["priority"])
+    if d.get("tags"):
+        changes["tags"] = _change(None, d["tags"])
+    if d.get("due_date") is not None:
+        changes["due_date"] = _change(None, _iso(d["due_date"]))
+    return changes
 
 
 def _title_changed(e: TaskEvent, s: TaskState) -> Changes:
@@ -104,6 +125,18 @@ def _title_changed(e: TaskEvent, s: TaskState) -> Changes:
 
 def _description_changed(e: TaskEvent, s: TaskState) -> Changes:
     return {"description": _change(s.description, e.data["description"])}
+
+
+def _priority_changed(e: TaskEvent, s: TaskState) -> Changes:
+    return {"priority": _change(s.priority, e.data["priority"])}
+
+
+def _tags_changed(e: TaskEvent, s: TaskState) -> Changes:
+    return {"tags": _change(list(s.tags), e.data["tags"])}
+
+
+def _due_date_changed(e: TaskEvent, s: TaskState) -> Changes:
+    return {"due_date": _change(_iso(s.due_date), _iso(e.data["due_date"]))}
 
 
 def _completed(_: TaskEvent, s: TaskState) -> Changes:
@@ -122,6 +155,9 @@ CHANGES: dict[str, Callable[[TaskEvent, Any], Changes]] = {
     CREATED: _created,
     TITLE_CHANGED: _title_changed,
     DESCRIPTION_CHANGED: _description_changed,
+    PRIORITY_CHANGED: _priority_changed,
+    TAGS_CHANGED: _tags_changed,
+    DUE_DATE_CHANGED: _due_date_changed,
     COMPLETED: _completed,
     REOPENED: _reopened,
     DELETED: _deleted,

@@ -65,7 +65,7 @@ def _deleted(before: TaskState) -> Delta:
     return (-1, -1, 0) if before.completed else (-1, 0, -1)
 
 
-# Title and description changes leave the counts as they are.
+# Changes of title, description, priority, tags or due date leave the counts as they are.
 DELTAS: dict[str, Callable[[TaskState], Delta]] = {
     CREATED: _created,
     COMPLETED: _completed,

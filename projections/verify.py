@@ -42,9 +42,13 @@ from shared.catalog import Tables
 from shared.events import (
     COMPLETED,
     CREATED,
+    DEFAULT_PRIORITY,
     DELETED,
     DESCRIPTION_CHANGED,
+    DUE_DATE_CHANGED,
+    PRIORITY_CHANGED,
     REOPENED,
+    TAGS_CHANGED,
     TITLE_CHANGED,
 )
 from shared.position import ZERO, Position
@@ -84,6 +88,13 @@ def _changed(name: str, old: str | bool | None, new: str | bool | None) -> str:
     return f'{{"{name}": {{"to": {_scalar(new)}, "from": {_scalar(old)}}}}}'
 
 
+def _list(values: list[str] | tuple[str, ...] | None) -> str:
+    """A list of strings (or null) as `_jsonb_text` writes it."""
+    if values is None:
+        return "null"
+    return "[" + ", ".join(_json_string(v) for v in values) + "]"
+
+
 def _canonical(value: Any) -> str:
     """A value as PostgreSQL writes it as text, timestamps as epoch microseconds."""
     if value is None:
@@ -102,6 +113,8 @@ def _jsonb_text(value: Any) -> str:
     if isinstance(value, dict):
         keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
         return "{" + ", ".join(f"{_json_string(k)}: {_jsonb_text(value[k])}" for k in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_jsonb_text(v) for v in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -120,6 +133,7 @@ ROW_HASH = "('x' || left(md5(concat_ws(chr(31), {columns})), 16))::bit(64)::bigi
 TASK_COLUMNS = ", ".join([
     "user_id", "task_id::text", "title", "coalesce(description, chr(1))", "completed::text",
     _micros("created_at"), _micros("updated_at"), "version::text", "position::text",
+    "priority", "to_json(tags)::text", f"coalesce({_micros('due_date')}, chr(1))",
 ])
 HISTORY_COLUMNS = ", ".join([
     "user_id", "position::text", "task_id::text", "version::text", "event_type", "actor",
@@ -170,6 +184,9 @@ class _Task:
     version: int
     position: int
     deleted: bool = False
+    priority: str = DEFAULT_PRIORITY
+    tags: list[str] = field(default_factory=list)
+    due_date: datetime | None = None
 
 
 def _parse(state: bytes | str) -> Any:
@@ -183,6 +200,15 @@ def _parse(state: bytes | str) -> Any:
 
 def _time(value: dict[str, str]) -> datetime:
     return datetime.fromisoformat(value["_data_"])
+
+
+def _due(value: dict[str, str] | None) -> datetime | None:
+    return None if value is None else _time(value)
+
+
+def _iso(value: datetime | None) -> str | None:
+    """A due date as the history shows it: ISO 8601 in UTC."""
+    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 @dataclass
@@ -221,9 +247,26 @@ class Fold:
                          version, position)
             self.tasks[task_id] = task
             self.owned.setdefault(task.owner, set()).add(task_id)
-            changes = (f'{{"title": {{"to": {_scalar(task.title)}, "from": null}},'
-                       ' "completed": {"to": false, "from": null},'
-                       f' "description": {{"to": {_scalar(task.description)}, "from": null}}}}')
+            # Priority, tags and a due date are in the history only when not the
+            # defaults (a TaskCreated stored before them has none of them).
+            task.priority = data.get("priority", DEFAULT_PRIORITY)
+            task.tags = data.get("tags", [])
+            task.due_date = _due(data.get("due_date"))
+            if task.priority == DEFAULT_PRIORITY and not task.tags and task.due_date is None:
+                changes = (f'{{"title": {{"to": {_scalar(task.title)}, "from": null}},'
+                           ' "completed": {"to": false, "from": null},'
+                           f' "description": {{"to": {_scalar(task.description)},'
+                           ' "from": null}}')
+            else:
+                created: dict[str, Any] = {
+                    "title": task.title, "description": task.description, "completed": False}
+                if task.priority != DEFAULT_PRIORITY:
+                    created["priority"] = task.priority
+                if task.tags:
+                    created["tags"] = task.tags
+                if task.due_date is not None:
+                    created["due_date"] = _iso(task.due_date)
+                changes = _jsonb_text({k: {"from": None, "to": v} for k, v in created.items()})
         elif task is None or task.deleted:
             self.problems.append(f"event {position} of task {task_id}: no live task")
             return
@@ -234,6 +277,16 @@ class Fold:
             elif topic == DESCRIPTION_CHANGED:
                 changes = _changed("description", task.description, data["description"])
                 task.description = data["description"]
+            elif topic == PRIORITY_CHANGED:
+                changes = _changed("priority", task.priority, data["priority"])
+                task.priority = data["priority"]
+            elif topic == TAGS_CHANGED:
+                changes = f'{{"tags": {{"to": {_list(data["tags"])}, "from": {_list(task.tags)}}}}}'
+                task.tags = data["tags"]
+            elif topic == DUE_DATE_CHANGED:
+                due = _due(data["due_date"])
+                changes = _changed("due_date", _iso(task.due_date), _iso(due))
+                task.due_date = due
             elif topic == COMPLETED:
                 changes = _changed("completed", task.completed, True)
                 task.completed = True
@@ -274,7 +327,8 @@ class Fold:
                 completed += task.completed
                 s.tasks_sum = (s.tasks_sum + task_row_hash(
                     user, task_id, task.title, task.description, task.completed,
-                    task.created_at, task.updated_at, task.version, task.position)) & MASK
+                    task.created_at, task.updated_at, task.version, task.position,
+                    task.priority, task.tags, task.due_date)) & MASK
             s.history, s.history_sum = self.history.get(user, [0, 0])
             s.stats = (s.tasks, completed, s.tasks - completed)
             out[user] = s
@@ -284,12 +338,17 @@ class Fold:
 def task_row_hash(
     user: str, task_id: UUID, title: str, description: str | None, completed: bool,
     created_at: datetime, updated_at: datetime, version: int, position: int,
+    priority: str = DEFAULT_PRIORITY, tags: list[str] | tuple[str, ...] = (),
+    due_date: datetime | None = None,
 ) -> int:
-    """`row_hash` of a task row, spelled out for its column types."""
+    """`row_hash` of a task row, spelled out for its column types (tags as `to_json`
+    writes a text[]: as orjson writes a list)."""
     return _hash_text("\x1f".join((
         user, str(task_id), title, NULL if description is None else description,
         "true" if completed else "false", str((created_at - EPOCH) // MICROSECOND),
         str((updated_at - EPOCH) // MICROSECOND), str(version), str(position),
+        priority, orjson.dumps(list(tags)).decode(),
+        NULL if due_date is None else str((due_date - EPOCH) // MICROSECOND),
     )))
 
 

@@ -8,11 +8,14 @@ document from its row's columns (`projections.task_list.DOC_SQL`) is tested agai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import orjson
+
+from shared.events import DEFAULT_PRIORITY
 
 
 def task_document(
@@ -24,13 +27,20 @@ def task_document(
     created_at: datetime,
     updated_at: datetime,
     version: int,
+    priority: str = DEFAULT_PRIORITY,
+    tags: Sequence[str] = (),
+    due_date: datetime | None = None,
 ) -> dict[str, Any]:
+    """The fields in the order the API shows them; times in UTC, as ISO 8601."""
     return {
         "id": str(task_id),
         "user_id": user_id,
         "title": title,
         "description": description,
         "completed": completed,
+        "priority": priority,
+        "tags": list(tags),
+        "due_date": None if due_date is None else due_date.astimezone(UTC).isoformat(),
         "created_at": created_at.astimezone(UTC).isoformat(),
         "updated_at": updated_at.astimezone(UTC).isoformat(),
         "version": version,

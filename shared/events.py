@@ -11,20 +11,35 @@ Every event carries the acting user (``actor``) and the ``request_id`` of the co
 that produced it, besides the library's ``timestamp`` (UTC) and version. The stored
 state is the eventsourcing `JSONTranscoder`'s JSON, where UUIDs, datetimes and decimals
 are wrapped as ``{"_type_": ..., "_data_": ...}``; `TaskCreated` also holds ``owner``.
+
+`priority`, `tags` and `due_date` came later: a `TaskCreated` stored before them has
+none of the three, and reads as a task with the defaults (`DEFAULT_PRIORITY`, no tags,
+no due date); one stored since carries all three. Each is then changed by an event of
+its own (`TaskPriorityChanged`, `TaskTagsChanged`, `TaskDueDateChanged`). Their rules
+(`PRIORITIES`, `normal_tag`, `parse_due_date`) are here so that the command side's
+bodies and the query side's filters read them alike.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
+import unicodedata
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
 
 TITLE_MAX = 255
 DESCRIPTION_MAX = 2000
+Priority = Literal["low", "medium", "high"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)  # in order: sorting by priority follows it
+DEFAULT_PRIORITY: Priority = "medium"
+TAGS_MAX = 10  # tags on one task
+TAG_MAX = 32  # characters in one tag, as sent
 
 
 class TaskDeleted(Exception):
@@ -43,6 +58,9 @@ class Task(Aggregate):
         owner: str
         title: str
         description: str | None
+        priority: str
+        tags: list[str]
+        due_date: datetime | None
 
     class TitleChanged(Event):
         TOPIC = "TaskTitleChanged"
@@ -57,6 +75,27 @@ class Task(Aggregate):
 
         def apply(self, task: Task) -> None:
             task.description = self.description
+
+    class PriorityChanged(Event):
+        TOPIC = "TaskPriorityChanged"
+        priority: str
+
+        def apply(self, task: Task) -> None:
+            task.priority = self.priority
+
+    class TagsChanged(Event):
+        TOPIC = "TaskTagsChanged"
+        tags: list[str]
+
+        def apply(self, task: Task) -> None:
+            task.tags = tuple(self.tags)
+
+    class DueDateChanged(Event):
+        TOPIC = "TaskDueDateChanged"
+        due_date: datetime | None
+
+        def apply(self, task: Task) -> None:
+            task.due_date = self.due_date
 
     class Completed(Event):
         TOPIC = "TaskCompleted"
@@ -77,11 +116,23 @@ class Task(Aggregate):
             task.deleted = True
 
     def __init__(
-        self, owner: str, title: str, description: str | None, actor: str, request_id: str
+        self,
+        owner: str,
+        title: str,
+        description: str | None,
+        actor: str,
+        request_id: str,
+        # The defaults are what a `TaskCreated` stored before these fields reads as.
+        priority: str = DEFAULT_PRIORITY,
+        tags: Sequence[str] = (),
+        due_date: datetime | None = None,
     ) -> None:
         self.owner = owner
         self.title = title
         self.description = description
+        self.priority = priority
+        self.tags: tuple[str, ...] = tuple(tags)
+        self.due_date = due_date
         self.completed = False
         self.deleted = False
 
@@ -95,6 +146,9 @@ class Task(Aggregate):
         actor: str,
         request_id: str,
         task_id: UUID | None = None,
+        priority: str = DEFAULT_PRIORITY,
+        tags: Sequence[str] = (),
+        due_date: datetime | None = None,
     ) -> Task:
         if not actor:
             raise ValueError("an event needs an actor")
@@ -104,6 +158,9 @@ class Task(Aggregate):
             owner=owner,
             title=title,
             description=description,
+            priority=priority,
+            tags=list(tags),
+            due_date=due_date,
             actor=actor,
             request_id=request_id,
         )
@@ -120,13 +177,25 @@ class Task(Aggregate):
         description: str | None = None,
         set_description: bool = False,
         completed: bool | None = None,
+        priority: str | None = None,
+        tags: Sequence[str] | None = None,
+        due_date: datetime | None = None,
+        set_due_date: bool = False,
     ) -> None:
+        """None leaves a field as it is; `description` and `due_date` are set (to a
+        value or to None) only with `set_description` / `set_due_date`."""
         self._check_live(actor)
         stamp = {"actor": actor, "request_id": request_id}
         if title is not None and title != self.title:
             self.trigger_event(self.TitleChanged, title=title, **stamp)
         if set_description and description != self.description:
             self.trigger_event(self.DescriptionChanged, description=description, **stamp)
+        if priority is not None and priority != self.priority:
+            self.trigger_event(self.PriorityChanged, priority=priority, **stamp)
+        if tags is not None and tuple(tags) != self.tags:
+            self.trigger_event(self.TagsChanged, tags=list(tags), **stamp)
+        if set_due_date and due_date != self.due_date:
+            self.trigger_event(self.DueDateChanged, due_date=due_date, **stamp)
         if completed is True and not self.completed:
             self.trigger_event(self.Completed, **stamp)
         elif completed is False and self.completed:
@@ -148,6 +217,9 @@ class Task(Aggregate):
 CREATED = Task.Created.TOPIC
 TITLE_CHANGED = Task.TitleChanged.TOPIC
 DESCRIPTION_CHANGED = Task.DescriptionChanged.TOPIC
+PRIORITY_CHANGED = Task.PriorityChanged.TOPIC
+TAGS_CHANGED = Task.TagsChanged.TOPIC
+DUE_DATE_CHANGED = Task.DueDateChanged.TOPIC
 COMPLETED = Task.Completed.TOPIC
 REOPENED = Task.Reopened.TOPIC
 DELETED = Task.Deleted.TOPIC
@@ -158,11 +230,84 @@ EVENT_TOPICS: dict[str, type[Task.Event]] = {
         Task.Created,
         Task.TitleChanged,
         Task.DescriptionChanged,
+        Task.PriorityChanged,
+        Task.TagsChanged,
+        Task.DueDateChanged,
         Task.Completed,
         Task.Reopened,
         Task.Deleted,
     )
 }
+
+
+# -- the fields' rules, for the command bodies and the query filters --------------------
+
+
+# `normal_tag`'s rules as a JSON Schema pattern (no control character, not blank), for
+# the documents of the bodies and the filter.
+_TAG_CHAR = "[^\\u0000-\\u001f\\u007f-\\u009f]"
+TAG_PATTERN = f"^{_TAG_CHAR}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_TAG_CHAR}*$"
+
+
+def normal_tag(text: str) -> str:
+    """A tag as stored: at most `TAG_MAX` characters as sent, no control characters,
+    not blank; trimmed and lowercased ("Work " and "work" are one tag)."""
+    if len(text) > TAG_MAX:
+        raise ValueError(f"each tag must be at most {TAG_MAX} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in text):
+        raise ValueError("a tag must not contain control characters or lone surrogates")
+    tag = text.strip()
+    if not tag:
+        raise ValueError("a tag must not be blank")
+    return tag.lower()
+
+
+def normal_tags(texts: Sequence[str]) -> list[str]:
+    """A task's tags as stored: at most `TAGS_MAX`, each `normal_tag`, duplicates (after
+    normalising) dropped, the first of each kept in the order given."""
+    if len(texts) > TAGS_MAX:
+        raise ValueError(f"at most {TAGS_MAX} tags")
+    return list(dict.fromkeys(normal_tag(t) for t in texts))
+
+
+# RFC 3339 (ISO 8601) date-times, seconds and offset optional, or a date alone; ASCII
+# digits only (`\d` would take any script's).
+_DATE_TIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]+))?)?"
+    r"(?:([Zz])|([+-])([0-9]{2}):?([0-9]{2}))?)?"
+)
+DATE_TIME_FORMS = (
+    "an ISO 8601 date-time such as 2026-05-01T17:00:00Z or 2026-05-01T19:00+02:00,"
+    " or a date such as 2026-05-01"
+)
+
+
+def parse_due_date(text: str) -> datetime:
+    """A due date (or a filter's bound) in UTC. Seconds and a fraction are optional (the
+    fraction is cut to microseconds); without an offset the time is UTC; a date alone
+    is its midnight, UTC. It must fall within years 1 to 9999 once in UTC."""
+    match = _DATE_TIME.fullmatch(text) if len(text) <= 64 else None
+    if match is None:
+        raise ValueError(f"must be {DATE_TIME_FORMS}")
+    year, month, day, hour, minute, second, fraction, _utc, sign, oh, om = match.groups()
+    zone = UTC
+    if sign is not None:
+        if int(oh) > 23 or int(om) > 59:
+            raise ValueError("the offset must be within -23:59 and +23:59")
+        offset = timedelta(hours=int(oh), minutes=int(om))
+        zone = timezone(-offset if sign == "-" else offset)
+    try:
+        value = datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+            int(second or 0), int((fraction or "0")[:6].ljust(6, "0")), tzinfo=zone,
+        )
+    except ValueError:
+        raise ValueError("must be a valid date and time, e.g. 2026-05-01T17:00:00Z") from None
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall within years 1 to 9999 once converted to UTC") from None
 
 
 # -- reading stored events in Python -----------------------------------------------------

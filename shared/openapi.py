@@ -7,6 +7,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
+from shared.events import Priority
+
 T = TypeVar("T")
 
 
@@ -16,6 +18,9 @@ class TaskOut(BaseModel):
     title: str
     description: str | None
     completed: bool
+    priority: Priority
+    tags: list[str]
+    due_date: str | None = Field(description="ISO 8601, in UTC; null: no due date")
     created_at: str
     updated_at: str
     version: int

@@ -76,6 +76,7 @@ class MTask:
         return {
             "id": self.id, "user_id": self.owner, "title": self.title,
             "description": self.description, "completed": self.completed,
+            "priority": "medium", "tags": [], "due_date": None,  # never set by this model
             "created_at": self.created_at, "updated_at": self.updated_at, "version": self.version,
         }
 

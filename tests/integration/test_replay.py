@@ -89,7 +89,7 @@ async def test_replay_equals_the_live_projector_and_switches_to_a_new_version(ow
             "SELECT version FROM projection_versions WHERE projection = 'task_views'").fetchone()
     assert indexes == {"read_tasks_pkey", "read_tasks_user_created_idx",
                        "read_tasks_user_updated_idx", "read_tasks_user_title_idx",
-                       "read_tasks_task_idx"}
+                       "read_tasks_task_idx", "read_tasks_user_due_idx"}
     assert served == (2,)
     # The load goes without primary keys and indexes; the switched-to tables have them
     # all back, under the live names, as `db init` makes them.

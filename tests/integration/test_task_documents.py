@@ -107,7 +107,9 @@ async def test_db_init_fills_doc_in_a_table_made_before_it(own_db: str) -> None:
     await catch_up(own_db)
     live = snapshot(own_db)
     with psycopg.connect(own_db) as conn:
-        conn.execute("ALTER TABLE read_tasks DROP COLUMN doc")  # the table as it was
+        # The table as it was (before doc, so before priority, tags and due_date too).
+        conn.execute("ALTER TABLE read_tasks DROP COLUMN doc, DROP COLUMN priority,"
+                     " DROP COLUMN tags, DROP COLUMN due_date")
 
     init_database(settings_for(own_db))
 

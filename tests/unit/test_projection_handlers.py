@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from projections import task_history, task_list, user_stats
@@ -91,7 +92,9 @@ def test_the_folds_spelled_out_hashes_equal_the_generic_row_hash() -> None:
                 owner, task, after.title, after.description, after.completed,
                 after.created_at, after.updated_at, after.version, after.position,
             ) == row_hash(owner, task, after.title, after.description, after.completed,
-                          after.created_at, after.updated_at, after.version, after.position)
+                          after.created_at, after.updated_at, after.version, after.position,
+                          after.priority, orjson.dumps(list(after.tags)).decode(),
+                          after.due_date)
         state = after
     assert fold.history[owner] == [len(lives), expected]
     assert fold.problems == []

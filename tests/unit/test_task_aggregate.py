@@ -50,6 +50,7 @@ def test_a_deleted_task_takes_no_more_commands():
 def test_every_event_topic_is_registered_once():
     assert set(EVENT_TOPICS) == {
         "TaskCreated", "TaskTitleChanged", "TaskDescriptionChanged",
+        "TaskPriorityChanged", "TaskTagsChanged", "TaskDueDateChanged",
         "TaskCompleted", "TaskReopened", "TaskDeleted",
     }
 
