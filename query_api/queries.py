@@ -22,12 +22,23 @@ from uuid import UUID
 import asyncpg
 
 from shared import catalog
-from shared.events import event_time
+from shared.events import PRIORITIES, Priority, event_time
 from shared.position import ZERO, Position
 
 Status = Literal["all", "pending", "completed"]
-Sort = Literal["created_at", "-created_at", "updated_at", "-updated_at", "title", "-title"]
+Sort = Literal[
+    "created_at", "-created_at", "updated_at", "-updated_at", "title", "-title",
+    "due_date", "-due_date", "priority", "-priority",
+]
 
+# low < medium < high (not their alphabetical order).
+PRIORITY_RANK = (
+    "(CASE priority "
+    + " ".join(f"WHEN '{p}' THEN {n}" for n, p in enumerate(PRIORITIES))
+    + " END)"
+)
+# Every order ends with the task id, unique among a user's tasks: pages never overlap.
+# Tasks without a due date come last, in both directions.
 _ORDER_BY: dict[str, str] = {
     "created_at": "created_at ASC, task_id ASC",
     "-created_at": "created_at DESC, task_id DESC",
@@ -35,6 +46,10 @@ _ORDER_BY: dict[str, str] = {
     "-updated_at": "updated_at DESC, task_id DESC",
     "title": "lower(title) ASC, created_at DESC, task_id DESC",
     "-title": "lower(title) DESC, created_at DESC, task_id DESC",
+    "due_date": "due_date ASC NULLS LAST, created_at DESC, task_id DESC",
+    "-due_date": "due_date DESC NULLS LAST, created_at DESC, task_id DESC",
+    "priority": f"{PRIORITY_RANK} ASC, created_at DESC, task_id DESC",
+    "-priority": f"{PRIORITY_RANK} DESC, created_at DESC, task_id DESC",
 }
 
 
@@ -165,12 +180,18 @@ def list_tasks(
     *,
     status: Status = "all",
     q: str | None = None,
+    priority: Priority | None = None,
+    tags: Sequence[str] = (),
+    due_before: datetime | None = None,
+    due_after: datetime | None = None,
     sort: Sort = "-created_at",
     limit: int | None = None,
     offset: int = 0,
 ) -> Query:
     """Columns `total` (every match) and `docs` (the page's stored documents joined
-    with commas, in order; NULL for an empty page)."""
+    with commas, in order; NULL for an empty page). `tags`: a task has all of them;
+    `due_after` is inclusive, `due_before` not; a task without a due date matches
+    neither."""
     where = ["user_id = $1"]
     args: list[Any] = [user_id]
     if status != "all":
@@ -182,6 +203,18 @@ def list_tasks(
         where.append(
             f"(title ILIKE ${n} ESCAPE '\\' OR coalesce(description, '') ILIKE ${n} ESCAPE '\\')"
         )
+    if priority is not None:
+        args.append(priority)
+        where.append(f"priority = ${len(args)}")
+    if tags:
+        args.append(list(tags))
+        where.append(f"tags @> ${len(args)}::text[]")
+    if due_after is not None:
+        args.append(due_after)
+        where.append(f"due_date >= ${len(args)}")
+    if due_before is not None:
+        args.append(due_before)
+        where.append(f"due_date < ${len(args)}")
     condition = " AND ".join(where)
     page = f" OFFSET ${len(args) + 1}"
     args.append(offset)
@@ -193,7 +226,8 @@ def list_tasks(
     return Query(
         f"SELECT (SELECT count(*) FROM {catalog.LIVE.tasks} WHERE {condition}) AS total,"
         f" (SELECT string_agg(doc, ',' ORDER BY {order}) FROM"
-        f" (SELECT doc, task_id, title, created_at, updated_at FROM {catalog.LIVE.tasks}"
+        f" (SELECT doc, task_id, title, created_at, updated_at, priority, due_date"
+        f" FROM {catalog.LIVE.tasks}"
         f" WHERE {condition} ORDER BY {order}{page}) p) AS docs",
         tuple(args),
     )

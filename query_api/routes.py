@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, field_validator
 
 from query_api import queries
 from query_api.cursor import BadCursor, decode_cursor, encode_cursor
@@ -20,7 +20,15 @@ from query_api.reader import Reader
 from shared.auth import CurrentUser
 from shared.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from shared.etag import etag
-from shared.events import EVENT_TOPICS
+from shared.events import (
+    EVENT_TOPICS,
+    TAG_MAX,
+    TAG_PATTERN,
+    TAGS_MAX,
+    Priority,
+    normal_tags,
+    parse_due_date,
+)
 from shared.http import Envelope
 from shared.openapi import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut, error_responses
 from shared.position import BadPosition, Position, decode
@@ -103,16 +111,51 @@ def _no_nul(value: str | None) -> str | None:
     return value
 
 
+def _due_bound(value: object) -> datetime | None:
+    """A due_before / due_after bound: the due date's own forms (`parse_due_date`)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time or a date")
+    return parse_due_date(value)
+
+
+_DUE_BOUND_SCHEMA = {
+    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}],
+}
+DueBound = Annotated[
+    datetime | None, BeforeValidator(_due_bound), WithJsonSchema(_DUE_BOUND_SCHEMA)
+]
+
+
 class TaskFilter(BaseModel):
     status: Status = "all"
     q: str | None = Field(
         default=None, max_length=500, json_schema_extra={"pattern": "^[^\\u0000]*$"}
     )
+    priority: Priority | None = None
+    tag: list[str] = Field(
+        default_factory=list,
+        max_length=TAGS_MAX,
+        json_schema_extra={
+            "items": {"type": "string", "minLength": 1, "maxLength": TAG_MAX,
+                      "pattern": TAG_PATTERN},
+            "description": "repeatable: tasks with every tag given (compared as stored:"
+                           " trimmed, lowercased)",
+        },
+    )
+    due_before: DueBound = Field(default=None, description="due_date before it (exclusive)")
+    due_after: DueBound = Field(default=None, description="due_date at or after it")
     sort: Sort = "-created_at"
     limit: int | None = Field(default=None, ge=1, le=1000)
     offset: int = Field(default=0, ge=0, le=1_000_000_000)
 
     _check_q = field_validator("q")(_no_nul)
+
+    @field_validator("tag")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        return normal_tags(value)
 
 
 class FeedFilter(BaseModel):
@@ -164,7 +207,9 @@ async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFil
     read = await reads.read_row(
         wanted,
         queries.list_tasks(
-            user_id, status=f.status, q=f.q, sort=f.sort, limit=f.limit, offset=f.offset
+            user_id, status=f.status, q=f.q, priority=f.priority, tags=f.tag,
+            due_before=f.due_before, due_after=f.due_after, sort=f.sort, limit=f.limit,
+            offset=f.offset,
         ),
     )
     page = queries.task_page(read.result["total"], read.result["docs"])

@@ -170,7 +170,7 @@ def test_pages_the_list_while_the_total_counts_every_match(
     ("params", "field_name"),
     [
         ({"status": "done"}, "status"),
-        ({"sort": "priority"}, "sort"),
+        ({"sort": "importance"}, "sort"),
         ({"sort": "--title"}, "sort"),
         ({"limit": 0}, "limit"),
         ({"limit": 1001}, "limit"),
