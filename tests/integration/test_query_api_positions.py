@@ -153,12 +153,15 @@ class Proxy:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        # The links first: since Python 3.12.1 `wait_closed()` waits for every connection
+        # the server accepted to close, so closing them after it hung forever (seen on
+        # 3.13 whenever a pooled connection was still open through the proxy).
         for writer in list(self.links):
             writer.close()
+        if self.server is not None:
+            self.server.close()
+            await asyncio.wait_for(self.server.wait_closed(), 10)
+            self.server = None
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
