@@ -15,7 +15,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from query_api import routes
+from query_api import routes, stream
 from query_api.queries import OLDEST_UNPROJECTED, lag_seconds, read_position
 from query_api.reader import OwnPositions, PrimaryAway, Reader
 from query_api.watch import PositionWatch
@@ -147,13 +147,16 @@ async def _primary_lag(primary: OwnPositions, position: Position) -> float:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     side = ReadSide(settings)
+    streams = stream.StreamHub(settings)  # the live streams (query_api/stream.py)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await side.start()
+        streams.start()
         with contextlib.suppress(ServiceUnavailable):
             await side.open()  # else answer 503 until the database is back
         yield
+        await streams.close()
         await side.close()
 
     app = FastAPI(
@@ -169,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings)
     app.state.open_reader = side.open
     app.state.read_side = side
+    app.state.streams = streams
     install_error_handlers(app, unavailable=DATABASE_DOWN)
     app.add_middleware(HeadAsGet)
     app.add_middleware(Observe, service="query-api")
@@ -198,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return checks
 
     app.include_router(health_router("query-api", ready))
+    app.include_router(stream.router)  # before routes: /tasks/stream is not a task id
     app.include_router(routes.router)
     app.include_router(metrics_router())
     install_docs(app)

@@ -169,6 +169,21 @@ class Settings(BaseModel):
     # seconds after them; else 408 and the connection is closed (taskctl/serving.py).
     http_header_timeout: float = Field(default=10.0, gt=0, le=300)
     http_body_timeout: float = Field(default=30.0, gt=0, le=600)
+    # The query API's live stream of task changes (query_api/stream.py, docs/streams.md):
+    # open streams per user and per process (past them 429 / 503), a heartbeat comment
+    # every STREAM_HEARTBEAT_SECONDS, the client's reconnection delay (the `retry:` field),
+    # the changes one stream may have waiting before it is dropped as a slow consumer,
+    # and how long one write to a stream may block before the same.
+    stream_max_per_user: int = Field(default=10, ge=1, le=1000)
+    stream_max_per_process: int = Field(default=2000, ge=1, le=100_000)
+    stream_heartbeat_seconds: float = Field(default=15.0, ge=0.1, le=300)
+    stream_retry_ms: int = Field(default=2000, ge=100, le=600_000)
+    stream_buffer_events: int = Field(default=1000, ge=10, le=1_000_000)
+    stream_send_timeout: float = Field(default=10.0, gt=0, le=300)
+    # The key of the stream tickets (a POST returns one for EventSource, which cannot send
+    # an Authorization header); unset: derived from BETTER_AUTH_SECRET, else random per
+    # process (then a ticket works only on the replica that issued it).
+    stream_ticket_secret: str | None = None
     # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
