@@ -174,12 +174,19 @@ class Cluster:
         self.run("pg_ctl", "-D", self.datadir, "-w", "-t", START_TIMEOUT, "promote")
         return time.monotonic() - started
 
-    def kill(self) -> None:
-        """SIGKILL of the postmaster (a crash, as a lost machine looks to the others).
-        Its children notice and exit by themselves; any left are killed by PID on stop."""
+    def kill(self, *, children: bool = False) -> None:
+        """SIGKILL of the postmaster (a crash). Its children notice and exit by
+        themselves (any left are killed by PID on stop); `children`: SIGKILL them at
+        the same moment too, as a lost machine sends nothing more (a stopped walsender
+        included)."""
         assert self.pid is not None
-        self._known_children.update(_children(self.pid))
+        kids = _children(self.pid)
+        self._known_children.update(kids)
         os.kill(self.pid, signal.SIGKILL)
+        if children:
+            for pid in kids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
