@@ -2,9 +2,10 @@
 API and the projector in one process, on one port.
 
 Reads (GET, HEAD) go to the query app and everything else to the command app, at the
-same paths; one lifespan runs both apps' lifespans and the projector as a background
-task. Imports `command_api`, `query_api` and `projections` only inside `create_dev_app`
-and `run_dev` (this is a composition root).
+same paths (but the live stream's paths, which are the query app's whatever the method:
+its tickets are POSTs; deploy/nginx.conf routes them alike); one lifespan runs both apps'
+lifespans and the projector as a background task. Imports `command_api`, `query_api`
+and `projections` only inside `create_dev_app` and `run_dev` (this is a composition root).
 
 `run_dev` is the whole `taskctl dev` life cycle: the port is bound before anything is
 printed; the embedded PostgreSQL (when DATABASE_URL is unset) is started, its URL and
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -36,6 +38,8 @@ from shared.settings import Settings
 log = logging.getLogger("taskservice.dev")
 
 READ_METHODS = frozenset({"GET", "HEAD"})
+# The query app's paths for every method: the live stream and its tickets (POST).
+QUERY_PATHS = re.compile(r"^/api/(?:[^/]+/)?tasks/stream(?:/tickets)?/?$")
 
 Background = Callable[[asyncio.Event], Awaitable[None]]
 
@@ -53,7 +57,8 @@ class MethodDispatch:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        app = self.reads if scope.get("method") in READ_METHODS else self.writes
+        reads = scope.get("method") in READ_METHODS or QUERY_PATHS.match(scope.get("path", ""))
+        app = self.reads if reads else self.writes
         await app(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -229,9 +229,11 @@ def test_gateway_config_agrees_with_the_services(compose: dict):
     assert "X-Forwarded-For $proxy_add_x_forwarded_for" in " ".join(
         nginx_directive(conf, "proxy_set_header")
     )
-    # Only /api/ and the OpenAPI document with its UI are proxied: /metrics is nowhere public.
+    # Only /api/ (the live stream's paths among them) and the OpenAPI document with its UI
+    # are proxied: /metrics is nowhere public.
     proxied = re.findall(r"location\s+([^{]+)\{[^}]*proxy_pass", conf)
-    assert [p.strip() for p in proxied] == ["/api/", r"~ ^/(openapi\.json|docs)/?$"]
+    assert [p.strip() for p in proxied] == [
+        "/api/", r"~ ^/api/(?:[^/]+/)?tasks/stream(?:/tickets)?/?$", r"~ ^/(openapi\.json|docs)/?$"]
 
 
 def test_the_image_builds_from_the_repository(compose: dict):

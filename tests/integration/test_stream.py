@@ -497,3 +497,23 @@ def test_a_replay_switch_during_an_open_stream_loses_and_repeats_nothing(own_db:
             assert got == expected
             assert sse.quiet(0.5) == []
         assert hub.reads > 0
+
+
+def test_taskctl_devs_one_origin_serves_the_stream_and_its_tickets(
+    settings: Settings, live_projector: None
+):
+    """`taskctl dev` sends the ticket's POST to the query app (other POSTs go to the
+    command app), and its stream follows the writes made on the same origin."""
+    from taskctl.dev import create_dev_app
+
+    with serve(create_dev_app(settings)) as base:
+        user = new_user()
+        ticket = ticket_for(base, user)
+        with stream(base, None, ticket=ticket["ticket"]) as sse:
+            assert sse.status == 200 and sse.next().event == "ready"
+            response = httpx.post(f"{base}/api/tasks", headers=bearer(user),
+                                  json={"title": "through taskctl dev"})
+            assert response.status_code == 201, response.text
+            (event,) = sse.take(1)
+            assert event.id == response.headers["X-Position"]
+            assert event.json() == response.json()["data"]
