@@ -45,6 +45,7 @@ from shared.jwks import (
     parse_jwks,
 )
 from shared.observability import AUTH_REFUSALS
+from shared.sessions import SessionTokens, SessionUnavailable, looks_like_jwt
 from shared.settings import Settings, normalise_claim_url
 
 __all__ = [
@@ -58,6 +59,7 @@ MISSING = "Authorization header required"
 EXPIRED = "Token expired"
 INVALID = "Invalid token"
 UNAVAILABLE = "Authentication keys unavailable, try again shortly"
+SESSIONS_UNAVAILABLE = "Sessions cannot be checked now, try again shortly"
 
 # Why a token is refused: the label of auth_refusals_total, the `reason` of the log line.
 REASONS = (
@@ -73,7 +75,10 @@ REASONS = (
     "issuer",  # iss is not JWT_ISSUER
     "audience",  # aud does not name JWT_AUDIENCE
     "claims",  # exp missing, a time claim not a number, sub unusable
+    "session",  # AUTH_SESSION_TOKENS: Better Auth's get-session knows no such session
+    "session_unavailable",  # AUTH_SESSION_TOKENS: get-session cannot be asked: 503
 )
+_UNAVAILABLE = {"keys_unavailable": UNAVAILABLE, "session_unavailable": SESSIONS_UNAVAILABLE}
 LOG_EVERY = 10.0
 MAX_SUBJECT_LENGTH = 255
 _QUIET_REASONS = frozenset({"missing_header", "expired"})  # everyday events: INFO
@@ -96,11 +101,11 @@ class Refused(Exception):
             return MISSING
         if self.reason == "expired":
             return EXPIRED
-        return UNAVAILABLE if self.reason == "keys_unavailable" else INVALID
+        return _UNAVAILABLE.get(self.reason, INVALID)
 
     def error(self) -> ApiError:
-        if self.reason == "keys_unavailable":
-            unavailable = ServiceUnavailable(UNAVAILABLE)
+        if self.reason in _UNAVAILABLE:
+            unavailable = ServiceUnavailable(self.message)
             unavailable.headers["Retry-After"] = str(self.retry_after)
             return unavailable
         return Unauthorized(self.message)
@@ -168,7 +173,16 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.secret = settings.better_auth_secret
-        url = settings.effective_jwks_url
+        mode = settings.auth_session_tokens
+        # "only": a Better Auth without the jwt() plugin, so no key set (unless JWKS_URL).
+        url = settings.effective_jwks_url if mode != "only" or settings.jwks_url else None
+        session_url = settings.session_url
+        self.sessions = (
+            SessionTokens(session_url, settings.auth_session_cache_seconds,
+                          settings.jwks_fetch_timeout)
+            if session_url
+            else None
+        )
         self.jwks = (
             JwksCache(url, settings.jwks_refetch_interval, timeout=settings.jwks_fetch_timeout,
                       max_age=settings.jwks_max_age)
@@ -185,7 +199,7 @@ class Authenticator:
         self.log_settings = {
             "jwks_url": url, "hs256": bool(self.secret), "jwt_issuer": self.issuer,
             "jwt_audience": self.audience, "jwt_leeway": self.leeway,
-            "max_token_bytes": self.max_token_bytes,
+            "max_token_bytes": self.max_token_bytes, "auth_session_tokens": mode,
         }
 
     # -- life cycle --------------------------------------------------------------------
@@ -263,6 +277,8 @@ class Authenticator:
 
     async def _user_id(self, authorization: str | None) -> str:
         token = self._bearer(authorization)
+        if self.sessions is not None and not looks_like_jwt(token):
+            return await self._session(token, None)
         known = self._verified.get(token)
         if known is not None and await self._still_valid(token, known):
             return known.sub
@@ -321,7 +337,12 @@ class Authenticator:
             token = self._bearer(header)
             steps.append(Step("size", True, f"{len(token)} bytes (MAX_TOKEN_BYTES="
                                             f"{self.max_token_bytes})"))
-            sub = await self._verify(token, steps)
+            if self.sessions is not None and not looks_like_jwt(token):
+                steps.append(Step("format", True, "not a JWT: a session token, checked with"
+                                                  f" {self.sessions.url} (AUTH_SESSION_TOKENS)"))
+                sub = await self._session(token, steps)
+            else:
+                sub = await self._verify(token, steps)
         except Refused as refused:
             steps.append(Step(refused.reason, False, refused.detail))
             return steps, None, refused
@@ -335,7 +356,12 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:
-            raise Refused("malformed", f"not a JWT ({e})") from None
+            hint = ""
+            if token.count(".") == 1 and self.sessions is None:
+                hint = ("; it looks like a Better Auth session token (its bearer() plugin's"
+                        " set-auth-token): send its JWT (authClient.token()), or set"
+                        " AUTH_SESSION_TOKENS")
+            raise Refused("malformed", f"not a JWT ({e}){hint}") from None
         alg, kid = header.get("alg"), header.get("kid")
         passed("format", f"a JWT; header alg={_shown(alg)} kid={_shown(kid)}")
         key: Any
@@ -393,6 +419,29 @@ class Authenticator:
         nbf = numeric_date(claims["nbf"]) if "nbf" in claims else None
         self._remember(token, _Verified(sub, exp, nbf, kid, published))
         return sub
+
+    async def _session(self, token: str, steps: list[Step] | None) -> str:
+        assert self.sessions is not None
+        try:
+            found = await self.sessions.lookup(token)
+        except SessionUnavailable as e:
+            raise Refused("session_unavailable", str(e)) from None
+        if found.user_id is None:
+            raise Refused("session", found.detail)
+        now = time.time()
+        if now >= found.expires_at:
+            raise Refused("expired", f"the session ended {now - found.expires_at:.0f} s ago"
+                                     f" ({_when(found.expires_at)})")
+        if not usable_subject(found.user_id):
+            raise Refused("claims", f"get-session's user id {_shown(found.user_id)} is not a"
+                                    " user id")
+        if steps is not None:
+            ends = _when(found.expires_at) if math.isfinite(found.expires_at) else "unknown"
+            steps.append(Step("session", True, f"user {found.user_id!r}; the session ends {ends};"
+                                               f" the answer is kept until"
+                                               f" {_when(found.kept_until)}"
+                                               " (AUTH_SESSION_CACHE_SECONDS)"))
+        return found.user_id
 
     def _check_claims(self, claims: dict[str, Any], passed: Any) -> str:
         now = time.time()

@@ -191,7 +191,9 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], limi
     return bytes(body)
 
 
-async def _get_once(url: str, limit: int) -> tuple[int, dict[str, str], bytes]:
+async def _get_once(
+    url: str, limit: int, extra: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise KeyServerError(f"{url!r} is not an http:// or https:// URL")
@@ -201,10 +203,11 @@ async def _get_once(url: str, limit: int) -> tuple[int, dict[str, str], bytes]:
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rpartition("@")[2]
+        lines = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
         request = (f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n"
-                   "User-Agent: taskservice-jwks\r\nConnection: close\r\n\r\n")
-        if not request.isascii():
-            raise KeyServerError("the JWKS URL is not ASCII: percent-encode it (IDNA for the host)")
+                   f"User-Agent: taskservice\r\n{lines}Connection: close\r\n\r\n")
+        if not request.isascii() or any("\r" in v or "\n" in v for v in (extra or {}).values()):
+            raise KeyServerError("the URL is not ASCII: percent-encode it (IDNA for the host)")
         writer.write(request.encode("ascii"))
         await writer.drain()
         status_line = (await reader.readline()).decode("latin-1").split()
@@ -225,21 +228,27 @@ async def _get_once(url: str, limit: int) -> tuple[int, dict[str, str], bytes]:
         writer.transport.abort()  # Connection: close; never wait for a peer's goodbye
 
 
-async def fetch_document(url: str, timeout: float, limit: int = MAX_JWKS_BYTES) -> Any:
-    """The JSON document at `url`, within `timeout` seconds in all (redirects included)."""
+async def fetch_document(
+    url: str, timeout: float, limit: int = MAX_JWKS_BYTES, *,
+    headers: dict[str, str] | None = None, redirects: int = 3, server: str = "the key server",
+) -> Any:
+    """The JSON document at `url`, within `timeout` seconds in all (redirects included;
+    a request with `headers` follows none, so they go to `url` alone)."""
+    if headers:
+        redirects = 0
     async with asyncio.timeout(timeout):
-        for _ in range(4):
-            status, headers, body = await _get_once(url, limit)
-            if status in _REDIRECTS and headers.get("location"):
-                url = urljoin(url, headers["location"])
+        for _ in range(redirects + 1):
+            status, answer, body = await _get_once(url, limit, headers)
+            if status in _REDIRECTS and answer.get("location") and redirects:
+                url = urljoin(url, answer["location"])
                 continue
             if status != 200:
-                raise KeyServerError(f"HTTP {status} from the key server")
+                raise KeyServerError(f"HTTP {status} from {server}")
             try:
                 return json.loads(body)
             except ValueError:
                 raise KeyServerError("the answer is not JSON") from None
-        raise KeyServerError("more than three redirects")
+        raise KeyServerError(f"more than {redirects} redirects")
 
 
 # -- the cache ---------------------------------------------------------------------------

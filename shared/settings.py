@@ -131,6 +131,11 @@ class Settings(BaseModel):
     jwks_max_age: float = Field(default=900.0, ge=1)
     # The whole of one key-set fetch (connect, headers, body), in seconds.
     jwks_fetch_timeout: float = Field(default=5.0, gt=0, le=60)
+    # Better Auth session tokens (its bearer() plugin) as bearer tokens, checked with
+    # its get-session: "off"; "also" (beside JWTs); "only" (no key set is fetched).
+    auth_session_tokens: Literal["off", "also", "only"] = "off"
+    # How long get-session's answer for a token is kept (never past the session's end).
+    auth_session_cache_seconds: float = Field(default=60.0, ge=0, le=3600)
     jwt_leeway: float = Field(default=0.0, ge=0, le=300)
 
     max_body_bytes: int = Field(default=65_536, ge=1024)
@@ -265,6 +270,22 @@ class Settings(BaseModel):
                 f" {name.upper()} to the exact {name[4:]} Better Auth signs with (by default"
                 " its base URL)")
         return normalised
+
+    @model_validator(mode="after")
+    def _check_session_tokens(self) -> Settings:
+        if self.auth_session_tokens != "off" and not self.better_auth_url:
+            raise ValueError(
+                f"AUTH_SESSION_TOKENS={self.auth_session_tokens} needs BETTER_AUTH_URL: session"
+                " tokens are checked with Better Auth's {BETTER_AUTH_URL}/api/auth/get-session")
+        return self
+
+    @property
+    def session_url(self) -> str | None:
+        """Better Auth's get-session, for AUTH_SESSION_TOKENS."""
+        if self.auth_session_tokens == "off" or not self.better_auth_url:
+            return None
+        url = self.better_auth_url.rstrip("/")
+        return url + ("/get-session" if urlsplit(url).path else "/api/auth/get-session")
 
     @property
     def effective_jwks_url(self) -> str | None:

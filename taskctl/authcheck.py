@@ -28,12 +28,21 @@ def configuration(settings: Settings, authenticator: Authenticator) -> list[str]
         modes.append("JWKS (Better Auth's jwt() plugin keys)")
     if authenticator.secret:
         modes.append("HS256 with BETTER_AUTH_SECRET (development tokens)")
+    sessions = authenticator.sessions
+    if sessions is not None:
+        modes.append("Better Auth session tokens (get-session)")
     lines = ["auth configuration", f"  mode: {' + '.join(modes)}"]
     if jwks is not None:
         source = "JWKS_URL" if settings.jwks_url else "BETTER_AUTH_URL"
         lines.append(f"  key set: {jwks.url} (from {source})")
+    elif settings.auth_session_tokens == "only":
+        lines.append("  key set: none (AUTH_SESSION_TOKENS=only)")
     else:
         lines.append("  key set: none (BETTER_AUTH_URL and JWKS_URL are unset): only HS256")
+    if sessions is not None:
+        lines.append(f"  session tokens (AUTH_SESSION_TOKENS={settings.auth_session_tokens}):"
+                     f" checked with {sessions.url}, each answer kept"
+                     f" {_seconds(sessions.cache_seconds)} (AUTH_SESSION_CACHE_SECONDS)")
     if not authenticator.secret:
         lines.append("  HS256: off (BETTER_AUTH_SECRET is unset)")
     base = better_auth_base(settings)

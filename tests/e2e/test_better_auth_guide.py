@@ -173,4 +173,5 @@ def test_the_troubleshooting_table_has_every_reason_and_names_real_settings() ->
     assert first_command and first_command.group(1).startswith("taskctl auth check")
     # The settings table's defaults are the service's.
     for name, default in re.findall(r"^\| `([A-Z_]+)` \| `([^`]+)` \|", text, re.M):
-        assert format(Settings.model_fields[name.lower()].default, "g") == default, name
+        value = Settings.model_fields[name.lower()].default
+        assert (value if isinstance(value, str) else format(value, "g")) == default, name

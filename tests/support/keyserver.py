@@ -1,7 +1,8 @@
 """A key server in its own process, as Better Auth is one: it serves a JWKS at
 `/api/auth/jwks` on 127.0.0.1 and behaves as its state file says, read on every request
 (the keys, an HTTP status, a body trickled byte by byte), and counts its requests in a
-file. The test stops it (an outage) and starts it again on the same port (the return).
+file. It also stubs Better Auth's `/api/auth/get-session`: the state's `sessions` map a
+bearer token to the answer (else `null`, as Better Auth answers for no session). The test stops it (an outage) and starts it again on the same port (the return).
 
 Run as `python -m tests.support.keyserver PORT FOLDER`; `KeyServer` drives it."""
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 JWKS_PATH = "/api/auth/jwks"
+SESSION_PATH = "/api/auth/get-session"
 
 
 def _serve(port: int, folder: Path) -> None:
@@ -34,7 +36,11 @@ def _serve(port: int, folder: Path) -> None:
             status = state.get("status", 200)
             if state.get("body") is not None:
                 body = state["body"].encode()
-            if self.path != JWKS_PATH:
+            if self.path.split("?")[0] == SESSION_PATH:
+                token = (self.headers.get("authorization") or "").partition(" ")[2]
+                body = json.dumps(state.get("sessions", {}).get(token)).encode()
+                status = state.get("session_status", 200)
+            elif self.path != JWKS_PATH:
                 status, body = 404, b"{}"
             trickle = state.get("trickle")  # seconds between bytes
             if trickle and state.get("trickle_headers"):
@@ -102,8 +108,13 @@ class KeyServer:
 
     @property
     def requests(self) -> int:
+        return len(self.paths())
+
+    def paths(self) -> list[str]:
+        """The path of each request so far, oldest first."""
         log = self.folder / "requests.log"
-        return len(log.read_text().splitlines()) if log.exists() else 0
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line.split(" ", 1)[1] for line in lines]
 
     def start(self) -> KeyServer:
         (self.folder / "listening").unlink(missing_ok=True)
