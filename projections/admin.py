@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from projections import checkpoints as cp
+from projections import lease as leases
 from projections.manifest import PROJECTIONS, table_names
 from projections.progress import ProgressReport
 from projections.replay import ReplayBusy, VerificationFailed, replay
@@ -82,7 +83,8 @@ def _left_as_it_was(in_place: bool) -> str:
 
 
 async def projection_status(dsn: str) -> list[dict[str, Any]]:
-    """Each projection's checkpoint, the head, the lag, who holds it, the served version."""
+    """Each projection's checkpoint, the head, the lag, who holds it (the advisory lock's
+    backend, and the lease: holder, epoch, expiry), the served version."""
     conn = await asyncpg.connect(dsn)
     try:
         head = await cp.head(conn)
@@ -104,6 +106,7 @@ async def projection_status(dsn: str) -> list[dict[str, Any]]:
                 "lag_seconds": None if seconds is None else round(seconds, 3),
                 "held_by_projector": holder is not None,
                 "projector_pid": None if holder is None else holder["pid"],
+                "lease": await leases.status(conn, name),
                 "serving_version": version if version is not None else 0,
                 "tables": table_names(tables),
             })
@@ -133,11 +136,20 @@ def status_main(dsn: str, *, as_json: bool) -> int:
         return 0
     for r in rows:
         held = f"yes (pid {r['projector_pid']})" if r["held_by_projector"] else "no"
+        lease = r["lease"]
+        if lease is None:
+            leased = "none"
+        else:
+            seconds = lease["expires_in_seconds"]
+            when = (f"lapsed {-seconds:.1f}s ago" if lease["lapsed"]
+                    else f"expires in {seconds:.1f}s")
+            leased = f"epoch {lease['epoch']}, {lease['holder']}, {when}"
         lag_s = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}s"
         print(f"projection   {r['projection']}\n"
               f"position     {r['position']}\n"
               f"head         {r['head']}\n"
               f"lag          {r['lag_events']:,} events, {lag_s}\n"
               f"projector    {held}\n"
+              f"lease        {leased}\n"
               f"serving      version {r['serving_version']} ({', '.join(r['tables'])})")
     return 0

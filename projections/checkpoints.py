@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from projections.lease import EPOCH_COLUMN
 from shared.catalog import EVENTS_TABLE, PROJECTION, Tables
 from shared.events import event_time
 from shared.position import ZERO, Position
@@ -98,12 +99,17 @@ async def lag(conn: asyncpg.Connection, checkpoint: Position) -> tuple[int, floa
     return events, max(0.0, (datetime.now(UTC) - event_time(state)).total_seconds())
 
 
+# Never copied: the row's key, its time, and the lease's fence (`projections.lease`): a
+# replay's switch moves the position, while the active projector's epoch stays.
+NOT_COPIED = ("projection", "updated_at", EPOCH_COLUMN)
+
+
 async def checkpoint_columns(conn: asyncpg.Connection, table: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT column_name FROM information_schema.columns"
         " WHERE table_schema = current_schema() AND table_name = $1"
-        " AND column_name NOT IN ('projection', 'updated_at') ORDER BY ordinal_position",
-        table,
+        " AND column_name <> ALL($2::text[]) ORDER BY ordinal_position",
+        table, list(NOT_COPIED),
     )
     return [r["column_name"] for r in rows]
 
@@ -111,8 +117,9 @@ async def checkpoint_columns(conn: asyncpg.Connection, table: str) -> list[str]:
 async def copy_checkpoint(
     conn: asyncpg.Connection, source: Tables, target: Tables, projection: str = PROJECTION
 ) -> None:
-    """Set the target's checkpoint row to the source's, whatever its columns are.
-    An UPDATE (not delete + insert): a projector waiting on the row lock then reads it."""
+    """Set the target's checkpoint row to the source's, whatever its columns are (but
+    `NOT_COPIED`: the target keeps its epoch). An UPDATE (not delete + insert): a
+    projector waiting on the row lock then reads it."""
     columns = await checkpoint_columns(conn, target.checkpoints)
     assignments = ", ".join(f"{c} = s.{c}" for c in columns)
     status = await conn.execute(

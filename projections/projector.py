@@ -15,8 +15,10 @@ memory, history is COPYed, counts added, and the task rows are COPYed once at th
 Stop conditions: `apply_until_caught_up` returns once a batch comes back short (the
 replay, tests and benchmarks call it); `run` follows the event store until stopped: it
 is woken by the event store's NOTIFY, polls as a fallback, reconnects with backoff, and
-holds a session advisory lock so only one projector applies events at a time (a second
-one waits and takes over).
+only one projector applies events at a time: it holds a session advisory lock and a
+lease it renews (a heartbeat), and each of its batches is fenced by the lease's epoch;
+a second one waits on the lock, ends a hung holder once its lease has lapsed, and takes
+over (`projections.lease` says how, and its bounds).
 
 The event order is `(tx_id, notification_id)`, the one this module owns: see
 `SAFE_BOUND`; every other module that reads events in order points here.
@@ -25,6 +27,7 @@ The event order is `(tx_id, notification_id)`, the one this module owns: see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -36,6 +39,8 @@ from uuid import UUID
 import asyncpg
 
 from projections import checkpoints, task_history, task_list
+from projections import lease as leases
+from projections.lease import LeaseLost, LeaseTimes
 from projections.manifest import READ_MODELS, STATE_MODEL
 from projections.task_list import TaskState
 from shared import aio
@@ -59,6 +64,7 @@ from shared.observability import (
     start_metrics_server,
 )
 from shared.position import Position
+from shared.settings import Settings
 
 log = logging.getLogger("projections.projector")
 
@@ -77,6 +83,16 @@ LOCK_CHECKPOINT = (
 SAVE_CHECKPOINT = (
     "UPDATE {checkpoints} SET tx_id = $2, position = $3, updated_at = now()"
     " WHERE projection = $1"
+)
+# The live projector's batches: only while the row's epoch is the lease's it holds
+# (`projections.lease`); the row lock makes a takeover wait for the batch in hand.
+LOCK_FENCED_CHECKPOINT = (
+    f"SELECT tx_id, position, {leases.EPOCH_COLUMN} AS epoch FROM {{checkpoints}}"
+    " WHERE projection = $1 FOR UPDATE"
+)
+SAVE_FENCED_CHECKPOINT = (
+    "UPDATE {checkpoints} SET tx_id = $2, position = $3, updated_at = now()"
+    f" WHERE projection = $1 AND {leases.EPOCH_COLUMN} = $4"
 )
 # The global order is (tx_id, notification_id). A step takes only events of
 # transactions older than every transaction of THIS database still running: such a
@@ -135,6 +151,8 @@ RETRYABLE = (
     # connection ("cannot switch to state ...; another operation is in progress"):
     # the connection is unusable, so reconnect like for any lost connection.
     asyncpg.exceptions.InternalClientError,
+    # A takeover waited its lock_timeout on the checkpoint row (`lease.take_over`).
+    asyncpg.exceptions.LockNotAvailableError,
 )
 
 
@@ -283,12 +301,19 @@ async def step(
     t: Tables = LIVE,
     batch_size: int = BATCH_SIZE,
     sink: Sink = LIVE_ROWS,
+    epoch: int | None = None,
 ) -> tuple[Position, int]:
-    """Apply the next batch in one transaction; (checkpoint, events applied)."""
+    """Apply the next batch in one transaction; (checkpoint, events applied). With
+    `epoch` (the live projector's lease), the batch commits only while the checkpoint
+    row's epoch is that one; else `LeaseLost`, and nothing is written."""
     async with conn.transaction():
-        row = await conn.fetchrow(LOCK_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION)
+        lock = LOCK_CHECKPOINT if epoch is None else LOCK_FENCED_CHECKPOINT
+        row = await conn.fetchrow(lock.format(checkpoints=t.checkpoints), PROJECTION)
         if row is None:
             raise RuntimeError(f"no checkpoint row {PROJECTION!r}: run ensure_checkpoint first")
+        if epoch is not None and row["epoch"] != epoch:
+            raise LeaseLost(f"the checkpoint's epoch is {row['epoch']}, not this projector's"
+                            f" {epoch}: another projector took over")
         position = Position(int(row["tx_id"]), row["position"])
         bound = await safe_bound(conn)
         rows = await conn.fetch(SELECT_EVENTS, *position, bound, batch_size)
@@ -297,9 +322,14 @@ async def step(
         await apply_events(conn, _decode(rows), t, sink)
         last = rows[-1]
         position = Position(int(last["tx_id"]), last["notification_id"])
-        await conn.execute(
-            SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *position
-        )
+        if epoch is None:
+            await conn.execute(
+                SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *position
+            )
+        elif await conn.execute(SAVE_FENCED_CHECKPOINT.format(checkpoints=t.checkpoints),
+                                PROJECTION, *position, epoch) != "UPDATE 1":
+            raise LeaseLost(f"the checkpoint's epoch is no longer {epoch}: another projector"
+                            " took over")  # rolled back: this batch writes nothing
         if t == LIVE:
             await conn.execute(NOTIFY_ADVANCED, str(position))
     return position, len(rows)
@@ -316,14 +346,16 @@ async def apply_until_caught_up(
     sink: Sink = LIVE_ROWS,
     after_batch: AfterBatch | None = None,
     stop: asyncio.Event | None = None,
+    epoch: int | None = None,
 ) -> Position:
     """Steps until one comes back short (caught up with every event committed so far),
     or until `stop` is set: the batch in hand commits (or rolls back) whole first, so a
     stop waits for one batch, never for the backlog. `after_batch(position, count,
-    seconds)` after each step. The checkpoint row must exist (`ensure_checkpoint`)."""
+    seconds)` after each step. The checkpoint row must exist (`ensure_checkpoint`).
+    `epoch`: every step is fenced by it (`step`)."""
     while True:
         started = time.perf_counter()
-        position, count = await step(conn, t, batch_size, sink)
+        position, count = await step(conn, t, batch_size, sink, epoch)
         if after_batch is not None:
             await after_batch(position, count, time.perf_counter() - started)
         if count < batch_size or (stop is not None and stop.is_set()):
@@ -341,11 +373,16 @@ async def run(
     max_backoff: float = 5.0,
     stop: asyncio.Event | None = None,
     metrics: ProjectorMetrics | None = None,
+    lease: LeaseTimes | None = None,
 ) -> None:
-    """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event."""
+    """Follow the event store until `stop` is set; raises `HandlerFailed` on a bad event.
+    One projector of a database at a time is active (`projections.lease`, its `lease`
+    times); the others stand by. Losing the lease, the active one stands by again."""
     stop = stop or asyncio.Event()
     backoff = [0.1]
     metrics = metrics or ProjectorMetrics()
+    times = lease or LeaseTimes()
+    holder = leases.holder_name()
 
     def reset() -> None:
         backoff[0] = 0.1
@@ -353,8 +390,12 @@ async def run(
     while not stop.is_set():
         try:
             await _follow(dsn, batch_size, poll_interval, stop, on_active=reset,
-                          metrics=metrics)
+                          metrics=metrics, times=times, holder=holder)
             return
+        except LeaseLost as e:
+            log.warning("projector stopped projecting at position %s: %s; standing by",
+                        metrics.position, e, extra={"position": str(metrics.position)})
+            reset()
         except RETRYABLE as e:
             delay = backoff[0] * random.uniform(0.5, 1.0)
             log.warning("projector lost the database at position %s (%s: %s); retrying in %.1fs",
@@ -383,6 +424,7 @@ class ProjectorMetrics:
     def __init__(self, info_every: float = 5.0, lag_every: float = 1.0) -> None:
         self.position: Position | None = None
         self.role = "starting"  # then "standby" (waiting for the lock) or "active"
+        self.epoch: int | None = None  # the lease's, while active
         self.info_every = info_every
         self.lag_every = lag_every
         self._applied = 0
@@ -420,6 +462,33 @@ class ProjectorMetrics:
         PROJECTION_LAG_SECONDS.labels(PROJECTION).set(seconds)
 
 
+async def _stand_by(
+    lock_conn: asyncpg.Connection,
+    conn: asyncpg.Connection,
+    stop: asyncio.Event,
+    times: LeaseTimes,
+) -> bool:
+    """Wait on the advisory lock (its holder dies: granted at once); every heartbeat,
+    end the holder's backends if its lease has lapsed (it hung: then granted too).
+    True once this process holds the lock, False when stopped first."""
+    waiting = asyncio.ensure_future(lock_conn.fetchval(WAIT_LOCK, projector_lock(PROJECTION)))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            await asyncio.wait({waiting, stopping}, timeout=times.heartbeat,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
+                waiting.result()
+                return True
+            if stopping.done():
+                return False
+            await leases.fence_lapsed(conn, PROJECTION)
+    finally:
+        stopping.cancel()
+        if not waiting.done():
+            waiting.cancel()
+
+
 async def _follow(
     dsn: str,
     batch_size: int,
@@ -427,56 +496,85 @@ async def _follow(
     stop: asyncio.Event,
     on_active: Any,
     metrics: ProjectorMetrics | None = None,
+    times: LeaseTimes | None = None,
+    holder: str | None = None,
 ) -> None:
     metrics = metrics or ProjectorMetrics()
+    times = times or LeaseTimes()
+    holder = holder or leases.holder_name()
     lock_conn = await asyncpg.connect(
         dsn, server_settings={"application_name": LOCK_APPLICATION_NAME}
     )
     conn: asyncpg.Connection | None = None
+    heart: asyncio.Future[None] | None = None
     try:
-        key = projector_lock(PROJECTION)
-        if not await lock_conn.fetchval(TRY_LOCK, key):
+        conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+        if not await lock_conn.fetchval(TRY_LOCK, projector_lock(PROJECTION)):
             metrics.role = "standby"
             log.info("another projector is active; waiting to take over")
-            waiting = asyncio.ensure_future(lock_conn.fetchval(WAIT_LOCK, key))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
-                waiting.cancel()
-                stopping.cancel()
+            if not await _stand_by(lock_conn, conn, stop, times):
                 return
-            stopping.cancel()
-            waiting.result()
-        metrics.role = "active"
-        log.info("projector active")
+        await ensure_checkpoint(conn)
+        lease = await leases.take_over(lock_conn, PROJECTION, holder, times,
+                                       [conn.get_server_pid()])
+        metrics.role, metrics.epoch = "active", lease.epoch
+        log.info("projector active (lease epoch %d)", lease.epoch,
+                 extra={"epoch": lease.epoch, "holder": holder})
 
         wake = asyncio.Event()
-        conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
         conn.add_termination_listener(lambda _: wake.set())
         lock_conn.add_termination_listener(lambda _: wake.set())
         await conn.add_listener(EVENTS_CHANNEL, lambda *_: wake.set())
+        # The heartbeat, on the lock's connection (idle otherwise), in this event loop:
+        # a loop that hangs stops renewing too.
+        heart = asyncio.ensure_future(leases.keep(lock_conn, lease))
+
+        def heart_stopped(beat: asyncio.Future[None]) -> None:
+            wake.set()
+            if not beat.cancelled() and beat.exception() is not None:
+                conn.terminate()  # a batch in hand (blocked, say) ends now, uncommitted
+
+        heart.add_done_callback(heart_stopped)
+
+        def still_holder() -> None:
+            if heart.done():
+                heart.result()  # raises: LeaseLost, or the connection's error
+            lease.check()
 
         async def after_batch(position: Position, count: int, seconds: float) -> None:
             metrics.batch(position, count, seconds)
+            still_holder()
             await metrics.measure(conn, caught_up=count < batch_size)
 
-        await ensure_checkpoint(conn)
         on_active()
-        while not stop.is_set():
-            if conn.is_closed() or lock_conn.is_closed():
-                raise _LostConnection("a projector connection closed")
-            wake.clear()
-            await apply_until_caught_up(conn, batch_size=batch_size, stop=stop,
-                                        after_batch=after_batch)
-            waiter = asyncio.ensure_future(wake.wait())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopping}, timeout=poll_interval,
-                               return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopping.cancel()
+        try:
+            while not stop.is_set():
+                still_holder()
+                if conn.is_closed() or lock_conn.is_closed():
+                    raise _LostConnection("a projector connection closed")
+                wake.clear()
+                await apply_until_caught_up(conn, batch_size=batch_size, stop=stop,
+                                            after_batch=after_batch, epoch=lease.epoch)
+                waiter = asyncio.ensure_future(wake.wait())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopping}, timeout=poll_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopping.cancel()
+        except Exception:
+            if heart.done() and not heart.cancelled() and heart.exception() is not None:
+                raise heart.exception() from None  # why the work connection was ended
+            raise
+        heart.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *RETRYABLE, LeaseLost):
+            await heart
+        with contextlib.suppress(*RETRYABLE):
+            await leases.release(lock_conn, lease)
     finally:
+        if heart is not None:
+            heart.cancel()
         if metrics.role == "active":
-            metrics.role = "starting"
+            metrics.role, metrics.epoch = "starting", None
         for c in (conn, lock_conn):
             if c is not None and not c.is_closed():
                 c.terminate()
@@ -489,14 +587,19 @@ def main(
     poll_interval: float = POLL_INTERVAL,
     metrics_host: str = "127.0.0.1",
     metrics_port: int = 0,
+    lease: LeaseTimes | None = None,
 ) -> int:
     """`taskctl projector`: follow the event store until SIGTERM/SIGINT; the exit status.
-    With `metrics_port`, serves /metrics and /health there (a thread of this process)."""
+    With `metrics_port`, serves /metrics and /health there (a thread of this process).
+    `lease`: by default from the settings (PROJECTOR_LEASE_SECONDS and
+    PROJECTOR_HEARTBEAT_SECONDS)."""
     metrics = ProjectorMetrics()
+    times = lease or LeaseTimes.from_settings(Settings.from_env(require_auth=False))
 
     def health() -> dict[str, Any]:
         position = metrics.position
         return {"status": "healthy", "service": "projector", "role": metrics.role,
+                "epoch": metrics.epoch,
                 "position": None if position is None else str(position)}
 
     server = None
@@ -515,9 +618,14 @@ def main(
             loop.add_signal_handler(sig, stop.set)
         try:
             await run(dsn, batch_size=batch_size, poll_interval=poll_interval, stop=stop,
-                      metrics=metrics)
+                      metrics=metrics, lease=times)
         except HandlerFailed as e:
             log.critical("projector stopped: %s", e, extra={"position": e.position})
+            return 1
+        except (asyncpg.exceptions.UndefinedTableError,
+                asyncpg.exceptions.UndefinedColumnError) as e:
+            log.critical("projector stopped: the database lacks its tables (%s): run"
+                         " `taskctl db init` (it migrates an existing database)", e)
             return 1
         log.info("projector stopped", extra={"position": str(metrics.position)})
         return 0

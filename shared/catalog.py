@@ -54,3 +54,8 @@ def projector_lock(projection: str) -> str:
 
 def replay_lock(projection: str) -> str:
     return f"taskservice.replay:{projection}"
+
+
+# The live projector's lease, a row per projection (`projections.lease`): its holder,
+# epoch and expiry; the heartbeat renews it, a standby takes a lapsed one over.
+LEASES_TABLE = "projector_leases"

@@ -192,6 +192,12 @@ class Settings(BaseModel):
     # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # The active projector's lease (`projections.lease`): it renews it every
+    # PROJECTOR_HEARTBEAT_SECONDS; a standby fences and replaces one that has not renewed
+    # it for PROJECTOR_LEASE_SECONDS (the database's clock). Takeover of a hung projector:
+    # within lease + heartbeat (+ 1 s to end its backends).
+    projector_lease_seconds: float = Field(default=10.0, ge=1.0, le=600)
+    projector_heartbeat_seconds: float = Field(default=2.0, ge=0.1, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("log_level", mode="before")
@@ -286,6 +292,15 @@ class Settings(BaseModel):
             return None
         url = self.better_auth_url.rstrip("/")
         return url + ("/get-session" if urlsplit(url).path else "/api/auth/get-session")
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> Settings:
+        if self.projector_heartbeat_seconds * 2 > self.projector_lease_seconds:
+            raise ValueError(
+                "PROJECTOR_HEARTBEAT_SECONDS must be at most half of PROJECTOR_LEASE_SECONDS"
+                " (the active projector renews its lease at least twice per lease)"
+            )
+        return self
 
     @property
     def effective_jwks_url(self) -> str | None:

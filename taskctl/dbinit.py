@@ -16,12 +16,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from projections.lease import LEASE_DDL
 from projections.manifest import ddl, table_names
 from projections.replay import VERSIONS_DDL
 from shared.catalog import (
     DDL_LOCK,
     EVENTS_TABLE,
     IDEMPOTENCY_TABLE,
+    LEASES_TABLE,
     LIVE,
     OWN_POSITIONS_TABLE,
     VERSIONS_TABLE,
@@ -123,6 +125,8 @@ def create_read_tables(url: str, tables: Tables = LIVE) -> None:
             conn.execute(statement)
         if tables == LIVE:
             conn.execute(VERSIONS_DDL)
+            for statement in LEASE_DDL:  # the projector's lease, its epoch on the checkpoint
+                conn.execute(statement)
 
 
 def _make_events_append_only(settings: Settings) -> None:
@@ -185,6 +189,8 @@ def grants(t: Tables = LIVE) -> Grants:
         # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.
         t.checkpoints: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         VERSIONS_TABLE: {},  # written and read by replay and status, as the owner
+        # The lease row: inserted once, locked FOR UPDATE and renewed by the projector.
+        LEASES_TABLE: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE")},
         **read_tables,
     }
 
