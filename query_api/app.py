@@ -75,11 +75,13 @@ class ReadSide:
                 pool_size=settings.db_pool_size,
                 connect_timeout=settings.db_connect_timeout,
                 acquire_timeout=settings.db_pool_timeout,
+                statement_cache_size=0 if settings.db_transaction_pooler else 100,
             )
 
     async def start(self) -> None:
         self._started = True
-        self.watch = PositionWatch(self.dsn, connect_timeout=self.settings.db_connect_timeout)
+        self.watch = PositionWatch(self.dsn, connect_timeout=self.settings.db_connect_timeout,
+                                   pooled=self.settings.db_transaction_pooler)
 
     async def open(self) -> Reader:
         if self.watch is None or not self._started:

@@ -166,8 +166,10 @@ class OwnPositions:
     again for `retry_after` seconds, so reads do not each wait for it."""
 
     def __init__(self, dsn: str, *, pool_size: int, connect_timeout: float,
-                 acquire_timeout: float, retry_after: float = 5.0) -> None:
+                 acquire_timeout: float, retry_after: float = 5.0,
+                 statement_cache_size: int = 100) -> None:
         self.dsn = dsn
+        self.statement_cache_size = statement_cache_size  # 0 behind a transaction pooler
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.acquire_timeout = acquire_timeout
@@ -194,6 +196,7 @@ class OwnPositions:
                         self.pool = await asyncpg.create_pool(
                             self.dsn, min_size=1, max_size=self.pool_size,
                             timeout=self.connect_timeout, command_timeout=30,
+                            statement_cache_size=self.statement_cache_size,
                         )
             async with _Pooled(self.pool, self.acquire_timeout) as conn:
                 return await conn.fetchrow(statement, *args)

@@ -6,7 +6,8 @@ request that asks for a position parks on a future keyed by that position; the
 watch's loop re-reads the checkpoints when notified, when a new waiter arrives, and
 on a slow timer (a lost notification costs at most `recheck_interval`), and resolves
 every future the checkpoints have passed. Where LISTEN is refused (a hot standby
-delivers no NOTIFY) it re-reads them every `poll_interval` instead, while anyone waits:
+delivers no NOTIFY) or useless (behind a transaction pooler) it re-reads them every
+`poll_interval` instead, while anyone waits:
 a read waiting for the replica then ends within that much of the replica's replay.
 Nothing here runs for requests that do not ask to wait, and the loop reads nothing
 while nobody waits. The connection comes back by itself after the database does.
@@ -41,12 +42,17 @@ class PositionWatch:
         poll_interval: float = 0.02,
         reconnect_delay: float = 0.5,
         connect_timeout: float = 5.0,
+        pooled: bool = False,
     ) -> None:
+        """`pooled`: `dsn` leads to a transaction-mode pooler (PgBouncer), where a
+        LISTEN would hold a server connection other clients then use (their
+        notifications lost to us): the watch polls, with no prepared statements."""
         self.dsn = dsn
         self.recheck_interval = recheck_interval
         self.poll_interval = poll_interval
         self.reconnect_delay = reconnect_delay
         self.connect_timeout = connect_timeout
+        self.pooled = pooled
         self.listening = False
         self._known = ZERO
         self._futures: dict[Position, asyncio.Future[None]] = {}
@@ -116,6 +122,7 @@ class PositionWatch:
                     self.dsn,
                     timeout=self.connect_timeout,
                     server_settings={"application_name": APPLICATION_NAME},
+                    statement_cache_size=0 if self.pooled else 100,
                 )
             except _CONNECT_FAILED as e:
                 log.warning("position watch cannot connect (%s); retrying in %.1fs", e, delay)
@@ -140,11 +147,14 @@ class PositionWatch:
             self._wake.set()
 
         conn.add_termination_listener(on_lost)
-        try:
-            await conn.add_listener(ADVANCED_CHANNEL, self._on_notify)
-            self.listening = True
-        except asyncpg.PostgresError as e:  # e.g. a hot standby: polling only
-            log.warning("cannot LISTEN (%s); re-checking the checkpoints on a timer", e)
+        if self.pooled:
+            log.info("behind a transaction pooler: re-checking the checkpoints on a timer")
+        else:
+            try:
+                await conn.add_listener(ADVANCED_CHANNEL, self._on_notify)
+                self.listening = True
+            except asyncpg.PostgresError as e:  # e.g. a hot standby: polling only
+                log.warning("cannot LISTEN (%s); re-checking the checkpoints on a timer", e)
         self._wake.set()  # notifications may have been missed while disconnected
         while not lost.is_set() and not conn.is_closed():
             self._wake.clear()

@@ -44,18 +44,25 @@ POOL_SETTINGS = "DB_POOL_SIZE / DB_MAX_OVERFLOW"
 def pool_options(settings: Settings, dsn: str, application_name: str) -> dict[str, Any]:
     """`asyncpg.create_pool` keyword arguments for an API's pool on `dsn`: the connect
     and statement timeouts, and the server settings `server_settings` names."""
-    return {
+    options: dict[str, Any] = {
         "timeout": settings.db_connect_timeout,
         "command_timeout": settings.db_statement_timeout,
         "server_settings": server_settings(settings, dsn, application_name),
     }
+    if settings.db_transaction_pooler:
+        # A prepared statement lives in one server session, which a transaction-mode
+        # pooler hands to another client after each transaction: asyncpg then uses
+        # unnamed statements only (its FAQ; docs/scaling.md, "PgBouncer").
+        options["statement_cache_size"] = 0
+    return options
 
 
 def server_settings(settings: Settings, dsn: str, application_name: str) -> dict[str, str]:
     """Sent when each connection starts, unless the URL names them (`?statement_timeout=`
     and the like; asyncpg passes unknown URL parameters to the server):
     `application_name` (libpq's PGAPPNAME, else ours), `statement_timeout` and
-    `idle_in_transaction_session_timeout`."""
+    `idle_in_transaction_session_timeout`; through a transaction pooler
+    (`DB_TRANSACTION_POOLER`), `application_name` only."""
     wanted = {
         "application_name": os.environ.get("PGAPPNAME") or application_name,
         "statement_timeout": f"{round(settings.db_statement_timeout * 1000)}ms",
@@ -64,6 +71,11 @@ def server_settings(settings: Settings, dsn: str, application_name: str) -> dict
         wanted["idle_in_transaction_session_timeout"] = (
             f"{round(settings.db_idle_in_transaction_timeout * 1000)}ms"
         )
+    if settings.db_transaction_pooler:
+        # PgBouncer refuses other startup parameters ("unsupported startup parameter"):
+        # behind it the server-side timeouts are the role's (ALTER ROLE ... SET), and
+        # asyncpg's own command_timeout still cancels a statement that runs too long.
+        wanted = {"application_name": wanted["application_name"]}
     return {name: value for name, value in wanted.items() if f"{name}=" not in dsn}
 
 

@@ -159,6 +159,12 @@ class Settings(BaseModel):
     # The server ends an API's session left idle inside a transaction this long
     # (idle_in_transaction_session_timeout; 0: not set).
     db_idle_in_transaction_timeout: float = Field(default=10.0, ge=0)
+    # DATABASE_URL (and READ_DATABASE_URL) lead to a pooler in transaction mode
+    # (PgBouncer): no prepared-statement cache, no startup parameter but
+    # application_name (set the server-side timeouts on the role instead), and the
+    # query API's watch polls instead of LISTEN. Never for the projector, whose lock
+    # and LISTEN need a session of their own (docs/scaling.md).
+    db_transaction_pooler: bool = False
     read_wait_timeout: float = Field(default=2.0, ge=0, le=30)
     # /api/ready on the query API answers 503 while the oldest event not yet projected
     # is older than this many seconds.
