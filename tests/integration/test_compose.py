@@ -55,6 +55,7 @@ TASKCTL_SERVICES = {
     "projector": cmd_projector,
 }
 LONG_RUNNING = ("postgres", "command-api", "query-api", "projector", "gateway")
+OPTIONAL = ("pgbouncer",)  # in a profile: started only when asked for
 
 
 def env_example() -> dict[str, str]:
@@ -79,7 +80,30 @@ def compose() -> dict:
 
 
 def test_has_every_service(compose: dict):
-    assert set(compose["services"]) == {*LONG_RUNNING, "init"}
+    assert set(compose["services"]) == {*LONG_RUNNING, "init", *OPTIONAL}
+    for name in OPTIONAL:
+        assert compose["services"][name]["profiles"] == [name]
+
+
+def test_the_pgbouncer_profile_moves_the_apis_only(compose: dict):
+    """With the profile's two settings the APIs go through PgBouncer (transaction mode,
+    DB_TRANSACTION_POOLER); init and the projector stay on postgres."""
+    bouncer = compose["services"]["pgbouncer"]
+    env = service_environment(bouncer)
+    assert env["POOL_MODE"] == "transaction" and env["DB_HOST"] == "postgres"
+    assert not bouncer.get("ports")
+    moved = load_compose({**production_env(), "API_DATABASE_HOST": "pgbouncer:5432",
+                          "DB_TRANSACTION_POOLER": "true"})
+    for name in ("command-api", "query-api"):
+        settings = Settings.from_env(service_environment(moved["services"][name]))
+        assert settings.db_transaction_pooler is True
+        assert "@pgbouncer:5432/" in (settings.database_url or "")
+    for name in ("init", "projector"):
+        url = service_environment(moved["services"][name])["DATABASE_URL"]
+        assert "@postgres:5432/" in url
+    for name in ("command-api", "query-api"):  # by default: direct, no pooler
+        settings = Settings.from_env(service_environment(compose["services"][name]))
+        assert settings.db_transaction_pooler is False
 
 
 @pytest.mark.parametrize("name", sorted(TASKCTL_SERVICES))
