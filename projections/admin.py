@@ -143,7 +143,8 @@ def status_main(dsn: str, *, as_json: bool) -> int:
             seconds = lease["expires_in_seconds"]
             when = (f"lapsed {-seconds:.1f}s ago" if lease["lapsed"]
                     else f"expires in {seconds:.1f}s")
-            leased = f"epoch {lease['epoch']}, {lease['holder']}, {when}"
+            pids = ", ".join(map(str, lease["backends"]))
+            leased = f"epoch {lease['epoch']}, {lease['holder']} (backends {pids}), {when}"
         lag_s = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}s"
         print(f"projection   {r['projection']}\n"
               f"position     {r['position']}\n"

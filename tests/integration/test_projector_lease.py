@@ -8,8 +8,12 @@ its lease stands by and writes nothing; the fence survives a replay's switch; an
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -18,7 +22,7 @@ import pytest
 
 from projections import lease as leases
 from projections import projector
-from projections.admin import projection_status
+from projections.admin import projection_status, status_main
 from projections.lease import LeaseLost, LeaseTimes
 from projections.replay import replay
 from shared.catalog import LEASES_TABLE, LIVE, PROJECTION, projector_lock
@@ -38,6 +42,7 @@ from tests.support.projection import (
 )
 
 FAST = LeaseTimes(lease=1.0, heartbeat=0.2)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def as_role(url: str, role: str) -> str:
@@ -242,7 +247,7 @@ async def _gone(url: str, pids: list[int]) -> bool:
 
 
 async def test_a_healthy_holder_keeps_its_lease_and_status_shows_it(
-    own_db: str, writer: Writer, started: list[Running]
+    own_db: str, writer: Writer, started: list[Running], capsys: pytest.CaptureFixture[str]
 ) -> None:
     active = Running(own_db)
     started.append(active)
@@ -260,6 +265,10 @@ async def test_a_healthy_holder_keeps_its_lease_and_status_shows_it(
     assert status["lease"]["epoch"] == first["epoch"] == status["lease"]["checkpoint_epoch"]
     assert status["lease"]["holder"] == first["holder"] and not status["lease"]["lapsed"]
     assert 0 < status["lease"]["expires_in_seconds"] <= FAST.lease
+    assert await asyncio.to_thread(status_main, own_db, as_json=False) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("lease "))
+    pids = ", ".join(map(str, first["backends"]))
+    assert f"epoch {first['epoch']}, {first['holder']} (backends {pids}), expires in" in line
 
     await active.close()  # a clean stop releases the lease: the standby takes over at once
     started.remove(active)
@@ -403,6 +412,19 @@ def test_db_init_adds_the_lease_to_an_existing_database_and_runs_again(own_db: s
             (PROJECTOR_ROLE, LEASES_TABLE, PROJECTOR_ROLE, LEASES_TABLE)).fetchone() == (
                 True, False)
         assert conn.execute(f"SELECT epoch FROM {LIVE.checkpoints}").fetchall() == [(0,)]
+
+
+def test_a_projector_on_a_database_from_before_the_lease_exits_1_saying_run_db_init(
+    own_db: str,
+) -> None:
+    with psycopg.connect(own_db) as conn:
+        conn.execute(f"DROP TABLE {LEASES_TABLE}")
+        conn.execute(f"ALTER TABLE {LIVE.checkpoints} DROP COLUMN epoch")
+    env = {**os.environ, "DATABASE_URL": own_db, "ENVIRONMENT": "test", "METRICS_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "taskctl.cli", "projector"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "run `taskctl db init`" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_heartbeat_must_fit_twice_in_the_lease() -> None:
