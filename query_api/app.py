@@ -107,10 +107,16 @@ class ReadSide:
     async def _open_pool(self) -> None:
         """The pool, its timeouts from the settings (`shared.pools`); warns when it
         (with the watch's LISTEN connection) could exhaust the server's connections."""
+        options = pool_options(self.settings, self.dsn, APPLICATION_NAME)
+        if self.settings.db_transaction_pooler:
+            # Behind a transaction pooler no session state outlives a transaction: the
+            # pool's reset (RESET ALL; UNLISTEN *; ...) would cost each read one more
+            # round trip through the pooler and reset nothing of ours.
+            options["reset"] = _nothing_to_reset
         pool = await asyncpg.create_pool(
             self.dsn, min_size=1,
             max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
-            **pool_options(self.settings, self.dsn, APPLICATION_NAME),
+            **options,
         )
         await warn_if_pool_over_budget(
             pool, self.settings, process="query API", beside=1, beside_what="LISTEN"
@@ -132,6 +138,11 @@ class ReadSide:
                 await asyncio.wait_for(pool.close(), 5)
             except (TimeoutError, *DATABASE_DOWN):
                 pool.terminate()
+
+
+async def _nothing_to_reset(_: asyncpg.Connection) -> None:
+    """The pool's reset behind a transaction pooler (asyncpg still rolls back a
+    transaction left open before this runs)."""
 
 
 async def _primary_lag(primary: OwnPositions, position: Position) -> float:
