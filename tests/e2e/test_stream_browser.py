@@ -1,5 +1,6 @@
 """A REAL headless Chromium, on a page of another origin, follows the live stream of task
-changes with `EventSource` (a stream ticket, as docs/streams.md shows it) through the
+changes with docs/frontend.md's `followTasks` (EventSource with a stream ticket; the
+guide's block type-checked with tsc --strict and compiled, as written) through the
 REAL nginx gateway (deploy/nginx.conf) in front of the command API, the query API and
 the projector as separate processes.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,64 +34,60 @@ from shared.settings import Settings
 from taskctl.dbinit import PASSWORD_VARIABLES, init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.compose import gateway_conf, nginx_for_test
+from tests.support.node import node, node_modules
 from tests.support.process import Proc, free_port, require_binary
 
 pytestmark = pytest.mark.slow
 
-# The page: the reconnecting EventSource of docs/streams.md, reporting what it sees to
-# its own origin (POST /report).
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "frontend.md"
+TSCONFIG = {
+    "compilerOptions": {
+        "strict": True, "target": "ES2022", "module": "ES2022", "moduleResolution": "Bundler",
+        "lib": ["ES2022", "DOM"], "types": [], "outDir": "out", "noEmitOnError": True,
+    },
+    "files": ["tasks-api.ts", "task-stream.ts"],
+}
+
+# The page: docs/frontend.md's followTasks (compiled from the guide), reporting what it
+# sees to the page's own origin (POST /report), numbered (reports may arrive out of order).
 PAGE = """<!doctype html>
 <html><body><pre id="log"></pre>
-<script>
-var API = %(api)s, TOKEN = %(token)s;
+<script type="module">
+import { followTasks } from "./out/task-stream.js";
+const API = %(api)s, TOKEN = %(token)s;
 let seq = 0;
-function report(what) {  // numbered: the reports may arrive out of order
+function report(what) {
   what.n = ++seq;
   fetch("/report", {method: "POST", body: JSON.stringify(what)});
 }
-let source = null, lastEventId = null, delay = 250;
-
-async function connect() {
-  try {
-    const r = await fetch(API + "/api/tasks/stream/tickets", {
-      method: "POST", headers: {"Authorization": "Bearer " + TOKEN}});
-    if (!r.ok) throw new Error("ticket: HTTP " + r.status);
-    const params = new URLSearchParams({ticket: (await r.json()).data.ticket});
-    if (lastEventId) params.set("last_event_id", lastEventId);
-    source = new EventSource(API + "/api/tasks/stream?" + params);
-  } catch (e) {
-    report({type: "retry", error: String(e)});
-    setTimeout(connect, delay);
-    delay = Math.min(delay * 2, 2000);
-    return;
-  }
-  source.addEventListener("ready", (e) => {
-    delay = 250;
-    lastEventId = e.lastEventId;
-    report({type: "ready", id: e.lastEventId});
-  });
-  source.addEventListener("task", (e) => {
-    lastEventId = e.lastEventId;
-    report({type: "task", id: e.lastEventId, task: JSON.parse(e.data)});
-  });
-  source.addEventListener("task_deleted", (e) => {
-    lastEventId = e.lastEventId;
-    report({type: "task_deleted", id: e.lastEventId, task: JSON.parse(e.data)});
-  });
-  source.addEventListener("end", (e) => {
-    report({type: "end", reason: JSON.parse(e.data).reason});
-    source.close();
-    setTimeout(connect, delay);
-  });
-  source.onerror = () => {  // the server went away: a new ticket, from the last id
-    report({type: "error", state: source.readyState});
-    source.close();
-    setTimeout(connect, delay);
-  };
-}
-connect();
+followTasks(API, async () => TOKEN, {
+  onTask: (task, id) => report({type: "task", id, task}),
+  onDeleted: (task, id) => report({type: "task_deleted", id, task}),
+  onReady: (id) => report({type: "ready", id}),
+  onEnd: (reason) => report({type: "end", reason}),
+});
 </script></body></html>
 """
+
+
+def guide_block(name: str) -> str:
+    """The code block right after `<!-- tested: NAME -->` in the guide."""
+    match = re.search(rf"<!-- tested: {re.escape(name)} -->\n```ts\n(.*?)\n```",
+                      GUIDE.read_text(), re.S)
+    assert match, f"docs/frontend.md has no code block marked tested: {name}"
+    return match.group(1) + "\n"
+
+
+def compile_guide(root: Path) -> None:
+    """The guide's task-stream.ts (and the tasks-api.ts it takes its Task type from),
+    type-checked with tsc --strict as a browser project and compiled into root/out."""
+    modules = node_modules()
+    (root / "tasks-api.ts").write_text(guide_block("tasks-api.ts"))
+    (root / "task-stream.ts").write_text(guide_block("task-stream.ts"))
+    (root / "tsconfig.json").write_text(json.dumps(TSCONFIG))
+    checked = subprocess.run([node(), str(modules / "typescript" / "bin" / "tsc"), "-p", "."],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 class Reports:
@@ -201,6 +199,7 @@ def test_a_browser_follows_the_stream_through_the_gateway_and_resumes_after_a_re
         gateway.wait_http(f"{api}/healthz")
 
         user = new_user()
+        compile_guide(root)
         (root / "index.html").write_text(PAGE % {
             "api": json.dumps(api), "token": json.dumps(mint_token(TEST_SECRET, user))})
         browser = require_binary("chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
