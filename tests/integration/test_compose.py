@@ -265,3 +265,32 @@ def test_the_image_builds_from_the_repository(compose: dict):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
     assert "constraints.txt" in dockerfile and "USER " in dockerfile
+
+
+# Where compose's fallback is meant to differ from the setting's default.
+COMPOSE_OWN_DEFAULTS = {"METRICS_HOST": "0.0.0.0"}  # a container listens on every interface
+
+
+def test_compose_falls_back_to_the_settings_defaults():
+    """`${NAME:-fallback}` in compose.yaml equals Settings' default (an empty one: unset),
+    so a deployment from compose behaves as the docs and .env.example say."""
+    text = COMPOSE.read_text()
+    checked = 0
+    for name, variable, fallback in re.findall(r"^\s+([A-Z_]+): \$\{([A-Z_]+):-([^}]*)\}", text, re.M):
+        field = Settings.model_fields.get(name.lower())
+        if field is None or name != variable:
+            continue
+        checked += 1
+        if name in COMPOSE_OWN_DEFAULTS:
+            assert fallback == COMPOSE_OWN_DEFAULTS[name]
+            continue
+        default = field.default
+        if default is None:
+            assert fallback == "", name
+        elif isinstance(default, bool):
+            assert fallback.lower() == str(default).lower(), name
+        elif isinstance(default, int | float):
+            assert float(fallback) == default, (name, fallback, default)
+        else:
+            assert fallback == str(default), (name, fallback, default)
+    assert checked >= 10
