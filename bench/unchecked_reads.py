@@ -35,7 +35,8 @@ def create_app() -> FastAPI:
 
     async def open_unchecked() -> Reader:
         r = await open_reader()
-        return UncheckedReader(r.pool, r.watch, r.wait_timeout, r.acquire_timeout)
+        return UncheckedReader(r.pool, r.watch, r.wait_timeout, r.acquire_timeout,
+                               codec=r.codec)
 
     app.state.open_reader = open_unchecked
     return app

@@ -23,6 +23,7 @@ from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
+from shared.position import MissingKey, PositionCodec
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.command_api")
@@ -40,6 +41,7 @@ class CommandSide:
         self.open_store = open_store
         self.store: PostgresEventStore | None = None
         self.executor: Executor | None = None
+        self.codec: PositionCodec | None = None
         self._lock: asyncio.Lock | None = None
 
     async def open(self) -> Executor:
@@ -49,10 +51,17 @@ class CommandSide:
         async with self._lock:
             if self.executor is None:
                 try:
-                    self.store = await self.open_store(self.settings)
+                    if self.store is None:
+                        self.store = await self.open_store(self.settings)
+                    self.codec = await self.store.position_codec()
                 except DATABASE_DOWN as e:
                     log.warning("event store unavailable: %s", e)
                     raise ServiceUnavailable("Database unavailable, try again shortly") from None
+                except MissingKey as e:
+                    log.error("%s", e)
+                    raise ServiceUnavailable(
+                        "The database is not initialised for this version", details=str(e)
+                    ) from None
                 self.executor = Executor(self.store, retries=self.settings.command_retries)
         return self.executor
 
@@ -117,6 +126,7 @@ def create_app(
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
     app.state.open_executor = side.open
+    app.state.command_side = side
     install_error_handlers(app, unavailable=DATABASE_DOWN)
     app.add_middleware(routes.CommandDispatcher, fastapi=app)  # innermost: inside Observe
     app.add_middleware(Observe, service="command-api")

@@ -70,7 +70,7 @@ from shared.etag import IfMatch, etag
 from shared.events import Task
 from shared.http import Envelope, request_id, validation_details
 from shared.openapi import DataEnvelope, TaskOut, error_responses
-from shared.position import encode
+from shared.position import PositionCodec
 
 POSITION_HEADER = "X-Position"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -317,9 +317,9 @@ def task_view(task: Task | Saved) -> dict[str, Any]:
     )
 
 
-def render(route: CommandRoute, outcome: Outcome) -> Response:
+def render(route: CommandRoute, outcome: Outcome, codec: PositionCodec) -> Response:
     headers = {}
-    position = encode(outcome.position)
+    position = codec.encode(outcome.position)
     if position:
         headers[POSITION_HEADER] = position
     task = outcome.task
@@ -358,7 +358,7 @@ async def handle(route: CommandRoute, request: Request) -> Response:
         )
     except _REFUSALS as e:
         raise ERRORS[type(e)](e) from None
-    return render(route, outcome)
+    return render(route, outcome, state.command_side.codec)
 
 
 # -- the FastAPI routes, for routing and the OpenAPI document ----------------------------

@@ -59,7 +59,7 @@ from shared.events import Task
 from shared.eventstore import mapper
 from shared.observability import COMMAND_DB_BATCH
 from shared.pools import pool_options, warn_if_pool_over_budget
-from shared.position import Position
+from shared.position import Position, PositionCodec, load_codec
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.taskstore")
@@ -276,6 +276,10 @@ class PostgresEventStore:
     async def position_of(self, task_id: UUID, version: int) -> Position | None:
         row = await self._call("fetchrow", _SELECT_POSITION, task_id, version)
         return None if row is None else Position(int(row[0]), row[1])
+
+    async def position_codec(self) -> PositionCodec:
+        """How this deployment seals positions (its key, from the database)."""
+        return await self.use(load_codec)
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")

@@ -28,7 +28,7 @@ from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
 from shared.pools import pool_options, warn_if_pool_over_budget
-from shared.position import Position, encode
+from shared.position import MissingKey, Position, PositionCodec, load_codec
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.query_api")
@@ -66,6 +66,7 @@ class ReadSide:
         self.watch: PositionWatch | None = None
         self._started = False
         self._opening: asyncio.Task[None] | None = None
+        self.codec: PositionCodec | None = None
         # On a replica, users' latest positions come from the primary (docs/scaling.md).
         self.own_positions: OwnPositions | None = None
         primary = settings.database_url
@@ -101,8 +102,26 @@ class ReadSide:
                 log.warning("read database unavailable: %s", e)
                 raise ServiceUnavailable("Database unavailable, try again shortly") from None
         assert self.pool is not None
+        if self.codec is None:
+            self.codec = await self._load_codec(self.pool)
         return Reader(self.pool, self.watch, self.settings.read_wait_timeout,
-                      self.settings.db_pool_timeout, own_positions=self.own_positions)
+                      self.settings.db_pool_timeout, own_positions=self.own_positions,
+                      codec=self.codec)
+
+    @staticmethod
+    async def _load_codec(pool: asyncpg.Pool) -> PositionCodec:
+        """The deployment's position seal, its key from the database."""
+        try:
+            async with pool.acquire() as conn:
+                return await load_codec(conn)
+        except DATABASE_DOWN as e:
+            log.warning("read database unavailable: %s", e)
+            raise ServiceUnavailable("Database unavailable, try again shortly") from None
+        except MissingKey as e:
+            log.error("%s", e)
+            raise ServiceUnavailable(
+                "The database is not initialised for this version", details=str(e)
+            ) from None
 
     async def _open_pool(self) -> None:
         """The pool, its timeouts from the settings (`shared.pools`); warns when it
@@ -204,7 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 measured_on = "primary"
         checks = {
             "database": "ok",
-            "position": encode(position),
+            "position": reader.codec.encode(position),
             "listening": reader.watch.listening,
             "lag_seconds": round(lag, 3),
             "lag_measured_on": measured_on,

@@ -1,42 +1,41 @@
-"""The activity feed's page cursor: opaque to clients, checked when it comes back."""
+"""The activity feed's page cursor: opaque to clients, checked when it comes back.
+
+A cursor is the (occurred_at, position) of a page's last row, sealed like positions
+(`shared.position.Seal`, its own purpose and prefix): a forged or altered one is a 422,
+and it does not show the history row's global position."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
+import struct
 from datetime import UTC, datetime, timedelta
 
 from query_api.queries import FeedCursor
+from shared.position import BadToken, PositionCodec, Seal
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PLAIN = re.compile(r"^c1\.(-?[0-9]{1,18})\.([0-9]{1,19})$")
+_PAIR = struct.Struct(">qQ")  # microseconds since the epoch, the row's position
+PREFIX = "c2."
+PURPOSE = "taskservice feed cursor v2"
 
 
 class BadCursor(ValueError):
     pass
 
 
-def encode_cursor(cursor: FeedCursor) -> str:
-    micros = (cursor.occurred_at - _EPOCH) // timedelta(microseconds=1)
-    plain = f"c1.{micros}.{cursor.position}"
-    return base64.urlsafe_b64encode(plain.encode()).decode().rstrip("=")
+class CursorCodec:
+    def __init__(self, positions: PositionCodec) -> None:
+        self._seal = Seal(positions.key, PURPOSE, PREFIX)
 
+    def encode(self, cursor: FeedCursor) -> str:
+        micros = (cursor.occurred_at - _EPOCH) // timedelta(microseconds=1)
+        return self._seal.seal(_PAIR.pack(micros, cursor.position))
 
-def decode_cursor(token: str) -> FeedCursor:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        plain = base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii")
-    except (UnicodeError, ValueError, binascii.Error):
-        raise BadCursor("not a cursor this service issued") from None
-    match = _PLAIN.match(plain)
-    if not match:
-        raise BadCursor("not a cursor this service issued")
-    try:
-        occurred_at = _EPOCH + timedelta(microseconds=int(match.group(1)))
-    except OverflowError:
-        raise BadCursor("not a cursor this service issued") from None
-    position = int(match.group(2))
-    if position > 2**63 - 1:
-        raise BadCursor("not a cursor this service issued")
-    return FeedCursor(occurred_at, position)
+    def decode(self, token: str) -> FeedCursor:
+        try:
+            micros, position = _PAIR.unpack(self._seal.open(token))
+            occurred_at = _EPOCH + timedelta(microseconds=micros)
+        except (BadToken, struct.error, OverflowError):
+            raise BadCursor("not a cursor this service issued") from None
+        if position > 2**63 - 1:
+            raise BadCursor("not a cursor this service issued")
+        return FeedCursor(occurred_at, position)

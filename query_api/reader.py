@@ -20,7 +20,7 @@ from query_api.queries import Query, position_from, position_sql
 from query_api.watch import PositionWatch
 from shared.catalog import OWN_POSITIONS_TABLE
 from shared.errors import DATABASE_DOWN
-from shared.position import ZERO, Position, encode
+from shared.position import ZERO, Position, PositionCodec
 
 T = TypeVar("T")
 log = logging.getLogger("taskservice.query_api.reader")
@@ -32,8 +32,10 @@ class Read(Generic[T]):
     position: Position
     stale: bool  # whether the read tables had not reached what the read must reflect
 
+    sealed: str  # the position as the client sees it (`shared.position`)
+
     def meta(self) -> dict[str, Any]:
-        return {"position": encode(self.position), "stale": self.stale}
+        return {"position": self.sealed, "stale": self.stale}
 
 
 _OWN = f"LEFT JOIN {OWN_POSITIONS_TABLE} o ON o.user_id = ${{n}}"
@@ -60,6 +62,7 @@ class Reader:
         *,
         user_id: str | None = None,
         own_positions: OwnPositions | None = None,
+        codec: PositionCodec,
     ) -> None:
         self.pool = pool
         self.watch = watch
@@ -67,17 +70,18 @@ class Reader:
         self.acquire_timeout = acquire_timeout
         self.user_id = user_id
         self.own_positions = own_positions
+        self.codec = codec
 
     def for_user(self, user_id: str) -> Reader:
         """This reader, reflecting `user_id`'s own writes."""
         return Reader(self.pool, self.watch, self.wait_timeout, self.acquire_timeout,
-                      user_id=user_id, own_positions=self.own_positions)
+                      user_id=user_id, own_positions=self.own_positions, codec=self.codec)
 
     async def read_row(self, wanted: Position | None, query: Query) -> Read[asyncpg.Record]:
         """`query`'s row (its columns all NULL when it has none) with the checkpoint,
         both from one statement."""
         row, position, stale = await self._joined(wanted, query, "fetchrow")
-        return Read(row, position, stale)
+        return Read(row, position, stale, self.codec.encode(position))
 
     async def read_rows(
         self, wanted: Position | None, query: Query
@@ -87,7 +91,7 @@ class Reader:
         records, position, stale = await self._joined(wanted, query, "fetch")
         # Without rows, the join's one row has NULL for every column of the query's.
         rows = [tuple(r)[_LEAD:] for r in records if r[_LEAD] is not None]
-        return Read(rows, position, stale)
+        return Read(rows, position, stale, self.codec.encode(position))
 
     async def _joined(
         self, wanted: Position | None, query: Query, method: str

@@ -3,6 +3,7 @@ position they reflect. Every query is scoped to the token's user."""
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -14,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, field_validator
 
 from query_api import queries
-from query_api.cursor import BadCursor, decode_cursor, encode_cursor
+from query_api.cursor import BadCursor, CursorCodec
 from query_api.queries import Sort, Status
 from query_api.reader import Reader
 from shared.auth import CurrentUser
@@ -31,7 +32,7 @@ from shared.events import (
 )
 from shared.http import Envelope
 from shared.openapi import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut, error_responses
-from shared.position import BadPosition, Position, decode
+from shared.position import BadPosition, Position, PositionCodec
 
 router = APIRouter(prefix="/api", tags=["queries"])
 
@@ -78,7 +79,11 @@ async def reader(request: Request, user_id: CurrentUser) -> Reader:
     return (await request.app.state.open_reader()).for_user(user_id)
 
 
+Reads = Annotated[Reader, Depends(reader)]
+
+
 async def wanted_position(
+    reads: Reads,
     min_position: Annotated[str | None, Query(max_length=64)] = None,
     x_min_position: Annotated[str | None, Header(alias="X-Min-Position", max_length=64)] = None,
 ) -> Position | None:
@@ -87,7 +92,7 @@ async def wanted_position(
     if not tokens:
         return None
     try:
-        return max(decode(t) for t in tokens)
+        return max(reads.codec.decode(t) for t in tokens)
     except BadPosition:
         raise ValidationFailed(
             "Invalid position",
@@ -95,8 +100,12 @@ async def wanted_position(
         ) from None
 
 
-Reads = Annotated[Reader, Depends(reader)]
 Wanted = Annotated[Position | None, Depends(wanted_position)]
+
+
+@functools.lru_cache(maxsize=8)
+def _cursors(codec: PositionCodec) -> CursorCodec:
+    return CursorCodec(codec)
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -264,7 +273,7 @@ async def get_activity_feed(
     after = None
     if f.cursor is not None:
         try:
-            after = decode_cursor(f.cursor)
+            after = _cursors(reads.codec).decode(f.cursor)
         except BadCursor:
             raise ValidationFailed(
                 "Invalid cursor", details={"cursor": "not a cursor this service issued"}
@@ -282,7 +291,7 @@ async def get_activity_feed(
         ),
     )
     rows, next_page = queries.feed_page(read.result, f.limit)
-    next_cursor = encode_cursor(next_page) if next_page is not None else None
+    next_cursor = _cursors(reads.codec).encode(next_page) if next_page is not None else None
     return Envelope([r.view() for r in rows], next_cursor=next_cursor, **read.meta())
 
 

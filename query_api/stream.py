@@ -67,13 +67,12 @@ from query_api.queries import position_from, position_sql
 from query_api.reader import Reader
 from query_api.tickets import Tickets, ticket_key
 from shared import catalog
-from shared import position as plain_positions
 from shared.auth import CurrentUser
 from shared.errors import DATABASE_DOWN, ApiError, Forbidden, ServiceUnavailable, ValidationFailed
 from shared.events import DELETED, owner_sql
 from shared.http import Envelope
 from shared.openapi import DataEnvelope, error_responses
-from shared.position import ZERO, Position
+from shared.position import ZERO, Position, PositionCodec
 from shared.settings import Settings
 
 log = logging.getLogger("taskservice.query_api.stream")
@@ -104,19 +103,11 @@ END_MESSAGES = {
 # -- positions -----------------------------------------------------------------------
 
 
-class _PlainTokens:
-    """`shared.position`'s tokens, until its sealed `PositionCodec` lands."""
-
-    encode = staticmethod(plain_positions.encode)
-    decode = staticmethod(plain_positions.decode)
-
-
-def position_codec(reader: Reader) -> Any:
-    """THE codec of stream positions (`id:`, Last-Event-ID, last_event_id): an object
-    with `encode(Position) -> str` and `decode(str) -> Position` (ValueError on a token
-    the service did not issue). Once the Reader carries the sealed codec, this returns
-    `reader.codec`: one line."""
-    return _PlainTokens
+def position_codec(reader: Reader) -> PositionCodec:
+    """THE codec of stream positions (`id:`, Last-Event-ID, last_event_id): the
+    deployment's sealed positions (`shared.position`), as every other route gives them;
+    `decode` raises BadPosition (a ValueError) on a token the service did not issue."""
+    return reader.codec
 
 
 # -- the statements ------------------------------------------------------------------
@@ -601,7 +592,7 @@ _TOO_MANY = "At most 10 open streams per user (STREAM_MAX_PER_USER): close one f
 StreamResponses: dict[int | str, dict[str, Any]] = {
     200: {"description": "The stream", "content": {"text/event-stream": {
         "schema": {"type": "string"},
-        "example": 'retry: 2000\n\nid: p2.1234.56\nevent: task\ndata: {"id":"0b6f1c2e-'
+        "example": 'retry: 2000\n\nid: p3.7hcHxvBkVWiKqbNhHpmCiClt2FOJflqPKSmXoMbIXnk\nevent: task\ndata: {"id":"0b6f1c2e-'
                    '5d4a-4e3b-9c8d-7a6b5c4d3e2f","title":"Buy milk",...}\n\n'}}},
     # JSON, not the stream's media type: the envelope of a refused stream.
     # (shared.apidoc.merge puts an example in each but the 429's, given here.)

@@ -11,6 +11,8 @@ IDEMPOTENCY_TABLE = "command_idempotency"
 # Each user's latest event, written in the statement that appends it: a query compares
 # it with the read tables' checkpoint, so a user reads their own writes without asking.
 OWN_POSITIONS_TABLE = "user_write_positions"
+# The service's own secrets, made by `taskctl db init` (the key positions are sealed with).
+SERVICE_KEYS_TABLE = "service_keys"
 # The command side NOTIFYs this after its commits; the projector LISTENs.
 EVENTS_CHANNEL = EVENTS_TABLE
 

@@ -26,10 +26,12 @@ from shared.catalog import (
     LEASES_TABLE,
     LIVE,
     OWN_POSITIONS_TABLE,
+    SERVICE_KEYS_TABLE,
     VERSIONS_TABLE,
     Tables,
 )
 from shared.eventstore import create_schema
+from shared.position import KEY_NAME as POSITION_KEY_NAME
 from shared.settings import MAKE_A_SECRET, Settings, weak_secret
 
 APPEND_ONLY_FUNCTION = "taskservice_events_append_only"
@@ -111,6 +113,7 @@ def init_database(settings: Settings, environ: Mapping[str, str] | None = None) 
     role_passwords(settings, os.environ if environ is None else environ)  # refuse early
     create_schema(settings)
     _make_events_append_only(settings)
+    _make_service_keys(settings)
     create_read_tables(settings.require_database_url())
     grant_roles(settings, environ)
 
@@ -127,6 +130,25 @@ def create_read_tables(url: str, tables: Tables = LIVE) -> None:
             conn.execute(VERSIONS_DDL)
             for statement in LEASE_DDL:  # the projector's lease, its epoch on the checkpoint
                 conn.execute(statement)
+
+
+SERVICE_KEYS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {SERVICE_KEYS_TABLE} ("
+    " name text PRIMARY KEY, key bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+)
+
+
+def _make_service_keys(settings: Settings) -> None:
+    """The key positions and cursors are sealed with (`shared.position`): made once, at
+    random, and kept (a new key would make every position clients hold a 422)."""
+    with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
+        conn.execute(SERVICE_KEYS_DDL)
+        conn.execute(
+            f"INSERT INTO {SERVICE_KEYS_TABLE} (name, key) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO NOTHING",
+            (POSITION_KEY_NAME, secrets.token_bytes(32)),
+        )
 
 
 def _make_events_append_only(settings: Settings) -> None:
@@ -184,6 +206,8 @@ def grants(t: Tables = LIVE) -> Grants:
         },
         # Written with the events; DELETE for the purge of expired keys.
         IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "DELETE")},
+        # The sealing key: read by the APIs, written by db init alone.
+        SERVICE_KEYS_TABLE: {COMMAND_ROLE: ("SELECT",), QUERY_ROLE: ("SELECT",)},
         # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.
         OWN_POSITIONS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.

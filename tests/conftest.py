@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer
+from tests.support.query import use_database
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,7 @@ def database_url(pg_server: PostgresServer) -> Iterator[str]:
     Tests share it and stay apart by using their own users and task ids."""
     url = pg_server.create_database()
     init_database(Settings(environment="test", database_url=url, better_auth_secret=TEST_SECRET))
+    use_database(url)
     yield url
     pg_server.drop_database(url)
 

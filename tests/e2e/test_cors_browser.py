@@ -173,7 +173,7 @@ def test_a_browser_on_another_origin_reads_responses_and_exposed_headers(
     assert json.loads(patched["body"])["data"]["completed"] is True
     assert patched["etag"] == '"v2"'
     assert patched["request_id"] == "browser-patch-1"
-    assert patched["position"].startswith("p2.")
+    assert patched["position"].startswith("p3.")  # sealed (shared/position.py)
     # The error envelope is readable too: it carries the CORS headers.
     assert out["stale"]["status"] == 412
     assert json.loads(out["stale"]["body"])["error"]["code"] == "PRECONDITION_FAILED"

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import pytest
 
 from taskctl.dbinit import create_read_tables
 from taskctl.embedded import EmbeddedPostgres
+from shared.position import Position
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.projection import (
     REBUILD,
@@ -47,6 +48,7 @@ from tests.support.projection import (
     snapshot,
     wait_until,
 )
+from tests.support.query import codec_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKCTL = str(Path(sys.executable).with_name("taskctl"))
@@ -164,6 +166,7 @@ class Load:
     slowest_down: float = 0.0
     transport_errors: list[str] = field(default_factory=list)
     last_position: str | None = None
+    opens: Callable[[str], Position] | None = None  # the database's position seal
     down: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -186,16 +189,16 @@ class Load:
                 self.slowest_down = max(self.slowest_down, elapsed)
                 self.down_statuses[f"{kind} {response.status_code}"] += 1
             if response.status_code in (200, 201) and "X-Position" in response.headers:
-                self.last_position = max(self.last_position or "", response.headers["X-Position"],
-                                         key=_position_key)
+                self.last_position = self.later(response.headers["X-Position"])
         return response
 
+    def later(self, token: str) -> str:
+        """Whichever of `token` and the last position is later (sealed: opened to compare)."""
+        if self.last_position is None or self.opens is None:
+            return token
+        return max(self.last_position, token, key=self.opens)
 
-def _position_key(token: str) -> tuple[int, int]:
-    if not token:
-        return (0, 0)
-    _, tx, nid = token.split(".")
-    return int(tx), int(nid)
+
 
 
 def stored_created(url: str, user: str) -> Counter[str]:
@@ -237,7 +240,7 @@ async def test_database_restart_under_load_fails_fast_then_recovers_and_loses_no
     try:
         wait_ready(command, 30)
         wait_ready(query, 30)
-        load = Load(user=new_user())
+        load = Load(user=new_user(), opens=codec_for(url).decode)
         stop = threading.Event()
         changes: list[tuple[str, int]] = []  # (task id, version) of every 200 toggle
 
@@ -330,8 +333,7 @@ async def test_database_restart_under_load_fails_fast_then_recovers_and_loses_no
                 settled[key] = r.json()["data"]["id"]
                 if status == 201:
                     assert settled[key] == task_id
-                load.last_position = max(load.last_position or "", r.headers["X-Position"],
-                                         key=_position_key)
+                load.last_position = load.later(r.headers["X-Position"])
         created = stored_created(url, load.user)
         assert set(created) == set(settled.values()) and len(created) == len(load.creates)
         assert all(n == 1 for n in created.values()), created

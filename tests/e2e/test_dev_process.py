@@ -114,7 +114,7 @@ def test_taskctl_query_api_serves_the_read_tables(own_db: str, tmp_path: Path):
         ready = httpx.get(f"{service.base}/api/ready", timeout=10)
         assert ready.status_code == 200, ready.text
         assert ready.json()["data"]["service"] == "query-api"
-        assert ready.json()["data"]["position"].startswith("p2.")
+        assert ready.json()["data"]["position"].startswith("p3.")
         listed = httpx.get(f"{service.base}/api/tasks/", headers=bearer(new_user()), timeout=10)
         assert listed.status_code == 200 and listed.json()["meta"]["total"] == 0
     finally:

@@ -47,11 +47,12 @@ import pytest
 
 from projections.verify import Fold, compare, summarise
 from shared.catalog import LIVE
-from shared.position import Position, decode, encode
+from shared.position import Position
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.process import Proc, free_port
+from tests.support.query import codec_for
 from tests.support.replica import ReplicaSet
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,19 @@ TASKCTL = str(Path(sys.executable).with_name("taskctl"))
 WRITERS = 3
 LOAD_BEFORE, STALL, LOAD_AFTER = 2.5, 1.0, 3.0
 REQUEST_TIMEOUT = 10.0
+
+
+_KEY_FROM: list[str] = []  # the database whose sealing key opens the drill's positions
+
+
+def decode(token: str) -> Position:
+    return codec_for(_KEY_FROM[0]).decode(token)
+
+
+def encode(position: Position) -> str:
+    token = codec_for(_KEY_FROM[0]).encode(position)
+    assert token is not None
+    return token
 
 
 def multi_host(pair: ReplicaSet, attrs: str) -> str:
@@ -227,6 +241,8 @@ def run_drill(pair: ReplicaSet, tmp: Path, *, stall: float) -> tuple[Drill, dict
     the promoted server's URL."""
     init_database(Settings(environment="test", database_url=pair.primary_url(),
                            better_auth_secret=TEST_SECRET))
+    _KEY_FROM[:] = [pair.primary_url()]
+    codec_for(pair.primary_url())  # the key, read before the primary goes (it replicates)
     pair.wait_replayed()
     env = env_for(pair)
     command, command_url = serve("command-api", env, tmp)

@@ -29,13 +29,13 @@ import httpx
 import pytest
 
 from shared.auth import mint_token
-from shared.position import decode
 from shared.settings import Settings
 from taskctl.dbinit import PASSWORD_VARIABLES, init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.compose import gateway_conf, nginx_for_test
 from tests.support.node import node, node_modules
 from tests.support.process import Proc, free_port, require_binary
+from tests.support.query import codec_for
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +253,7 @@ def test_a_browser_follows_the_stream_through_the_gateway_and_resumes_after_a_re
         tasks = reports.of("task")
         assert [t["task"]["id"] for t in tasks] == [t for t, _ in created]  # once each, in order
         assert [t["id"] for t in tasks] == [p for _, p in created]
+        decode = codec_for(database).decode
         assert [decode(t["id"]) for t in tasks] == sorted(decode(t["id"]) for t in tasks)
         assert len(reports.of("ready")) >= 2  # it did reconnect
         client.close()

@@ -7,8 +7,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from shared.position import decode
 from tests.support import bearer, new_user
+from tests.support.query import position_of as decode
 
 
 def create(client: TestClient, user: str, title: str = "Buy milk", **body: object) -> dict:

@@ -22,6 +22,7 @@ from shared.settings import Settings
 from taskctl.dbinit import TransactionCounterBehind, init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.projection import Writer, catch_up, fresh_database
+from tests.support.query import codec_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,11 +88,9 @@ async def test_query_api_reads_from_read_database_url(own_db: str):
     settings = query_settings("postgresql://nobody@127.0.0.1:1/nowhere",
                               read_database_url=read_url, read_wait_timeout=5)
     with TestClient(create_query_app(settings), raise_server_exceptions=False) as client:
-        from shared.position import encode
-
         await catch_up(own_db)
         read = client.get(f"/api/tasks/{task_id}",
-                          headers={**bearer(user), "X-Min-Position": encode(position)})
+                          headers={**bearer(user), "X-Min-Position": codec_for(own_db).encode(position)})
         assert read.status_code == 200, read.text
         assert read.json()["data"]["completed"] is True
         assert read.json()["meta"]["stale"] is False

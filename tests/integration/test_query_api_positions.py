@@ -282,3 +282,22 @@ async def test_every_read_shows_exactly_the_writes_up_to_its_position(
             task_id = path.rsplit("/", 1)[1]
             assert task_id in expected and data["id"] == task_id, (position, path)
     assert not projector.done()
+
+
+def test_a_position_is_sealed_and_a_forged_or_altered_one_is_a_422(
+    command_client: TestClient, query_client: TestClient
+):
+    from shared.position import Position, PositionCodec
+
+    user = new_user()
+    _, position = create(command_client, user, "sealed")
+    assert position.startswith("p3.") and position_of(position) > Position(0, 0)
+    ok = query_client.get("/api/tasks", headers={**bearer(user), "X-Min-Position": position})
+    assert ok.status_code == 200
+    i = len(position) // 2
+    altered = position[:i] + ("A" if position[i] != "A" else "B") + position[i + 1:]
+    foreign = PositionCodec(b"k" * 32).encode(position_of(position))  # same value, other key
+    plain = f"p2.{position_of(position).tx_id}.{position_of(position).notification_id}"
+    for forged in (altered, foreign, plain):
+        response = query_client.get("/api/tasks", headers={**bearer(user), "X-Min-Position": forged})
+        assert "min_position" in assert_error(response, 422, "VALIDATION_ERROR")["details"]

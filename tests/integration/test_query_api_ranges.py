@@ -5,9 +5,9 @@ database (a token whose subject is not a valid string is a 401 on both APIs)."""
 
 from __future__ import annotations
 
-import base64
 import os
 import string
+import struct
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,11 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from query_api import cursor
 from query_api.app import create_app
 from query_api.routes import FeedFilter, TaskFilter
+from shared import position
 from shared.events import EVENT_TOPICS
+from shared.position import Position, PositionCodec, Seal
 from shared.settings import Settings
 from tests.support import TEST_SECRET, bearer, new_user
+from tests.support.query import _SESSION_DATABASE, codec_for
 
 # Per property: 300 take about 2 s here; docs/reliability.md has a longer run.
 EXAMPLES = int(os.environ.get("RANGE_EXAMPLES", "300"))
@@ -98,8 +102,22 @@ def test_an_offset_date_means_the_same_instant_in_utc() -> None:
 # -- numbers, strings, cursors, positions ------------------------------------------------
 
 
-def _cursor(plain: str) -> str:
-    return base64.urlsafe_b64encode(plain.encode()).decode().rstrip("=")
+def _sealed(purpose: str, prefix: str, layout: str, a: int, b: int) -> str:
+    """A token sealed with the session database's key, holding any two 64-bit values
+    (bigger ones wrap): what the service would accept as its own."""
+    values = [a % 2**64, b % 2**64]
+    if layout[1] == "q":  # signed
+        values[0] -= 2**64 if values[0] >= 2**63 else 0
+    key = codec_for(_SESSION_DATABASE[0]).key
+    return Seal(key, purpose, prefix).seal(struct.pack(layout, *values))
+
+
+def _cursor(micros: int, position: int) -> str:
+    return _sealed(cursor.PURPOSE, cursor.PREFIX, ">qQ", micros, position)
+
+
+def _position(tx_id: int, notification_id: int) -> str:
+    return _sealed(position.PURPOSE, position.PREFIX, ">QQ", tx_id, notification_id)
 
 
 @pytest.mark.parametrize(
@@ -115,26 +133,33 @@ def _cursor(plain: str) -> str:
         ("/api/history", {"limit": str(-(2**70))}, "limit"),
         ("/api/history", {"task_id": "not-a-uuid"}, "task_id"),
         ("/api/history", {"type": "TaskExploded"}, "type"),
-        ("/api/history", {"cursor": _cursor(f"c1.{10**18 - 1}.1")}, "cursor"),
-        ("/api/history", {"cursor": _cursor(f"c1.-{10**18 - 1}.1")}, "cursor"),
-        ("/api/history", {"cursor": _cursor(f"c1.0.{2**63}")}, "cursor"),
-        ("/api/history", {"min_position": f"p2.{2**63}.1"}, "min_position"),
-        ("/api/history", {"min_position": f"p2.1.{10**19}"}, "min_position"),
+        # Sealed by the service's key (so they open) but holding what it never issues.
+        ("/api/history", {"cursor": lambda: _cursor(10**18 - 1, 1)}, "cursor"),
+        ("/api/history", {"cursor": lambda: _cursor(-(10**18 - 1), 1)}, "cursor"),
+        ("/api/history", {"cursor": lambda: _cursor(0, 2**63)}, "cursor"),
+        ("/api/history", {"min_position": lambda: _position(2**63, 1)}, "min_position"),
+        ("/api/history", {"min_position": lambda: _position(1, 2**64 - 1)}, "min_position"),
+        # The plain formats of earlier versions, and a position sealed under another key.
+        ("/api/history", {"min_position": "p2.1.1"}, "min_position"),
+        ("/api/history", {"cursor": "YzEuMC4x"}, "cursor"),
+        ("/api/history", {"min_position": PositionCodec(os.urandom(32)).encode(Position(1, 1))},
+         "min_position"),
     ],
 )
 def test_out_of_range_values_are_a_422_naming_them(
-    query_client: TestClient, path: str, params: dict[str, str], field: str
+    query_client: TestClient, path: str, params: dict[str, Any], field: str
 ) -> None:
+    params = {k: v() if callable(v) else v for k, v in params.items()}
     assert field in refused_field(get(query_client, path, params))
 
 
 def test_the_largest_accepted_values_reach_sql_without_error(query_client: TestClient) -> None:
     largest = {"limit": "1000", "offset": "1000000000", "q": "%_\\" * 166}
     assert get(query_client, "/api/tasks", largest).status_code == 200
-    cursor = _cursor(f"c1.{253402300799999999}.{2**63 - 1}")  # 9999-12-31T23:59:59.999999Z
-    response = get(query_client, "/api/history", {"cursor": cursor, "limit": "1000"})
+    last = _cursor(253402300799999999, 2**63 - 1)  # 9999-12-31T23:59:59.999999Z
+    response = get(query_client, "/api/history", {"cursor": last, "limit": "1000"})
     assert response.status_code == 200, response.text
-    at_max = {"min_position": f"p2.{2**63 - 1}.{2**63 - 1}"}
+    at_max = {"min_position": _position(2**63 - 1, 2**63 - 1)}
     assert get(query_client, "/api/history", at_max).status_code == 200
 
 
@@ -221,24 +246,23 @@ DATE = st.one_of(
                      "2026-01-01T00:00:00+24:00", "2026-01-01T00:00:00-99:99"]),
     ANY_TEXT,
 )
-VALID_CURSOR = st.builds(lambda m, p: _cursor(f"c1.{m}.{p}"),
-                         st.integers(MIN_MICROS, MAX_MICROS), st.integers(0, 2**63 - 1))
+VALID_CURSOR = st.builds(_cursor, st.integers(MIN_MICROS, MAX_MICROS), st.integers(0, 2**63 - 1))
 CURSOR = st.one_of(
     VALID_CURSOR,
-    st.builds(lambda m, p: _cursor(f"c1.{m}.{p}"), HUGE, HUGE),
-    st.builds(lambda m, p: _cursor(f"c1.{m}.{p}"),
+    st.builds(_cursor, HUGE, HUGE),
+    st.builds(_cursor,
               st.integers(MIN_MICROS - 10**6, MIN_MICROS + 10**6)
               | st.integers(MAX_MICROS - 10**6, MAX_MICROS + 10**6),
               st.integers(2**63 - 3, 2**63 + 3)),
     st.text(string.ascii_letters + string.digits + "-_=.", max_size=60),
     ANY_TEXT,
 )
-VALID_POSITION = st.builds(lambda a, b: f"p2.{a}.{b}", st.integers(0, 2**63 - 1),
-                           st.integers(0, 2**63 - 1))
+VALID_POSITION = st.builds(_position, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
 POSITION = st.one_of(
     VALID_POSITION,
+    st.builds(_position, HUGE, HUGE),
+    st.builds(_position, st.integers(2**63 - 3, 2**64), st.integers(0, 2**64)),
     st.builds(lambda a, b: f"p2.{a}.{b}", HUGE, HUGE),
-    st.builds(lambda a, b: f"p2.{a}.{b}", st.integers(2**63 - 3, 2**64), st.integers(0, 2**64)),
     ANY_TEXT,
 )
 VALID_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),

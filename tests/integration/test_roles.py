@@ -33,7 +33,7 @@ from projections.projector import safe_bound
 from projections.replay import replay
 from shared import catalog
 from shared.catalog import EVENTS_TABLE, LIVE
-from shared.position import decode
+from tests.support.query import codec_for
 from shared.settings import Settings
 from taskctl.dbinit import (
     COMMAND_ROLE,
@@ -262,7 +262,7 @@ def test_the_command_api_projector_and_query_api_work_as_their_roles(own_db: str
             run_projector(as_role(own_db, PROJECTOR_ROLE), poll_interval=0.1, stop=stop))
         owner = await asyncpg.connect(own_db)
         try:
-            target = decode(position)
+            target = codec_for(own_db).decode(position)
             for _ in range(200):
                 row = await owner.fetchrow(
                     f"SELECT tx_id::text, position FROM {LIVE.checkpoints}")

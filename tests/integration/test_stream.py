@@ -31,12 +31,12 @@ from query_api.app import create_app
 from query_api.stream import STREAMS_ENDED, StreamHub
 from query_api.tickets import Tickets
 from shared.auth import mint_token
-from shared.position import decode
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.live import serve
 from tests.support.query import assert_error, create, write
+from tests.support.query import position_of as decode
 from tests.support.sse import CLOSED, SseClient
 
 

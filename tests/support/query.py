@@ -3,12 +3,30 @@ then read."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import psycopg
 from fastapi.testclient import TestClient
 
-from shared.position import decode
+from shared.position import KEY_SQL, Position, PositionCodec
 from tests.support import bearer
+
+_SESSION_DATABASE: list[str] = []
+
+
+def use_database(url: str) -> None:
+    """The database `position_of` opens tokens for by default (the session's)."""
+    _SESSION_DATABASE[:] = [url]
+
+
+@functools.cache
+def codec_for(url: str) -> PositionCodec:
+    """The position seal of the database at `url` (its key, made by db init)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(KEY_SQL).fetchone()
+    assert row is not None, "no sealing key: db init has not run"
+    return PositionCodec(bytes(row[0]))
 
 
 def write(
@@ -32,8 +50,9 @@ def create(client: TestClient, user: str, title: str, description: str | None = 
     return task, position
 
 
-def position_of(token: str) -> int:
-    return decode(token)
+def position_of(token: str, url: str | None = None) -> Position:
+    """The position a sealed token holds (tokens of the session database by default)."""
+    return codec_for(url or _SESSION_DATABASE[0]).decode(token)
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:

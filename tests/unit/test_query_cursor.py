@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 import pytest
 
-from query_api.cursor import BadCursor, decode_cursor, encode_cursor
+from query_api.cursor import BadCursor, CursorCodec
 from query_api.queries import FeedCursor, like_pattern
+from shared.position import Position, PositionCodec
+
+CODEC = PositionCodec(os.urandom(32))
+CURSORS = CursorCodec(CODEC)
 
 
 @pytest.mark.parametrize(
@@ -19,18 +24,23 @@ from query_api.queries import FeedCursor, like_pattern
     ],
 )
 def test_a_cursor_round_trips_exactly(cursor: FeedCursor):
-    token = encode_cursor(cursor)
-    assert token.isascii() and "=" not in token
-    assert decode_cursor(token) == cursor
+    token = CURSORS.encode(cursor)
+    assert token.isascii() and "=" not in token and token.startswith("c2.")
+    assert CURSORS.decode(token) == cursor
 
 
 @pytest.mark.parametrize(
     "token",
-    ["", "garbage!", "YzEuMTIz", "Yy4xLjI", "é", "YzEuOTk5OTk5OTk5OTk5OTk5OTk5LjE", "=" * 8],
+    ["", "garbage!", "YzEuMTIz", "Yy4xLjI", "é", "YzEuOTk5OTk5OTk5OTk5OTk5OTk5LjE", "=" * 8,
+     "c2.", "c2." + "A" * 54,
+     # sealed, but under another key; a position's token; a truncated cursor
+     CursorCodec(PositionCodec(os.urandom(32))).encode(FeedCursor(datetime.now(UTC), 1)),
+     CODEC.encode(Position(1, 2)),
+     CURSORS.encode(FeedCursor(datetime.now(UTC), 1))[:-4]],
 )
 def test_rejects_a_cursor_it_did_not_issue(token: str):
     with pytest.raises(BadCursor):
-        decode_cursor(token)
+        CURSORS.decode(token)
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pytest
 
 from shared.etag import IfMatch, etag
 from shared.events import EVENT_TOPICS, Task, TaskDeleted
-from shared.position import BadPosition, Position, decode, encode
+from shared.position import PREFIX, BadPosition, Position, PositionCodec
 
 
 def new_task() -> Task:
@@ -55,12 +56,23 @@ def test_every_event_topic_is_registered_once():
     }
 
 
-def test_positions_round_trip_and_reject_foreign_tokens():
-    assert decode(encode(Position(7, 42))) == Position(7, 42)
+def test_positions_round_trip_sealed_and_reject_foreign_tokens():
+    codec = PositionCodec(os.urandom(32))
+    position = Position(2**63 - 1, 42)
+    token = codec.encode(position)
+    assert codec.decode(token) == position
     assert Position(7, 42) < Position(8, 1) < Position(8, 2)  # transaction first
-    for bad in ("42", "p2.1", "p1.5", "p2.1.", "p2.-3.1", "p2.1.1e9", "p2.1.99999999999999999999", ""):
+    # Sealed: no number in it; one position, one token (a retry answers alike).
+    assert token.startswith(PREFIX) and str(position.tx_id) not in token
+    assert codec.encode(Position(2**63 - 1, 42)) == token != codec.encode(Position(2**63 - 1, 43))
+    assert len(token) <= 64 and token.isascii()
+    # Forged: the old plain format, garbage, a flipped character, a truncated token,
+    # one sealed under another key, a valid one with junk appended.
+    flipped = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    other = PositionCodec(os.urandom(32)).encode(position)
+    for bad in ("42", "p2.1.5", "p2.7.42", "", "p3.", flipped, token[:-3], other, token + "AA"):
         with pytest.raises(BadPosition):
-            decode(bad)
+            codec.decode(bad)
 
 
 def test_if_match_accepts_current_weak_and_star_and_rejects_garbage():
