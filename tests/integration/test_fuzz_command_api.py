@@ -50,7 +50,10 @@ PLACEHOLDER = Settings(
 )
 TARGET = DeferredApp(create_app(PLACEHOLDER))
 # The app serves the service's one document (both APIs); this app answers its writes.
-schema = schemathesis.openapi.from_asgi("/openapi.json", TARGET).include(method=["POST", "PUT", "PATCH", "DELETE"])
+# The one document also holds the query API's stream-ticket POSTs: not this API's.
+schema = (schemathesis.openapi.from_asgi("/openapi.json", TARGET)
+          .include(method=["POST", "PUT", "PATCH", "DELETE"])
+          .exclude(path_regex="/stream/tickets$"))
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES
 )
