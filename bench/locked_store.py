@@ -45,7 +45,7 @@ class TableLockingStore(PostgresEventStore):
             if e.constraint_name == store.EVENTS_KEY:
                 return None
             raise
-        return rows[0][0], rows[0][1]
+        return (rows[0][0], rows[0][1]) if rows else None  # no rows: no predecessor
 
     def _notify_soon(self) -> None:
         pass  # sent inside each transaction

@@ -86,44 +86,64 @@ _UPSERT_OWN = (
 )
 
 
-def _appending(insert: str, owner: str) -> str:
+# An event is appended only after its predecessor: version 1, or version n - 1 of its
+# task already stored. A cached copy of a task can be ahead of the store (events lost
+# to an asynchronous failover, a restore): its save is then a VersionConflict and the
+# command decides again on what is stored, rather than writing a version with none
+# before it, which would stop the projector. One index probe, in the same statement.
+_FOLLOWS = (
+    "({version} = 1 OR EXISTS (SELECT 1 FROM " + EVENTS_TABLE + " p"
+    " WHERE p.originator_id = {task} AND p.originator_version = {version} - 1))"
+)
+
+
+def _appending(insert: str, owner: str, *, keyed: bool = False) -> str:
     """`insert` (an events INSERT whose rows are all the user `owner`'s, an SQL
-    expression) with the user's position upserted in the same statement."""
+    expression) with the user's position upserted in the same statement, and the
+    idempotency record if `keyed` (only if the events went in)."""
     own = _UPSERT_OWN.format(own=f"SELECT {owner} AS user_id, notification_id FROM appended")
+    idempotency = f", idempotency AS ({_INSERT_IDEMPOTENCY})" if keyed else ""
     return (
         f"WITH appended AS ({insert} RETURNING notification_id, tx_id), own AS ({own})"
-        " SELECT notification_id, tx_id::text FROM appended"
+        f"{idempotency} SELECT notification_id, tx_id::text FROM appended"
     )
 
 
-# One event (most commands) as plain parameters; several as arrays. $5: the user;
-# $6-$11: idempotency.
-_INSERT_ONE = _appending(f"{_EVENT_COLUMNS} VALUES ($1, $2, $3, $4)", "$5::text")
-_INSERT_MANY = _appending(
-    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])",
-    "$5::text",
-)
 _INSERT_IDEMPOTENCY = (
     f"INSERT INTO {IDEMPOTENCY_TABLE} (user_id, key, fingerprint, status, task_id, version)"
-    " VALUES ($6, $7, $8, $9, $10, $11) RETURNING 1"
+    " SELECT $6, $7, $8, $9, $10, $11 WHERE EXISTS (SELECT 1 FROM appended) RETURNING 1"
 )
-_INSERT_IDEMPOTENCY_ONLY = _INSERT_IDEMPOTENCY.replace(
-    "$6, $7, $8, $9, $10, $11", "$1, $2, $3, $4, $5, $6"
+_INSERT_IDEMPOTENCY_ONLY = (
+    f"INSERT INTO {IDEMPOTENCY_TABLE} (user_id, key, fingerprint, status, task_id, version)"
+    " VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1"
 )
+# One event (most commands) as plain parameters; several (in version order) as arrays.
+# $5: the user; $6-$11: idempotency.
+_ONE = (
+    f"{_EVENT_COLUMNS} SELECT $1::uuid, $2::bigint, $3::text, $4::bytea"
+    f" WHERE {_FOLLOWS.format(task='$1::uuid', version='$2::bigint')}"
+)
+_MANY = (
+    f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
+    f" WHERE {_FOLLOWS.format(task='($1::uuid[])[1]', version='($2::bigint[])[1]')}"
+)
+_INSERT_ONE = _appending(_ONE, "$5::text")
+_INSERT_MANY = _appending(_MANY, "$5::text")
 # The same with the idempotency record: one statement, one transaction.
 _KEYED = {
-    statement: statement.replace("WITH ", f"WITH idempotency AS ({_INSERT_IDEMPOTENCY}), ", 1)
-    for statement in (_INSERT_ONE, _INSERT_MANY)
+    _INSERT_ONE: _appending(_ONE, "$5::text", keyed=True),
+    _INSERT_MANY: _appending(_MANY, "$5::text", keyed=True),
 }
 
 
 # Single-event appends of concurrent commands (of any users), in one statement: a row
-# that loses the race for its (task id, version) is left out of RETURNING, and only its
-# command fails.
+# that loses the race for its (task id, version), or whose predecessor is not stored, is
+# left out of RETURNING, and only its command fails.
 _APPEND_BATCH = (
     "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[],"
     " $5::text[]) AS b(id, version, topic, state, user_id)),"
-    f" appended AS ({_EVENT_COLUMNS} SELECT id, version, topic, state FROM batch"
+    f" appended AS ({_EVENT_COLUMNS} SELECT id, version, topic, state FROM batch b"
+    f" WHERE {_FOLLOWS.format(task='b.id', version='b.version')}"
     f" ON CONFLICT ON CONSTRAINT {EVENTS_KEY} DO NOTHING"
     " RETURNING originator_id, originator_version, notification_id, tx_id),"
     " own AS ("
@@ -148,6 +168,7 @@ _SELECT_KEY = (
     f"SELECT user_id, key, fingerprint, status, task_id, version FROM {IDEMPOTENCY_TABLE}"
     " WHERE user_id = $1 AND key = $2"
 )
+_TOUCH_KEY = f"UPDATE {IDEMPOTENCY_TABLE} SET status = status WHERE user_id = $1 AND key = $2"
 _SELECT_POSITION = (
     f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
     " WHERE originator_id = $1 AND originator_version = $2"
@@ -270,8 +291,17 @@ class PostgresEventStore:
         return [events.get(task_id, []) for task_id in task_ids]
 
     async def key_record(self, user_id: str, key: str) -> IdempotencyRecord | None:
+        """The record of this user's key, once it is as durable as any write. A first
+        request whose commit was still waiting for a synchronous standby when it timed
+        out (a 503: asyncpg cancels, PostgreSQL keeps the commit locally) leaves a record
+        the standby may never get; answering its retry from it would acknowledge a write
+        a failover can lose. So a found record is touched: that commit waits for the
+        standby like any other, and covers the first one (WAL is one stream)."""
         row = await self._call("fetchrow", _SELECT_KEY, user_id, key)
-        return None if row is None else IdempotencyRecord(*row)
+        if row is None:
+            return None
+        await self._call("execute", _TOUCH_KEY, user_id, key)
+        return IdempotencyRecord(*row)
 
     async def position_of(self, task_id: UUID, version: int) -> Position | None:
         row = await self._call("fetchrow", _SELECT_POSITION, task_id, version)
@@ -363,6 +393,8 @@ class PostgresEventStore:
             raise
         if not stored:
             return 0, None
+        if not rows:  # the first event's predecessor is not stored: nothing was written
+            raise VersionConflict
         self._notify_soon()
         last = max(rows, key=lambda row: row[0])
         return len(stored), Position(int(last[1]), last[0])

@@ -205,7 +205,9 @@ def grants(t: Tables = LIVE) -> Grants:
             QUERY_ROLE: ("SELECT",),  # the query API's lag: the oldest unprojected event
         },
         # Written with the events; DELETE for the purge of expired keys.
-        IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "DELETE")},
+        # UPDATE: a retry's found record is touched so its answer waits for a
+        # synchronous standby (`command_api.store.key_record`).
+        IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE", "DELETE")},
         # The sealing key: read by the APIs, written by db init alone.
         SERVICE_KEYS_TABLE: {COMMAND_ROLE: ("SELECT",), QUERY_ROLE: ("SELECT",)},
         # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.

@@ -138,3 +138,25 @@ async def test_a_record_without_events_is_saved_alone(store: EventStore) -> None
     assert await store.key_record(user, "no-op") == kept
     assert await store.save(unchanged) == (0, None)  # nothing at all to save
     assert (await store.get(task.id)).version == 1
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("events", [1, 2])
+async def test_a_task_ahead_of_the_store_is_a_conflict_and_writes_nothing(
+    store: EventStore, keyed: bool, events: int
+):
+    """A copy that believes in events the store does not hold (a cache after an
+    asynchronous failover lost them): its next save would write a version with none
+    before it, which no fold can read. It is a VersionConflict, and nothing is written:
+    no event, no idempotency record."""
+    owner = new_user()
+    task = new_task(owner)
+    task.collect_events()  # version 1 "saved" only in this copy's belief
+    task.change(actor=owner, request_id="r", title="second")
+    if events == 2:
+        task.change(actor=owner, request_id="r", completed=True)
+    record = IdempotencyRecord(owner, "ahead", "f", 200, task.id, task.version) if keyed else None
+    with pytest.raises(VersionConflict):
+        await store.save(task, record)
+    assert await store.get(task.id) is None
+    assert await store.key_record(owner, "ahead") is None

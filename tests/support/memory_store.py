@@ -47,6 +47,12 @@ class MemoryEventStore:
             taken = {e.originator_version for e in history}
             if event.originator_version in taken:
                 raise VersionConflict
+        # Only after its predecessor (the PostgreSQL store's rule): version 1, or n - 1.
+        if stored and stored[0].originator_version > 1 and (
+            stored[0].originator_version - 1
+            not in {e.originator_version for e in self.events.get(stored[0].originator_id, [])}
+        ):
+            raise VersionConflict
         if idempotency is not None:
             self.keys[idempotency.user_id, idempotency.key] = idempotency
         if not stored:
