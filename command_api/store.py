@@ -254,6 +254,12 @@ class PostgresEventStore:
                 conn = await self.pool.acquire()
             try:
                 return await operation(conn)
+            except TimeoutError:
+                # The statement outlived DB_STATEMENT_TIMEOUT: a released connection
+                # would wait as long again for its cancel to land (a hung database);
+                # dropped, the 503 goes out now.
+                conn.terminate()
+                raise
             except asyncpg.exceptions.InternalClientError:
                 conn.terminate()  # its protocol state is lost: never hand it out again
                 if attempt == 2:

@@ -74,9 +74,8 @@ class ReadSide:
             self.own_positions = OwnPositions(
                 primary,
                 pool_size=settings.db_pool_size,
-                connect_timeout=settings.db_connect_timeout,
                 acquire_timeout=settings.db_pool_timeout,
-                statement_cache_size=0 if settings.db_transaction_pooler else 100,
+                pool_options=pool_options(settings, primary, APPLICATION_NAME),
             )
 
     async def start(self) -> None:

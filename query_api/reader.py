@@ -169,13 +169,13 @@ class OwnPositions:
     then reflects the writes it has replayed: after a failure the primary is not asked
     again for `retry_after` seconds, so reads do not each wait for it."""
 
-    def __init__(self, dsn: str, *, pool_size: int, connect_timeout: float,
-                 acquire_timeout: float, retry_after: float = 5.0,
-                 statement_cache_size: int = 100) -> None:
+    def __init__(self, dsn: str, *, pool_size: int, acquire_timeout: float,
+                 pool_options: dict[str, Any], retry_after: float = 5.0) -> None:
         self.dsn = dsn
-        self.statement_cache_size = statement_cache_size  # 0 behind a transaction pooler
         self.pool_size = pool_size
-        self.connect_timeout = connect_timeout
+        # The API's connect and statement timeouts (`shared.pools`), so a hung primary
+        # costs a read no more than a hung replica would.
+        self.pool_options = pool_options
         self.acquire_timeout = acquire_timeout
         self.retry_after = retry_after
         self.pool: asyncpg.Pool | None = None
@@ -199,8 +199,7 @@ class OwnPositions:
                     if self.pool is None:
                         self.pool = await asyncpg.create_pool(
                             self.dsn, min_size=1, max_size=self.pool_size,
-                            timeout=self.connect_timeout, command_timeout=30,
-                            statement_cache_size=self.statement_cache_size,
+                            **self.pool_options,
                         )
             async with _Pooled(self.pool, self.acquire_timeout) as conn:
                 return await conn.fetchrow(statement, *args)
@@ -239,6 +238,11 @@ class _Pooled:
             self.conn = await self.pool.acquire()
         return self.conn
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if self.conn is not None:
+            if kind is not None and issubclass(kind, TimeoutError):
+                # A statement outlived DB_STATEMENT_TIMEOUT: released, the connection
+                # would wait as long again for its cancel (a hung database); dropped,
+                # the 503 goes out now.
+                self.conn.terminate()
             await self.pool.release(self.conn)
