@@ -50,6 +50,9 @@ _TASK_EXAMPLE = {
     "title": "Buy milk",
     "description": "Two litres",
     "completed": False,
+    "priority": "high",
+    "tags": ["shopping"],
+    "due_date": "2026-01-03T18:00:00+00:00",
     "created_at": "2026-01-02T03:04:05.678901+00:00",
     "updated_at": "2026-01-02T03:04:05.678901+00:00",
     "version": 1,
@@ -86,7 +89,9 @@ def merge(command: dict[str, Any], query: dict[str, Any], *, version: str) -> di
         schemas["TaskOut"]["examples"] = [_TASK_EXAMPLE]
     for name in ("CreateTask", "ReplaceTask"):
         if name in schemas:
-            schemas[name]["examples"] = [{"title": "Buy milk", "description": "Two litres"}]
+            schemas[name]["examples"] = [{
+                "title": "Buy milk", "description": "Two litres", "priority": "high",
+                "tags": ["shopping"], "due_date": "2026-01-03T18:00:00Z"}]
     return {
         "openapi": query["openapi"],
         "info": {
