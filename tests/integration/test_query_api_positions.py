@@ -62,6 +62,9 @@ async def test_a_read_waits_for_a_position_and_reports_stale_when_the_projector_
         f"/api/tasks/{task['id']}", params={"min_position": position}, headers=bearer(user)
     )
     assert_error(by_query, 404, "NOT_FOUND")
+    # ...and says it may be there yet: the wait for the position timed out.
+    assert by_query.json()["meta"]["stale"] is True
+    assert position_of(by_query.json()["meta"]["position"]) < position_of(position)
 
     await catch_up(database_url)
     caught_up = query_client.get("/api/tasks", headers={**bearer(user), "X-Min-Position": position})
