@@ -9,18 +9,16 @@ own, so the comparison isolates the writer.
 
 from __future__ import annotations
 
-import argparse
-import os
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI
 
+from bench.procs import serve_variant
 from command_api import store
 from command_api.app import create_app as create_command_app
 from command_api.store import PostgresEventStore
 from shared.catalog import EVENTS_TABLE
-from shared.observability import configure_logging
 from shared.settings import Settings
 
 _LOCK = f"LOCK TABLE {EVENTS_TABLE} IN EXCLUSIVE MODE"
@@ -55,28 +53,11 @@ def create_app() -> FastAPI:
     """The uvicorn factory: the command API on `TableLockingStore`, settings from the
     environment."""
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
     return create_command_app(settings, store=TableLockingStore.open)
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="python -m bench.locked_store")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    # The same call as taskctl.cli._serve, so both command APIs run the same server.
-    uvicorn.run(
-        "bench.locked_store:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-    )
+    serve_variant("python -m bench.locked_store", "bench.locked_store:create_app")
 
 
 if __name__ == "__main__":

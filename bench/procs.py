@@ -152,3 +152,19 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+
+
+def serve_variant(prog: str, app_path: str) -> None:
+    """`python -m bench.<variant> --port N`: the uvicorn factory `app_path` served exactly
+    as `taskctl command-api` / `query-api` serve theirs (`taskctl.serving.serve`), so a
+    comparison with them is of the apps alone. Settings from the environment."""
+    import argparse
+
+    from shared.settings import Settings
+    from taskctl.serving import serve
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    serve(app_path, args.host, args.port, Settings.from_env())

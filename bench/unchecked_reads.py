@@ -9,14 +9,11 @@ isolates the check's cost.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 from fastapi import FastAPI
 
+from bench.procs import serve_variant
 from query_api.app import create_app as create_query_app
 from query_api.reader import Reader
-from shared.observability import configure_logging
 from shared.settings import Settings
 
 
@@ -29,7 +26,6 @@ def create_app() -> FastAPI:
     """The uvicorn factory: the query API with `UncheckedReader`, settings from the
     environment."""
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
     app = create_query_app(settings)
     open_reader = app.state.open_reader
 
@@ -43,23 +39,7 @@ def create_app() -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="python -m bench.unchecked_reads")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    # The same call as taskctl.cli._serve, so both query APIs run the same server.
-    uvicorn.run(
-        "bench.unchecked_reads:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-    )
+    serve_variant("python -m bench.unchecked_reads", "bench.unchecked_reads:create_app")
 
 
 if __name__ == "__main__":

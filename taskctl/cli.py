@@ -92,23 +92,9 @@ _POSITIVE_SECONDS = _number(float, minimum=0, strict=True)
 
 
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
-    import uvicorn
+    from taskctl.serving import serve
 
-    from shared.observability import configure_logging
-    from taskctl.serving import uvicorn_options
-
-    configure_logging(settings.log_level)
-    uvicorn.run(
-        app_path,
-        factory=True,
-        host=host,
-        port=port,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep configure_logging's JSON lines
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-        **uvicorn_options(settings),  # envelopes and slow-client deadlines (taskctl.serving)
-    )
+    serve(app_path, host, port, settings)
 
 
 def cmd_db_init(_: argparse.Namespace) -> None:

@@ -264,3 +264,25 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "body_timeout": settings.http_body_timeout,
     })
     return options
+
+
+def serve(app_path: str, host: str, port: int, settings: Settings) -> None:
+    """Serve the uvicorn factory `app_path` as every API process is served (`taskctl
+    command-api`, `query-api`, and the benchmark's variants of them, so a comparison is
+    of the apps alone): JSON log lines, the guarded protocol, a graceful stop."""
+    import uvicorn
+
+    from shared.observability import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        app_path,
+        factory=True,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep configure_logging's JSON lines
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),  # envelopes and slow-client deadlines (above)
+    )
