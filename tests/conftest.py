@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -40,3 +41,17 @@ def command_client(settings: Settings) -> Iterator[TestClient]:
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture
+async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
+    """The real projector following this run's database (or the module's own
+    `database_url`, directly, never through a pooler) in the test's event loop: NOTIFY
+    wakes it, it polls every 30 s; stopped after the test."""
+    from projections.projector import run
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(database_url, stop=stop, poll_interval=30))
+    yield task
+    stop.set()
+    await asyncio.wait_for(task, 10)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from command_api.store import PostgresEventStore
-from projections.projector import run
 from query_api.app import create_app
 from shared.catalog import OWN_POSITIONS_TABLE
 from shared.events import Task
@@ -37,16 +36,6 @@ def quick_settings(settings: Settings) -> Settings:
 def query_client(quick_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(quick_settings), raise_server_exceptions=False) as client:
         yield client
-
-
-@pytest.fixture
-async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
-    """The real projector, following the event store in this event loop."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(database_url, stop=stop, poll_interval=30))
-    yield task
-    stop.set()
-    await asyncio.wait_for(task, 10)
 
 
 def own_position(url: str, user: str) -> Position | None:

@@ -12,7 +12,7 @@ connections."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -21,7 +21,6 @@ import psycopg
 import pytest
 
 from command_api.app import create_app as create_command_app
-from projections.projector import run as run_projector
 from query_api.app import create_app as create_query_app
 from shared.pools import pool_options
 from shared.settings import Settings
@@ -65,16 +64,6 @@ def pooled(bouncer: PgBouncer, database_url: str) -> Settings:
     return Settings(environment="test", better_auth_secret=TEST_SECRET,
                     database_url=bouncer.url(database_name(database_url)),
                     db_transaction_pooler=True, read_wait_timeout=5)
-
-
-@pytest.fixture
-async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
-    """Direct to the server, never through the pooler."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_projector(database_url, stop=stop, poll_interval=30))
-    yield task
-    stop.set()
-    await asyncio.wait_for(task, 10)
 
 
 async def test_asyncpg_defaults_fail_through_pgbouncer_and_the_setting_fixes_them(

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from projections.projector import run
 from query_api.app import create_app
 from shared.settings import Settings
 from tests.support import bearer, new_user
@@ -24,16 +23,6 @@ def query_client(settings: Settings) -> Iterator[TestClient]:
     quick = settings.model_copy(update={"read_wait_timeout": 0.4})
     with TestClient(create_app(quick), raise_server_exceptions=False) as client:
         yield client
-
-
-@pytest.fixture
-async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
-    """The real projector, following the event store in this event loop."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(database_url, stop=stop, poll_interval=30))
-    yield task
-    stop.set()
-    await asyncio.wait_for(task, 10)
 
 
 def test_reads_do_not_start_the_position_watch(query_client: TestClient):
