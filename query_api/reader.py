@@ -136,13 +136,13 @@ class Reader:
         args = query.args
         if own and self.user_id is not None:
             args = (*args, self.user_id)
-            columns, own = _OWN_COLUMNS, " " + _OWN.format(n=len(args))
+            columns, join = _OWN_COLUMNS, " " + _OWN.format(n=len(args))
         else:
-            columns, own = _NO_OWN_COLUMNS, ""
+            columns, join = _NO_OWN_COLUMNS, ""
         async with self.connection() as conn:
             return await getattr(conn, method)(
                 f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
-                f" FROM ({position_sql()}) p{own}"
+                f" FROM ({position_sql()}) p{join}"
                 f" LEFT JOIN LATERAL ({query.sql}) q ON true{order}",
                 *args,
             )
