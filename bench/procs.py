@@ -156,12 +156,12 @@ class Processes:
 
 def serve_variant(prog: str, app_path: str) -> None:
     """`python -m bench.<variant> --port N`: the uvicorn factory `app_path` served exactly
-    as `taskctl command-api` / `query-api` serve theirs (`taskctl.serving.serve`), so a
+    as `taskctl command-api` / `query-api` serve theirs (`shared.serving.serve`), so a
     comparison with them is of the apps alone. Settings from the environment."""
     import argparse
 
     from shared.settings import Settings
-    from taskctl.serving import serve
+    from shared.serving import serve
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--host", default="127.0.0.1")

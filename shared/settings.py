@@ -177,7 +177,7 @@ class Settings(BaseModel):
     cors_allow_headers_extra: str = ""
     # The direct path (taskctl serving with uvicorn): a request's line and headers must
     # arrive within HTTP_HEADER_TIMEOUT seconds, its body within HTTP_BODY_TIMEOUT
-    # seconds after them; else 408 and the connection is closed (taskctl/serving.py).
+    # seconds after them; else 408 and the connection is closed (shared/serving.py).
     http_header_timeout: float = Field(default=10.0, gt=0, le=300)
     http_body_timeout: float = Field(default=30.0, gt=0, le=600)
     # The query API's live stream of task changes (query_api/stream.py, docs/streams.md):

@@ -92,7 +92,7 @@ _POSITIVE_SECONDS = _number(float, minimum=0, strict=True)
 
 
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
-    from taskctl.serving import serve
+    from shared.serving import serve
 
     serve(app_path, host, port, settings)
 

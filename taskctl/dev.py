@@ -222,7 +222,7 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
     from shared.settings import SettingsError
     from taskctl.dbinit import init_database
     from taskctl.embedded import EmbeddedPostgres, EmbeddedPostgresError
-    from taskctl.serving import uvicorn_options
+    from shared.serving import uvicorn_options
 
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     sock = bind_port(host, port)

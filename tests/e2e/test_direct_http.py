@@ -1,4 +1,4 @@
-"""The direct path: `taskctl command-api` (uvicorn, taskctl.serving) on 127.0.0.1, driven
+"""The direct path: `taskctl command-api` (uvicorn, shared.serving) on 127.0.0.1, driven
 with raw sockets. Malformed HTTP gets the envelope; oversized headers a 431; a client that
 sends nothing, trickles its headers or trickles its body is answered (408) or dropped
 within the deadlines, and a body that never completes is never executed. Short deadlines
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from taskctl.serving import MAX_HEADER_BYTES
+from shared.serving import MAX_HEADER_BYTES
 from tests.integration.test_truncated_bodies import events_by
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.process import Proc, free_port

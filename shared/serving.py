@@ -1,5 +1,6 @@
-"""How taskctl serves the APIs with uvicorn (`command-api`, `query-api`, `dev`), and what
-that direct path guards against without the gateway.
+"""How the APIs are served with uvicorn (`taskctl command-api`, `query-api`, `dev`, and the
+benchmark's variants of them), and what that direct path guards against without the
+gateway. In the kernel so the benchmark, which may not import `taskctl`, serves alike.
 
 uvicorn alone (its httptools protocol, which `uvicorn[standard]` picks) answers malformed
 HTTP itself with a plain-text 400, reads request headers of any size, and times nothing
