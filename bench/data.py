@@ -7,7 +7,7 @@
 - `seed_replay_events`: a large, realistic event log for the replay figure, in the
   exact encoding of the event store's mapper but written by INSERT ... SELECT, because
   `store.save` manages ~8,000 events/s and the replay log is a million.
-- `fill_ceiling`: the ceiling app's tables, same users and row counts.
+- `fill_ceiling`: the ceiling app's tables, same users and task ids.
 """
 
 from __future__ import annotations
@@ -191,15 +191,19 @@ def seed_replay_events(settings: Settings, total: int, users: int = 100) -> tupl
     return int(written), seconds
 
 
-def fill_ceiling(url: str, users: Sequence[str], rows_per_user: int) -> None:
+def fill_ceiling(url: str, ids: dict[str, list[UUID]]) -> None:
+    """The ceiling app's tables: the same users and task ids as the seeded tasks, and
+    one history row per task (as the projector writes for a created task)."""
+    users = [u for u, tasks in ids.items() for _ in tasks]
+    tasks = [t for ts in ids.values() for t in ts]
     with psycopg.connect(url) as conn:
         for statement in ceiling_app.ddl():
             conn.execute(statement)
-        conn.execute(
-            ceiling_app.fill_sql().replace("$1", "%s").replace("$2", "%s"),
-            (list(users), rows_per_user),
-        )
+        conn.execute(ceiling_app.fill_with_ids_sql().replace("$1", "%s").replace("$2", "%s"),
+                     (users, tasks))
+        conn.execute(ceiling_app.fill_history_sql())
         conn.execute("ANALYZE " + ceiling_app.READ_TABLE)
+        conn.execute("ANALYZE " + ceiling_app.HISTORY_TABLE)
 
 
 def event_count(url: str) -> int:

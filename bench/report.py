@@ -15,6 +15,8 @@ STEADY_LIST_P95_MS = 60.0
 LAG_P95_MS = 100.0
 COMMAND_RATIO = 0.7
 QUERY_RATIO = 0.8
+# get and list against their honest ceilings (issue 22): the same SELECT, JSON by PostgreSQL.
+READ_RATIO = {"get": 0.9, "list": 0.9}
 # Reads with the read-your-own-writes check vs the same reads without it (issue 15).
 OWN_WRITES_RATIO = 0.9
 REPLAY_EVENTS_PER_S = 20_000
@@ -41,7 +43,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     for kind in KINDS:
         if kind in sat:
             row = sat[kind]
-            limit = QUERY_RATIO if kind in QUERY_KINDS else COMMAND_RATIO
+            limit = ratio_target(kind)
             add(f"saturation {kind} / {row['ceiling']}", row["ratio"], f">= {limit:g}",
                 None if row["ratio"] is None else row["ratio"] >= limit)
     if "replay" in r:
@@ -50,6 +52,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     errors = error_total(r)
     add("errors", errors, "0", errors == 0)
     return out
+
+
+def ratio_target(kind: str) -> float:
+    if kind in READ_RATIO:
+        return READ_RATIO[kind]
+    return QUERY_RATIO if kind in QUERY_KINDS else COMMAND_RATIO
 
 
 def error_total(r: dict[str, Any]) -> int:
@@ -121,7 +129,7 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
     if sat:
         rows = []
         for kind, k in sat["kinds"].items():
-            limit = QUERY_RATIO if kind in QUERY_KINDS else COMMAND_RATIO
+            limit = ratio_target(kind)
             rows.append([kind, _f(k["rps"]), _f(k["p50_ms"]), _f(k["p95_ms"]), _f(k["p99_ms"]),
                          _f(k["errors"]), k["ceiling"], _f(k["ceiling_rps"]), _f(k["ratio"], 2),
                          f">= {limit:g}",
@@ -135,8 +143,10 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
             ["kind", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ceiling",
              "ceiling req/s", "ratio", "target", ""],
             rows,
-            "Commands are compared with the bare insert; get/history with the bare 50-row"
-            " select; list with the bare 1,000-row select.",
+            "Commands are compared with the bare insert; get with a bare one-row select by"
+            " primary key, list with the user's whole list, history with the task's"
+            " history, each its JSON built by PostgreSQL (bench/ceiling_app.py: no token"
+            " check, no envelope, no position, same tables' shape).",
         ))
         base = sat.get("table_lock_baseline") or {}
         if base:

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", help='"GEN/SERVERS" e.g. "0/1", or "none" (default: first'
                                   " quarter of the cores for the generator, the rest for servers)")
     p.add_argument("--only", help="comma list of phases: steady,saturation,replay (default all)")
+    p.add_argument("--scale", action="store_true",
+                   help="the cost-growth curve instead (bench/scale.py): one store per size")
+    p.add_argument("--scale-sizes", help="with --scale: comma list of task counts"
+                                         " (default 10000,100000,1000000)")
+    p.add_argument("--kinds", help="comma list of request kinds the saturation phase measures,"
+                                   " each with its ceiling (default all: " + ",".join(KINDS) + ")")
     p.add_argument("--log-level", default="warning", help="of every server (same for all)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--keep", action="store_true", help="keep the benchmark databases")
@@ -96,6 +102,7 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.phases = set((args.only or "steady,saturation,replay").split(","))
+    args.kinds = [k for k in KINDS if k in (args.kinds or ",".join(KINDS)).split(",")]
     return args
 
 
@@ -176,7 +183,7 @@ class Bench:
         self.say(f"seeding {a.users} users x {a.tasks_per_user} tasks through the event store")
         ids, seconds = data.seed_tasks(self.settings, user_ids, a.tasks_per_user)
         events = a.users * a.tasks_per_user
-        data.fill_ceiling(self.url, user_ids, a.tasks_per_user)
+        data.fill_ceiling(self.url, ids)
         self.users = Users(self.secret, ids)
         self.results["data"] = {
             "database": self.url.rsplit("/", 1)[-1],
@@ -357,7 +364,9 @@ class Bench:
         ports = {"command-api": self.servers["command-api"].port,
                  "query-api": self.servers["query-api"].port,
                  "ceiling": self.servers["ceiling"].port}
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*KINDS, *CEILINGS)}
+        measured = a.kinds
+        ceiling_names = [c for c in CEILINGS if c in {CEILING_OF[k] for k in measured}]
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*measured, *ceiling_names)}
         locked: dict[str, list[dict[str, Any]]] = {}
         unchecked: dict[str, list[dict[str, Any]]] = {}
         ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
@@ -376,10 +385,10 @@ class Bench:
         for rep in range(a.repeats):
             self.say(f"saturation {rep + 1}/{a.repeats}: {a.connections} connections,"
                      f" {a.saturation_seconds:g}s per kind")
-            for name in CEILINGS:
+            for name in ceiling_names:
                 runs[name].append(one(name, ports["ceiling"],
                                       lambda rng, n=name: ceiling_requests.endpoint(n, rng)))
-            for kind in KINDS:
+            for kind in measured:
                 if kind in QUERY_KINDS:
                     self.wait_projector(timeout=60)
                 ours = OurRequests(self.users, Pool(0, 0), Pool(0, 0))
@@ -415,9 +424,9 @@ class Bench:
                 "cpu": rs[len(rs) // 2]["cpu"],
             }
 
-        ceilings = {name: summary(runs[name]) for name in CEILINGS}
+        ceilings = {name: summary(runs[name]) for name in ceiling_names}
         kinds = {}
-        for kind in KINDS:
+        for kind in measured:
             row = summary(runs[kind])
             row["ceiling"] = CEILING_OF[kind]
             row["ceiling_rps"] = ceilings[CEILING_OF[kind]]["rps"]
@@ -490,7 +499,12 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = configure(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.scale:
+        from bench.scale import main as scale
+
+        return scale(args)
+    args = configure(args)
 
     def terminate(*_: object) -> None:
         raise KeyboardInterrupt

@@ -28,12 +28,13 @@ DEFAULT_MIX = {
     "create": 15, "update": 15, "complete": 10, "delete": 10,
 }
 
-# Which ceiling endpoint each kind is compared with.
+# Which ceiling endpoint each kind is compared with: each read with the bare SELECT
+# of the same rows whose JSON PostgreSQL builds (bench/ceiling_app.py).
 CEILING_OF = {
-    "list": "select_1000", "get": "select_50", "history": "select_50",
+    "list": "list_json", "get": "get_json", "history": "history_json",
     "create": "insert", "update": "insert", "complete": "insert", "delete": "insert",
 }
-CEILINGS = ("insert", "select_50", "select_1000")
+CEILINGS = ("insert", "get_json", "list_json", "history_json")
 
 DELETE_RESERVE = 0.1  # of each user's seeded tasks
 
@@ -198,8 +199,12 @@ class CeilingRequests:
             return Request(kind, "POST", "/insert", {},
                            {"user_id": user, "title": self.u.title(), "description": "x"},
                            (201,))
-        limit = 1000 if name == "select_1000" else 50
-        return Request(kind, "GET", f"/select/{user}?limit={limit}")
+        if name == "list_json":
+            return Request(kind, "GET", f"/list/{user}")
+        if name in ("get_json", "history_json"):
+            task = rng.choice(self.u.work[user])  # the same tasks ours are asked for
+            return Request(kind, "GET", f"/{name.removesuffix('_json')}/{user}/{task}")
+        raise ValueError(name)
 
 
 def mixer(mix: dict[str, float], build: Callable[[str, random.Random], tuple[Pool, Request] | None],
