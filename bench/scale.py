@@ -1,0 +1,658 @@
+"""`python -m bench --scale`: how each cost grows with the size of the store.
+
+For each size (tasks: 10,000, 100,000, 1,000,000 by default; `--scale-sizes`), in a
+database of its own (`bench_scale_<tasks>_<random>`, dropped after the step unless
+`--keep`):
+
+1. **Seed** `users x tasks per user` tasks (1,000 per user: 10, 100, 1,000 users), four
+   events each, by `data.seed_replay_events` (the event store's own encoding, written by
+   INSERT ... SELECT): created; renamed; completed; then a quarter reopened, a quarter
+   deleted, half given a description. So a user's list holds 750 tasks at 1,000 per user.
+2. **Replay**: `taskctl replay --json` rebuilds the read tables from the whole store (it
+   also fills the live tables the later phases read). Events/s from outside, wall time;
+   peak RSS *measured*: `ru_maxrss` of the replay process from `os.wait4` (the largest
+   of it and its children, in practice the fold process or itself), and the sum of the
+   RSS of its whole process tree, sampled from /proc every 0.1 s.
+3. **Bytes**: `pg_total_relation_size` of the event store and of every read table,
+   per event and per task.
+4. **Load**: the real command API, query API and projector (`bench.procs`, pinned like
+   `python -m bench`), an open loop at `--rate` req/s (default mix) for `--steady-seconds`
+   (default 30) over up to 100 users drawn at random from all of them: p95 of the
+   commands together, of a user's full list, of get and of history.
+5. **Idempotency**: 1,000 keyed creates (closed loop, 4 connections); bytes per key.
+6. **Projector catch-up**: the projector stopped, 40,000 events appended (10,000 new tasks
+   of the same users), the projector started again; events/s from its checkpoint's first
+   move to caught up (and from its start, including start-up).
+
+Then `bench/results/<date>-scale.json` and `.md` (the table, each line's slope in words,
+an estimate for the next tenfold size); `python -m bench.plot_scale` draws the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench import data
+from bench.http import Pool, Request, closed_loop, open_loop
+from bench.procs import ROOT, Processes, db_init, free_port, split_cpus, taskctl
+from bench.replay import REPLAY_COMMAND
+from bench.report import _f, _md_table
+from bench.stats import CpuMeter, by_kind, latency_summary
+from bench.workload import COMMAND_KINDS, OurRequests, Users, mixer, parse_mix
+from shared import aio
+from shared.catalog import (
+    CHECKPOINTS_TABLE,
+    EVENTS_TABLE,
+    IDEMPOTENCY_TABLE,
+    OWN_POSITIONS_TABLE,
+    LIVE,
+)
+from shared.settings import Settings
+
+SIZES = (10_000, 100_000, 1_000_000)
+TASKS_PER_USER = 1_000
+EVENTS_PER_TASK = 4  # what data.seed_replay_events writes per task
+SAMPLE_USERS = 100
+KEYED_CREATES = 1_000
+CATCH_UP_EVENTS = 40_000
+STEADY_SECONDS = 30.0
+WARMUP_SECONDS = 3.0
+READ_TABLES = LIVE.read_tables  # read_tasks, read_task_history, read_user_stats
+SIZE_TABLES = (EVENTS_TABLE, *READ_TABLES, IDEMPOTENCY_TABLE, OWN_POSITIONS_TABLE,
+               CHECKPOINTS_TABLE)
+
+# The promised columns: (key in a step's record, header of the table).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("tasks", "tasks"),
+    ("users", "users"),
+    ("events", "events"),
+    ("command_p95_ms", "command p95 (ms)"),
+    ("list_p95_ms", "full list p95 (ms)"),
+    ("get_p95_ms", "get p95 (ms)"),
+    ("history_p95_ms", "history p95 (ms)"),
+    ("catch_up_events_per_s", "projector catch-up (events/s)"),
+    ("replay_events_per_s", "replay (events/s)"),
+    ("replay_peak_rss_mb", "replay peak RSS, largest process (MB)"),
+    ("replay_tree_peak_rss_mb", "replay peak RSS, process tree (MB)"),
+    ("event_store_bytes_per_event", "event store bytes/event"),
+    ("read_bytes_per_task", "read tables bytes/task"),
+    ("history_bytes_per_event", "history bytes/event"),
+    ("idempotency_bytes_per_key", "idempotency bytes/key"),
+    ("database_bytes", "database (MB)"),
+    ("seed_seconds", "seed (s)"),
+    ("replay_seconds", "replay (s)"),
+    ("step_seconds", "step (s)"),
+)
+# The lines whose growth the results state in words.
+SLOPE_METRICS = ("command_p95_ms", "list_p95_ms", "get_p95_ms", "history_p95_ms",
+                 "catch_up_events_per_s", "replay_events_per_s", "replay_peak_rss_mb",
+                 "replay_tree_peak_rss_mb", "event_store_bytes_per_event",
+                 "read_bytes_per_task", "database_bytes", "replay_seconds")
+
+
+def owners(users: int) -> list[str]:
+    """The user ids `data.seed_replay_events` gives its tasks' owners."""
+    return [hashlib.md5(f"bench-replay-owner-{k}".encode()).hexdigest() for k in range(users)]
+
+
+def users_for(tasks: int, tasks_per_user: int) -> int:
+    if tasks % tasks_per_user:
+        raise ValueError(f"{tasks:,} tasks is not a multiple of {tasks_per_user:,} per user")
+    return tasks // tasks_per_user
+
+
+def seed(settings: Settings, users: int, tasks_per_user: int) -> tuple[int, float]:
+    """users x tasks_per_user tasks, EVENTS_PER_TASK events each; (events, seconds)."""
+    return data.seed_replay_events(
+        settings, EVENTS_PER_TASK * users * tasks_per_user, users=users)
+
+
+# -- replay, with its memory measured ---------------------------------------------------
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory of `root` and all its descendants, from /proc (kB)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * page_kb
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def replay(url: str, secret: str, log_dir: Path, timeout: float) -> dict[str, Any]:
+    """`taskctl replay --json` on `url`, timed from outside, its memory measured."""
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           "BETTER_AUTH_SECRET": secret, "ENVIRONMENT": "production"}
+    out_path, log_path = log_dir / "replay.out", log_dir / "replay.log"
+    started = time.perf_counter()
+    with open(out_path, "wb") as out, open(log_path, "wb") as log:
+        popen = subprocess.Popen([*taskctl(), *REPLAY_COMMAND], cwd=ROOT, env=env,
+                                 stdout=out, stderr=log, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+    tree_peak_kb = 0
+    try:
+        while True:
+            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+            if pid:
+                break
+            tree_peak_kb = max(tree_peak_kb, _tree_rss_kb(popen.pid))
+            if time.perf_counter() - started > timeout:
+                os.killpg(popen.pid, signal.SIGKILL)
+            time.sleep(0.1)
+    except BaseException:
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+            os.waitpid(popen.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+    popen.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4
+    seconds = time.perf_counter() - started
+    if popen.returncode != 0:
+        raise RuntimeError(f"taskctl replay failed ({popen.returncode}):\n"
+                           f"{log_path.read_text(errors='replace')[-3000:]}")
+    summary: Any = None
+    lines = out_path.read_text().strip().splitlines()
+    if lines:
+        try:
+            summary = json.loads(lines[-1])
+        except ValueError:
+            summary = lines[-1][:2000]
+    return {"seconds": seconds, "peak_rss_kb": usage.ru_maxrss,
+            "tree_peak_rss_kb": tree_peak_kb, "summary": summary,
+            "via": f"taskctl {' '.join(REPLAY_COMMAND)} (wall time, includes start-up)"}
+
+
+# -- database sizes ---------------------------------------------------------------------
+
+
+def relation_sizes(url: str) -> dict[str, int]:
+    """pg_total_relation_size (heap, indexes, TOAST) of each table, and the database's."""
+    with psycopg.connect(url) as conn:
+        out = {}
+        for table in SIZE_TABLES:
+            row = conn.execute("SELECT coalesce(pg_total_relation_size(to_regclass(%s)), 0)",
+                               (table,)).fetchone()
+            out[table] = int(row[0]) if row else 0
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        out["database"] = int(row[0]) if row else 0
+    return out
+
+
+def row_count(url: str, table: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+# -- one size ---------------------------------------------------------------------------
+
+
+class Step:
+    def __init__(self, args: argparse.Namespace, tasks: int, log_dir: Path) -> None:
+        self.a = args
+        self.tasks = tasks
+        self.users = users_for(tasks, args.tasks_per_user)
+        self.secret = secrets.token_urlsafe(48)
+        self.log_dir = log_dir / f"tasks-{tasks}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.gen_cpus, self.server_cpus = split_cpus(args.cpus)
+        self.dbs = data.Databases(args.pg_url, prefix=f"bench_scale_{tasks}")
+        self.procs: Processes | None = None
+        self.r: dict[str, Any] = {"tasks": tasks, "users": self.users,
+                                  "tasks_per_user": args.tasks_per_user,
+                                  "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+    def say(self, text: str) -> None:
+        print(f"[scale {time.strftime('%H:%M:%S')} {self.tasks:,}] {text}", flush=True)
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            self.url = self.dbs.create()
+            self.settings = Settings(environment="production", database_url=self.url,
+                                     better_auth_secret=self.secret)
+            db_init(self.url)
+            self.say(f"seeding {self.users:,} users x {self.a.tasks_per_user:,} tasks"
+                     f" x {EVENTS_PER_TASK} events")
+            events, seconds = seed(self.settings, self.users, self.a.tasks_per_user)
+            self.r.update(events=events, seed_seconds=round(seconds, 1),
+                          seed_events_per_s=round(events / seconds))
+            self.replay(events)
+            self.sizes(events)
+            self.start_servers()
+            self.load()
+            self.keyed_creates()
+            self.catch_up()
+        finally:
+            if self.procs is not None:
+                self.procs.stop_all()
+            if self.a.keep:
+                self.say(f"kept database {self.dbs.created}")
+            else:
+                self.dbs.drop_all()
+        self.r["step_seconds"] = round(time.perf_counter() - started, 1)
+        return self.r
+
+    def replay(self, events: int) -> None:
+        self.say(f"replay of {events:,} events (taskctl replay)")
+        r = replay(self.url, self.secret, self.log_dir, timeout=max(300, events / 500))
+        self.r.update(
+            replay_seconds=round(r["seconds"], 1),
+            replay_events_per_s=round(events / r["seconds"]),
+            replay_peak_rss_mb=round(r["peak_rss_kb"] / 1024, 1),
+            replay_tree_peak_rss_mb=round(r["tree_peak_rss_kb"] / 1024, 1),
+            replay_summary=r["summary"], replay_via=r["via"],
+        )
+        self.say(f"replay: {self.r['replay_events_per_s']:,} events/s,"
+                 f" peak RSS {self.r['replay_peak_rss_mb']} MB"
+                 f" (tree {self.r['replay_tree_peak_rss_mb']} MB)")
+
+    def sizes(self, events: int) -> None:
+        s = relation_sizes(self.url)
+        read = sum(s[t] for t in READ_TABLES)
+        self.r.update(
+            relation_bytes=s,
+            database_bytes=s["database"],
+            event_store_bytes=s[EVENTS_TABLE],
+            read_tables_bytes=read,
+            event_store_bytes_per_event=round(s[EVENTS_TABLE] / events, 1),
+            event_store_bytes_per_task=round(s[EVENTS_TABLE] / self.tasks, 1),
+            read_bytes_per_task=round(read / self.tasks, 1),
+            read_bytes_per_event=round(read / events, 1),
+            history_bytes_per_event=round(s[LIVE.history] / events, 1),
+            history_rows=row_count(self.url, LIVE.history),
+            read_task_rows=row_count(self.url, LIVE.tasks),
+        )
+
+    def start_servers(self) -> None:
+        if self.gen_cpus:
+            os.sched_setaffinity(0, self.gen_cpus)
+        env = {"DATABASE_URL": self.url, "BETTER_AUTH_SECRET": self.secret,
+               "ENVIRONMENT": "production", "LOG_LEVEL": self.a.log_level.upper()}
+        self.procs = Processes(self.log_dir, self.server_cpus, env)
+        tc = taskctl()
+        self.projector = self.procs.start("projector", [*tc, "projector"])
+        self.ports = {}
+        for name in ("command-api", "query-api"):
+            port = free_port()
+            proc = self.procs.start(name, [*tc, name, "--host", "127.0.0.1", "--port", str(port)],
+                                    port=port)
+            self.ports[name] = port
+            self.procs.wait_healthy(proc)
+        self.pids = {"generator": os.getpid(),
+                     **{p.name: p.pid for p in self.procs.procs if p.pid is not None}}
+        self.wait_projector(60)
+
+    def wait_projector(self, timeout: float) -> float:
+        """Seconds until the projector's checkpoint reaches the last event."""
+        started = time.perf_counter()
+        target = data.event_count(self.url)
+        while time.perf_counter() - started < timeout:
+            if not self.projector.alive():
+                raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
+            if data.checkpoint(self.url) >= target:
+                return time.perf_counter() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"the projector did not catch up within {timeout:g}s")
+
+    def sample_users(self) -> Users:
+        pick = random.Random(self.tasks).sample(owners(self.users),
+                                                min(self.users, SAMPLE_USERS))
+        ids: dict[str, list[uuid.UUID]] = {u: [] for u in pick}
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute(f"SELECT user_id, task_id FROM {LIVE.tasks}"
+                                " WHERE user_id = ANY(%s) ORDER BY user_id, task_id",
+                                (pick,)).fetchall()
+        for user, task in rows:
+            ids[user].append(task)
+        return Users(self.secret, ids)
+
+    def load(self) -> None:
+        a = self.a
+        users = self.users_ = self.sample_users()
+        mix = parse_mix(a.mix)
+
+        async def drive(seconds: float, seed: int) -> Any:
+            command = Pool(self.ports["command-api"], 512)
+            query = Pool(self.ports["query-api"], 512)
+            build = OurRequests(users, command, query).build
+            try:
+                return await open_loop(a.rate, seconds, mixer(mix, build), seed=seed)
+            finally:
+                command.close()
+                query.close()
+
+        self.say(f"load: {a.rate:g} req/s for {a.steady_seconds:g}s over"
+                 f" {len(users.users)} users")
+        aio.run(lambda: drive(a.warmup, 99))
+        with CpuMeter(self.pids) as cpu:
+            result = aio.run(lambda: drive(a.steady_seconds, 1))
+        kinds = by_kind(result.samples)
+        commands = [s.latency for s in result.samples if s.kind in COMMAND_KINDS and s.ok]
+        summary = latency_summary(commands)
+        self.r.update(
+            rate=a.rate, steady_seconds=a.steady_seconds, sampled_users=len(users.users),
+            requests=len(result.samples),
+            achieved_rate=round(len(result.samples) / result.elapsed, 1),
+            errors=sum(k["errors"] for k in kinds.values()),
+            error_examples=sorted({e for k in kinds.values() for e in k["error_examples"]})[:3],
+            command_p50_ms=summary["p50_ms"], command_p95_ms=summary["p95_ms"],
+            command_p99_ms=summary["p99_ms"], command_count=len(commands),
+            send_lag_p95_ms=latency_summary(result.send_lag)["p95_ms"],
+            kinds=kinds, load_cpu=cpu.result,
+            machine_busy_pct=cpu.result.get("machine_busy_pct"),
+        )
+        for kind in ("list", "get", "history"):
+            row = kinds.get(kind, {})
+            self.r[f"{kind}_p50_ms"] = row.get("p50_ms")
+            self.r[f"{kind}_p95_ms"] = row.get("p95_ms")
+            self.r[f"{kind}_p99_ms"] = row.get("p99_ms")
+        self.say(f"load: p95 command {_f(self.r['command_p95_ms'])}, list"
+                 f" {_f(self.r['list_p95_ms'])}, get {_f(self.r['get_p95_ms'])}, history"
+                 f" {_f(self.r['history_p95_ms'])} ms; errors {self.r['errors']}")
+
+    def keyed_creates(self) -> None:
+        users, left = self.users_, [KEYED_CREATES]
+        before = relation_sizes(self.url)[IDEMPOTENCY_TABLE]
+        rows_before = row_count(self.url, IDEMPOTENCY_TABLE)
+
+        def next_request(rng: random.Random) -> Request | None:
+            if left[0] <= 0:
+                return None
+            left[0] -= 1
+            user = users.pick(rng)
+            return Request("keyed-create", "POST", "/api/tasks",
+                           {"Authorization": users.tokens[user],
+                            "Idempotency-Key": uuid.uuid4().hex},
+                           {"title": users.title(), "description": "Keyed under load"}, (201,))
+
+        r = aio.run(lambda: closed_loop(self.ports["command-api"], 4, 120, next_request,
+                                        warmup=0))
+        failed = sum(1 for s in r.samples if not s.ok)
+        keys = row_count(self.url, IDEMPOTENCY_TABLE) - rows_before
+        grown = relation_sizes(self.url)[IDEMPOTENCY_TABLE] - before
+        self.r.update(idempotency_keys=keys, idempotency_errors=failed,
+                      idempotency_bytes_per_key=round(grown / keys, 1) if keys else None)
+        self.say(f"idempotency: {keys:,} keys, {_f(self.r['idempotency_bytes_per_key'])}"
+                 " bytes each")
+
+    def catch_up(self) -> None:
+        assert self.procs is not None
+        self.wait_projector(120)
+        self.procs.stop(self.projector)
+        data.seed_replay_events(self.settings, CATCH_UP_EVENTS, users=self.users)
+        from_checkpoint = data.checkpoint(self.url)
+        target = data.event_count(self.url)
+        self.say(f"catch-up: {CATCH_UP_EVENTS:,} events appended; projector restarted")
+        started = time.perf_counter()
+        self.projector = self.procs.start("projector-catch-up", [*taskctl(), "projector"])
+        first_move: tuple[float, int] | None = None
+        deadline = started + 60 + CATCH_UP_EVENTS / 200
+        while True:
+            if not self.projector.alive():
+                raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
+            now, position = time.perf_counter(), data.checkpoint(self.url)
+            if first_move is None and position > from_checkpoint:
+                first_move = (now, position)
+            if position >= target:
+                break
+            if now > deadline:
+                raise RuntimeError("the projector did not catch up in time")
+            time.sleep(0.02)
+        done = time.perf_counter()
+        with psycopg.connect(self.url) as conn:
+            total, after_first = conn.execute(
+                f"SELECT count(*) FILTER (WHERE notification_id > %s),"
+                f" count(*) FILTER (WHERE notification_id > %s) FROM {EVENTS_TABLE}",
+                (from_checkpoint, first_move[1] if first_move else target)).fetchone()
+        moving = done - first_move[0] if first_move else 0.0
+        self.r.update(
+            catch_up_events=int(total),
+            catch_up_seconds=round(done - started, 2),
+            catch_up_events_per_s=(round(int(after_first) / moving) if moving > 0 and after_first
+                                   else round(int(total) / (done - started))),
+            catch_up_events_per_s_with_start=round(int(total) / (done - started)),
+        )
+        self.say(f"catch-up: {self.r['catch_up_events_per_s']:,} events/s"
+                 f" ({self.r['catch_up_events_per_s_with_start']:,} with start-up)")
+
+
+# -- the curve --------------------------------------------------------------------------
+
+
+def growth(sizes: Sequence[float], values: Sequence[float | None]) -> dict[str, Any]:
+    """How `values` grow with `sizes`, in words: the exponent b of value ~ size^b between
+    the first and the last point; flat (|b| < 0.1), linear (b >= 0.85), logarithmic (a
+    steady step per tenfold size), or a power law."""
+    points = [(s, v) for s, v in zip(sizes, values, strict=True) if v]
+    if len(points) < 2:
+        return {"exponent": None, "words": "not measured"}
+    (s0, v0), (s1, v1) = points[0], points[-1]
+    b = math.log(v1 / v0) / math.log(s1 / s0)
+    per_decade = (v1 - v0) / math.log10(s1 / s0)
+    steps = [(vb - va) / math.log10(sb / sa)
+             for (sa, va), (sb, vb) in zip(points, points[1:], strict=False)]
+    if abs(b) < 0.1:
+        words = "flat"
+    elif b >= 0.85:
+        words = "linear"
+    elif b <= -0.85:
+        words = "falls linearly (inversely proportional)"
+    elif (len(steps) >= 2 and all(x * per_decade > 0 for x in steps)
+          and max(abs(x) for x in steps) <= 2.5 * min(abs(x) for x in steps)):
+        words = "logarithmic (" + ("+" if per_decade > 0 else "") + f"{per_decade:,.3g} per tenfold)"
+    else:
+        words = f"power law, exponent {b:.2f}"
+    return {"exponent": round(b, 3), "per_tenfold": round(per_decade, 3), "words": words}
+
+
+def slopes(steps: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    sizes = [s["tasks"] for s in steps]
+    return {m: growth(sizes, [s.get(m) for s in steps]) for m in SLOPE_METRICS}
+
+
+def estimate_next(steps: Sequence[dict[str, Any]], factor: int = 10) -> dict[str, Any] | None:
+    """An *estimate* for `factor` x the largest measured size, from the exponent of the
+    two largest steps: seconds of seeding, replay and the whole step, and the disk the
+    database needs (its size, plus a second set of read tables while replay rebuilds
+    beside the live ones)."""
+    if len(steps) < 2:
+        return None
+    a, b = steps[-2], steps[-1]
+
+    def scale(key: str) -> float:
+        if not a.get(key) or not b.get(key):
+            return 0.0
+        exponent = math.log(b[key] / a[key]) / math.log(b["tasks"] / a["tasks"])
+        # Time and bytes at least in proportion (the smaller step's fixed costs flatter
+        # its exponent); memory as measured.
+        return b[key] * factor ** (exponent if key.endswith("_mb") else max(exponent, 1.0))
+
+    fixed = b["step_seconds"] - b["seed_seconds"] - b["replay_seconds"]
+    seed_s, replay_s = scale("seed_seconds"), scale("replay_seconds")
+    database = scale("database_bytes")
+    read = scale("read_tables_bytes")
+    return {
+        "tasks": b["tasks"] * factor, "events": b["events"] * factor,
+        "seed_seconds": round(seed_s), "replay_seconds": round(replay_s),
+        "step_seconds": round(seed_s + replay_s + fixed),
+        "database_bytes": round(database),
+        "disk_peak_bytes": round(database + read),
+        "replay_peak_rss_mb": round(scale("replay_peak_rss_mb"), 1),
+        "method": f"each figure of the {b['tasks']:,}-task step times {factor} to the power"
+                  f" of its growth exponent between the {a['tasks']:,}- and"
+                  f" {b['tasks']:,}-task steps (at least 1 for time and bytes); an estimate,"
+                  " not a"
+                  " measurement",
+    }
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "database_bytes" and value is not None:
+        return _f(value / 1e6, 1)
+    return _f(value)
+
+
+def render_md(r: dict[str, Any]) -> str:
+    m, run = r["machine"], r["run"]
+    steps = r["steps"]
+    lines = [
+        f"# Cost growth, {run['date']} on {m['host']}", "",
+        f"`{run['command']}`, {run.get('seconds')} s. {m['cores']} cores ({m['cpu_model']}),"
+        f" {m['memory_gb']} GB, PostgreSQL {m['postgres']}, Python {m['python']}; load"
+        f" average at start {m['load_average_at_start']}. PostgreSQL settings:"
+        f" {', '.join(f'{k}={v}' for k, v in r.get('postgres_settings', {}).items())}.", "",
+        f"Each step: its own database; {run['tasks_per_user']:,} tasks per user,"
+        f" {EVENTS_PER_TASK} events per task (a quarter of the tasks deleted); open loop of"
+        f" {run['rate']:g} req/s for {run['steady_seconds']:g} s (default mix) over up to"
+        f" {SAMPLE_USERS} users; {KEYED_CREATES:,} keyed creates; projector catch-up of"
+        f" {CATCH_UP_EVENTS:,} appended events. Replay RSS measured (`ru_maxrss` of the"
+        " replay process from wait4; the tree's sum sampled from /proc).", "",
+        _md_table([h for _, h in COLUMNS], [[_cell(k, s.get(k)) for k, _ in COLUMNS]
+                                            for s in steps]),
+        "", "## How each line grows", "",
+        _md_table(["figure", "exponent b (value ~ tasks^b)", "in words"],
+                  [[dict(COLUMNS).get(k, k), _f(v["exponent"], 3), v["words"]]
+                   for k, v in r["slopes"].items()]),
+    ]
+    est = r.get("estimate_next")
+    if est:
+        lines += [
+            "", f"## {est['tasks']:,} tasks: an estimate (a documented manual run)", "",
+            f"Seeding about {est['seed_seconds'] / 60:,.1f} min, replay about"
+            f" {est['replay_seconds'] / 60:,.1f} min, the whole step about"
+            f" {est['step_seconds'] / 60:,.0f} min; database about"
+            f" {est['database_bytes'] / 1e9:,.1f} GB, peak disk during the replay about"
+            f" {est['disk_peak_bytes'] / 1e9:,.1f} GB (plus WAL up to max_wal_size); replay"
+            f" peak RSS about {est['replay_peak_rss_mb']:,.0f} MB. Method: {est['method']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def result_paths(results_dir: Path, date: str) -> tuple[Path, Path]:
+    stem, n = f"{date}-scale", 1
+    while (results_dir / f"{stem}.json").exists():
+        n += 1
+        stem = f"{date}-scale-{n}"
+    return results_dir / f"{stem}.json", results_dir / f"{stem}.md"
+
+
+def write_results(r: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
+    r["slopes"] = slopes(r["steps"])
+    r["estimate_next"] = estimate_next(r["steps"])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = result_paths(results_dir, r["run"]["date"][:10])
+    json_path.write_text(json.dumps(r, indent=2) + "\n")
+    md_path.write_text(render_md(r))
+    return json_path, md_path
+
+
+def postgres_settings(url: str) -> dict[str, str]:
+    names = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_wal_size",
+             "autovacuum", "synchronous_commit", "max_connections")
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT name, setting || coalesce(unit, '') FROM pg_settings"
+                            " WHERE name = ANY(%s) ORDER BY name", (list(names),)).fetchall()
+    return {str(k): str(v) for k, v in rows}
+
+
+def configure(args: argparse.Namespace) -> argparse.Namespace:
+    if args.tasks_per_user is None:
+        args.tasks_per_user = TASKS_PER_USER
+    if args.steady_seconds is None:
+        args.steady_seconds = STEADY_SECONDS
+    if args.warmup is None:
+        args.warmup = WARMUP_SECONDS
+    args.sizes = [int(s.replace("_", "")) for s in (args.scale_sizes or "").split(",") if s] \
+        or list(SIZES)
+    for size in args.sizes:
+        users_for(size, args.tasks_per_user)
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    """The --scale mode of `python -m bench` (bench/run.py parses the arguments)."""
+    from bench.run import machine_info
+
+    args = configure(args)
+
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    log_dir = Path(tempfile.mkdtemp(prefix="taskservice-bench-scale-"))
+    admin = data.Databases(args.pg_url)
+    r: dict[str, Any] = {
+        "run": {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "command": "python -m bench " + " ".join(sys.argv[1:]),
+                "sizes": args.sizes, "tasks_per_user": args.tasks_per_user,
+                "events_per_task": EVENTS_PER_TASK, "rate": args.rate,
+                "steady_seconds": args.steady_seconds, "mix": parse_mix(args.mix),
+                "sample_users": SAMPLE_USERS, "keyed_creates": KEYED_CREATES,
+                "catch_up_events": CATCH_UP_EVENTS, "logs": str(log_dir)},
+        "machine": machine_info(admin.server_version()),
+        "postgres_settings": postgres_settings(args.pg_url),
+        "pinning": {"generator_cpus": "first quarter of the cores (CPU 0 of 2)",
+                    "server_cpus": "the rest", "replay": "unpinned",
+                    "postgres": "unpinned"} if args.cpus is None else {"cpus": args.cpus},
+        "steps": [],
+    }
+    started = time.perf_counter()
+    print(f"[scale] sizes {', '.join(f'{s:,}' for s in args.sizes)} tasks; logs in {log_dir}",
+          flush=True)
+    failed = None
+    try:
+        for size in args.sizes:
+            r["steps"].append(Step(args, size, log_dir).run())
+    except KeyboardInterrupt:
+        print("[scale] interrupted; processes stopped, databases dropped", flush=True)
+        if not r["steps"]:
+            return 130
+        failed = "interrupted"
+    except Exception as e:  # the steps measured so far are still written, exit status 1
+        failed = f"{type(e).__name__}: {e}"[:2000]
+        print(f"[scale] step failed: {failed}", flush=True)
+        if not r["steps"]:
+            raise
+    if failed:
+        r["run"]["failed"] = failed
+    r["run"]["seconds"] = round(time.perf_counter() - started, 1)
+    json_path, md_path = write_results(r, args.results_dir)
+    print("\n" + md_path.read_text(), flush=True)
+    print(f"[scale] wrote {json_path} and {md_path}; plot: python -m bench.plot_scale"
+          f" {json_path}", flush=True)
+    return 0 if not failed and all(s.get("errors", 0) == 0 for s in r["steps"]) else 1
