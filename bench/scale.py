@@ -5,8 +5,8 @@ database of its own (`bench_scale_<tasks>_<random>`, dropped after the step unle
 `--keep`):
 
 1. **Seed** `users x tasks per user` tasks (1,000 per user: 10, 100, 1,000 users), four
-   events each, by `data.seed_replay_events` (the event store's own encoding, written by
-   INSERT ... SELECT): created; renamed; completed; then a quarter reopened, a quarter
+   events each, in the event store's own encoding (`data.event_templates`), written by
+   INSERT ... SELECT: created; renamed; completed; then a quarter reopened, a quarter
    deleted, half given a description. So a user's list holds 750 tasks at 1,000 per user.
 2. **Replay**: `taskctl replay --json` rebuilds the read tables from the whole store (it
    also fills the live tables the later phases read). Events/s from outside, wall time;
@@ -21,7 +21,7 @@ database of its own (`bench_scale_<tasks>_<random>`, dropped after the step unle
    commands together, of a user's full list, of get and of history.
 5. **Idempotency**: 1,000 keyed creates (closed loop, 4 connections); bytes per key.
 6. **Projector catch-up**: the projector stopped, 40,000 events appended (10,000 new tasks
-   of the same users), the projector started again; events/s from its checkpoint's first
+   of the same users, 4 events each), the projector started again; events/s from its checkpoint's first
    move to caught up (and from its start, including start-up).
 
 Then `bench/results/<date>-scale.json` and `.md` (the table, each line's slope in words,
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import secrets
 import signal
@@ -65,6 +66,7 @@ from shared.catalog import (
     OWN_POSITIONS_TABLE,
     LIVE,
 )
+from shared.events import decode_event
 from shared.settings import Settings
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -105,12 +107,13 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 SLOPE_METRICS = ("command_p95_ms", "list_p95_ms", "get_p95_ms", "history_p95_ms",
                  "catch_up_events_per_s", "replay_events_per_s", "replay_peak_rss_mb",
                  "replay_tree_peak_rss_mb", "event_store_bytes_per_event",
-                 "read_bytes_per_task", "database_bytes", "replay_seconds")
+                 "read_bytes_per_task", "history_bytes_per_event", "idempotency_bytes_per_key",
+                 "database_bytes", "replay_seconds")
 
 
 def owners(users: int) -> list[str]:
-    """The user ids `data.seed_replay_events` gives its tasks' owners."""
-    return [hashlib.md5(f"bench-replay-owner-{k}".encode()).hexdigest() for k in range(users)]
+    """The user ids `seed` gives its tasks' owners."""
+    return [hashlib.md5(f"bench-scale-owner-{k}".encode()).hexdigest() for k in range(users)]
 
 
 def users_for(tasks: int, tasks_per_user: int) -> int:
@@ -119,10 +122,75 @@ def users_for(tasks: int, tasks_per_user: int) -> int:
     return tasks // tasks_per_user
 
 
-def seed(settings: Settings, users: int, tasks_per_user: int) -> tuple[int, float]:
-    """users x tasks_per_user tasks, EVENTS_PER_TASK events each; (events, seconds)."""
-    return data.seed_replay_events(
-        settings, EVENTS_PER_TASK * users * tasks_per_user, users=users)
+# Task i (1..n) belongs to user (i - 1) / tasks_per_user: each user's tasks are one run
+# of i, so the fourth round's fates (i mod 4) fall evenly on every user. (The replay
+# figure's `data.seed_replay_events` deals owners by i mod users instead, which with a
+# user count divisible by 4 deletes all the tasks of a quarter of the users.)
+_SEED_ROUNDS = (
+    ("%(created)s", "'TaskCreated'", "'Scale task ' || i"),
+    ("%(title_changed)s", "'TaskTitleChanged'", "'Scale task ' || i || ', renamed'"),
+    ("%(completed)s", "'TaskCompleted'", "''"),
+    ("CASE mod(i, 4) WHEN 0 THEN %(reopened)s WHEN 1 THEN %(deleted)s"
+     " ELSE %(description_changed)s END",
+     "CASE mod(i, 4) WHEN 0 THEN 'TaskReopened' WHEN 1 THEN 'TaskDeleted'"
+     " ELSE 'TaskDescriptionChanged' END", "''"),
+)
+_SEED_FILL = (
+    "replace(replace(replace(replace(replace({template}, '@@OWNER@@', owner),"
+    " '@@TITLE@@', {title}), '@@DESC@@', 'Notes on task ' || i),"
+    " '@@REQ@@', 'bench-scale-' || %(round)s::int),"
+    " '@@TS@@', to_char((now() - interval '1 day'"
+    " + ((%(round)s::bigint * %(n)s::bigint + i) * interval '1 ms')) AT TIME ZONE 'UTC',"
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00')"
+)
+
+
+def seed(settings: Settings, users: int, tasks_per_user: int, *,
+         first: int = 0) -> tuple[int, float]:
+    """users x tasks_per_user new tasks, EVENTS_PER_TASK events each, in the exact
+    encoding of the event store's mapper (`data.event_templates`), written by one
+    INSERT ... SELECT per round (created; renamed; completed; then a quarter reopened,
+    a quarter deleted, half given a description), each round its own transaction, so a
+    task's events are spread along the log as in real use. Titles number the tasks from
+    `first` + 1. One task's events are decoded back with `shared.events` as a check.
+    (events, seconds)."""
+    t = data.event_templates()
+    n = users * tasks_per_user
+    params = {
+        "n": n, "per_user": tasks_per_user, "first": first,
+        "created": t["TaskCreated"], "title_changed": t["TaskTitleChanged"],
+        "completed": t["TaskCompleted"], "reopened": t["TaskReopened"],
+        "deleted": t["TaskDeleted"], "description_changed": t["TaskDescriptionChanged"],
+    }
+    written = 0
+    started = time.perf_counter()
+    with psycopg.connect(settings.require_database_url()) as conn:
+        conn.execute(
+            "CREATE TEMP TABLE scale_tasks AS SELECT %(first)s::bigint + g AS i,"
+            " gen_random_uuid() AS id,"
+            " md5('bench-scale-owner-' || ((g - 1) / %(per_user)s::bigint)) AS owner"
+            " FROM generate_series(1, %(n)s::bigint) AS g", params)
+        for number, (template, topic, title) in enumerate(_SEED_ROUNDS):
+            cur = conn.execute(
+                f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+                f" SELECT id, {number + 1}, {topic},"
+                f" convert_to({_SEED_FILL.format(template=template, title=title)}, 'UTF8')"
+                " FROM scale_tasks ORDER BY i", {**params, "round": number})
+            written += cur.rowcount
+            conn.commit()
+        conn.execute(f"ANALYZE {EVENTS_TABLE}")
+        sample = conn.execute(
+            f"SELECT notification_id, originator_id, originator_version, topic, state"
+            f" FROM {EVENTS_TABLE} WHERE originator_id ="
+            " (SELECT id FROM scale_tasks ORDER BY i LIMIT 1) ORDER BY originator_version"
+        ).fetchall()
+        conn.execute("DROP TABLE scale_tasks")
+        conn.commit()
+    seconds = time.perf_counter() - started
+    for row in sample:
+        decode_event(*row)  # raises on anything the projector could not read
+    assert len(sample) == EVENTS_PER_TASK, sample
+    return written, seconds
 
 
 # -- replay, with its memory measured ---------------------------------------------------
@@ -414,7 +482,9 @@ class Step:
         assert self.procs is not None
         self.wait_projector(120)
         self.procs.stop(self.projector)
-        data.seed_replay_events(self.settings, CATCH_UP_EVENTS, users=self.users)
+        per_user = max(1, CATCH_UP_EVENTS // EVENTS_PER_TASK // self.users)
+        seed(self.settings, min(self.users, CATCH_UP_EVENTS // EVENTS_PER_TASK // per_user),
+             per_user, first=self.tasks)
         from_checkpoint = data.checkpoint(self.url)
         target = data.event_count(self.url)
         self.say(f"catch-up: {CATCH_UP_EVENTS:,} events appended; projector restarted")
@@ -590,6 +660,20 @@ def postgres_settings(url: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in rows}
 
 
+def machine_info(pg_version: str) -> dict[str, Any]:
+    """What `python -m bench` records of the machine (bench/run.py imports this module,
+    so this one may not import it back)."""
+    with open("/proc/meminfo") as f:
+        mem_kb = next((int(line.split()[1]) for line in f if line.startswith("MemTotal:")), 0)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "")
+    return {"host": platform.node(), "cores": os.cpu_count(), "cpu_model": model,
+            "memory_gb": round(mem_kb / 1024 / 1024, 1), "postgres": pg_version,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
 def configure(args: argparse.Namespace) -> argparse.Namespace:
     if args.tasks_per_user is None:
         args.tasks_per_user = TASKS_PER_USER
@@ -606,8 +690,6 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     """The --scale mode of `python -m bench` (bench/run.py parses the arguments)."""
-    from bench.run import machine_info
-
     args = configure(args)
 
     def terminate(*_: object) -> None:
