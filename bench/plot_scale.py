@@ -47,7 +47,7 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [s for s in result["steps"] if "tasks" in s]
+    steps = [s for s in result["steps"] if "step_seconds" in s]  # not the failed ones
     slopes = result.get("slopes", {})
     sizes = [s["tasks"] for s in steps]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))

@@ -1,8 +1,8 @@
 """`python -m bench --scale`: how each cost grows with the size of the store.
 
 For each size (tasks: 10,000, 100,000, 1,000,000 by default; `--scale-sizes`), in a
-database of its own (`bench_scale_<tasks>_<random>`, dropped after the step unless
-`--keep`):
+database of its own (`bench_scale_<tasks>_<random>`, all kept until the end, then dropped
+unless `--keep`):
 
 1. **Seed** `users x tasks per user` tasks (1,000 per user: 10, 100, 1,000 users), four
    events each, in the event store's own encoding (`data.event_templates`), written by
@@ -15,10 +15,12 @@ database of its own (`bench_scale_<tasks>_<random>`, dropped after the step unle
    RSS of its whole process tree, sampled from /proc every 0.1 s.
 3. **Bytes**: `pg_total_relation_size` of the event store and of every read table,
    per event and per task.
-4. **Load**: the real command API, query API and projector (`bench.procs`, pinned like
-   `python -m bench`), an open loop at `--rate` req/s (default mix) for `--steady-seconds`
-   (default 30) over up to 100 users drawn at random from all of them: p95 of the
-   commands together, of a user's full list, of get and of history.
+4. **Load**, once every store is ready: `--repeats` rounds (default 3) that go from size
+   to size in turn (in alternating order), each on the real command API, query API and
+   projector started for it (`bench.procs`, pinned like `python -m bench`): an open loop
+   at `--rate` req/s (default mix) for `--steady-seconds` (default 20) over up to 100
+   users drawn at random from all of them. p95 of the commands together, of a user's
+   full list, of get and of history: the median of the rounds' (each round's kept).
 5. **Idempotency**: 1,000 keyed creates (closed loop, 4 connections); bytes per key.
 6. **Projector catch-up**: the projector stopped, 40,000 events appended (10,000 new tasks
    of the same users, 4 events each), the projector started again; events/s from its checkpoint's first
@@ -56,7 +58,7 @@ from bench.http import Pool, Request, closed_loop, open_loop
 from bench.procs import ROOT, Processes, db_init, free_port, split_cpus, taskctl
 from bench.replay import REPLAY_COMMAND
 from bench.report import _f, _md_table
-from bench.stats import CpuMeter, by_kind, latency_summary
+from bench.stats import CpuMeter, by_kind, latency_summary, median
 from bench.workload import COMMAND_KINDS, OurRequests, Users, mixer, parse_mix
 from shared import aio
 from shared.catalog import (
@@ -75,7 +77,8 @@ EVENTS_PER_TASK = 4  # what data.seed_replay_events writes per task
 SAMPLE_USERS = 100
 KEYED_CREATES = 1_000
 CATCH_UP_EVENTS = 40_000
-STEADY_SECONDS = 30.0
+STEADY_SECONDS = 20.0
+ROUNDS = 3  # load rounds per size (--repeats), interleaved across the sizes
 WARMUP_SECONDS = 3.0
 READ_TABLES = LIVE.read_tables  # read_tasks, read_task_history, read_user_stats
 SIZE_TABLES = (EVENTS_TABLE, *READ_TABLES, IDEMPOTENCY_TABLE, OWN_POSITIONS_TABLE,
@@ -90,6 +93,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("list_p95_ms", "full list p95 (ms)"),
     ("get_p95_ms", "get p95 (ms)"),
     ("history_p95_ms", "history p95 (ms)"),
+    ("machine_busy_pct", "machine busy during load (%)"),
     ("catch_up_events_per_s", "projector catch-up (events/s)"),
     ("replay_events_per_s", "replay (events/s)"),
     ("replay_peak_rss_mb", "replay peak RSS, largest process (MB)"),
@@ -289,6 +293,17 @@ def row_count(url: str, table: str) -> int:
 # -- one size ---------------------------------------------------------------------------
 
 
+class _Timer:
+    def __init__(self, into: dict[str, float], phase: str) -> None:
+        self.into, self.phase = into, phase
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self.into[self.phase] = round(time.perf_counter() - self.started, 1)
+
+
 class Step:
     def __init__(self, args: argparse.Namespace, tasks: int, log_dir: Path) -> None:
         self.a = args
@@ -307,9 +322,12 @@ class Step:
     def say(self, text: str) -> None:
         print(f"[scale {time.strftime('%H:%M:%S')} {self.tasks:,}] {text}", flush=True)
 
-    def run(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
+    def timed(self, phase: str) -> _Timer:
+        return _Timer(self.r.setdefault("phase_seconds", {}), phase)
+
+    def prepare(self) -> None:
+        """Its database, seeded, replayed (the live read tables), measured on disk."""
+        with self.timed("prepare"):
             self.url = self.dbs.create()
             self.settings = Settings(environment="production", database_url=self.url,
                                      better_auth_secret=self.secret)
@@ -321,24 +339,47 @@ class Step:
                           seed_events_per_s=round(events / seconds))
             self.replay(events)
             self.sizes(events)
-            self.start_servers()
-            self.load()
-            self.keyed_creates()
-            self.catch_up()
-        finally:
-            if self.procs is not None:
-                self.procs.stop_all()
-            if self.a.keep:
-                self.say(f"kept database {self.dbs.created}")
-            else:
-                self.dbs.drop_all()
-        self.r["step_seconds"] = round(time.perf_counter() - started, 1)
-        return self.r
+            self.users_ = self.sample_users()
+
+    def load_round(self, number: int) -> None:
+        """One round of the open loop, on servers started for it and stopped after."""
+        with self.timed(f"load_round_{number + 1}"):
+            try:
+                self.start_servers()
+                self.load(number)
+            finally:
+                self.stop_servers()
+
+    def finish(self) -> None:
+        """The idempotency keys' bytes and the projector's catch-up (both append)."""
+        with self.timed("finish"):
+            try:
+                self.start_servers()
+                self.keyed_creates()
+                self.catch_up()
+            finally:
+                self.stop_servers()
+        self.summarise_rounds()
+        self.r["step_seconds"] = round(sum(self.r["phase_seconds"].values()), 1)
+
+    def stop_servers(self) -> None:
+        if self.procs is not None:
+            self.procs.stop_all()
+            self.procs = None
+
+    def close(self) -> None:
+        self.stop_servers()
+        if self.a.keep:
+            self.say(f"kept database {self.dbs.created}")
+        else:
+            self.dbs.drop_all()
 
     def replay(self, events: int) -> None:
         self.say(f"replay of {events:,} events (taskctl replay)")
-        r = replay(self.url, self.secret, self.log_dir, timeout=max(300, events / 500))
+        with CpuMeter({}) as cpu:
+            r = replay(self.url, self.secret, self.log_dir, timeout=max(300, events / 500))
         self.r.update(
+            replay_machine_busy_pct=cpu.result.get("machine_busy_pct"),
             replay_seconds=round(r["seconds"], 1),
             replay_events_per_s=round(events / r["seconds"]),
             replay_peak_rss_mb=round(r["peak_rss_kb"] / 1024, 1),
@@ -409,9 +450,9 @@ class Step:
             ids[user].append(task)
         return Users(self.secret, ids)
 
-    def load(self) -> None:
+    def load(self, number: int) -> None:
         a = self.a
-        users = self.users_ = self.sample_users()
+        users = self.users_
         mix = parse_mix(a.mix)
 
         async def drive(seconds: float, seed: int) -> Any:
@@ -424,37 +465,50 @@ class Step:
                 command.close()
                 query.close()
 
-        self.say(f"load: {a.rate:g} req/s for {a.steady_seconds:g}s over"
+        self.say(f"load round {number + 1}: {a.rate:g} req/s for {a.steady_seconds:g}s over"
                  f" {len(users.users)} users")
-        aio.run(lambda: drive(a.warmup, 99))
+        aio.run(lambda: drive(a.warmup, 99 + number))
         with CpuMeter(self.pids) as cpu:
-            result = aio.run(lambda: drive(a.steady_seconds, 1))
+            result = aio.run(lambda: drive(a.steady_seconds, 1 + number))
         kinds = by_kind(result.samples)
         commands = [s.latency for s in result.samples if s.kind in COMMAND_KINDS and s.ok]
         summary = latency_summary(commands)
-        self.r.update(
-            rate=a.rate, steady_seconds=a.steady_seconds, sampled_users=len(users.users),
-            requests=len(result.samples),
-            achieved_rate=round(len(result.samples) / result.elapsed, 1),
-            errors=sum(k["errors"] for k in kinds.values()),
-            error_examples=sorted({e for k in kinds.values() for e in k["error_examples"]})[:3],
-            command_p50_ms=summary["p50_ms"], command_p95_ms=summary["p95_ms"],
-            command_p99_ms=summary["p99_ms"], command_count=len(commands),
-            send_lag_p95_ms=latency_summary(result.send_lag)["p95_ms"],
-            kinds=kinds, load_cpu=cpu.result,
-            machine_busy_pct=cpu.result.get("machine_busy_pct"),
-        )
+        row: dict[str, Any] = {
+            "requests": len(result.samples),
+            "achieved_rate": round(len(result.samples) / result.elapsed, 1),
+            "errors": sum(k["errors"] for k in kinds.values()),
+            "error_examples": sorted({e for k in kinds.values() for e in k["error_examples"]})[:3],
+            "command_p50_ms": summary["p50_ms"], "command_p95_ms": summary["p95_ms"],
+            "command_p99_ms": summary["p99_ms"], "command_count": len(commands),
+            "send_lag_p95_ms": latency_summary(result.send_lag)["p95_ms"],
+            "kinds": kinds, "cpu": cpu.result,
+            "machine_busy_pct": cpu.result.get("machine_busy_pct"),
+        }
         for kind in ("list", "get", "history"):
-            row = kinds.get(kind, {})
-            self.r[f"{kind}_p50_ms"] = row.get("p50_ms")
-            self.r[f"{kind}_p95_ms"] = row.get("p95_ms")
-            self.r[f"{kind}_p99_ms"] = row.get("p99_ms")
-        self.say(f"load: p95 command {_f(self.r['command_p95_ms'])}, list"
-                 f" {_f(self.r['list_p95_ms'])}, get {_f(self.r['get_p95_ms'])}, history"
-                 f" {_f(self.r['history_p95_ms'])} ms; errors {self.r['errors']}")
+            row[f"{kind}_p95_ms"] = kinds.get(kind, {}).get("p95_ms")
+        self.r.setdefault("load_rounds", []).append(row)
+        self.say(f"load round {number + 1}: p95 command {_f(row['command_p95_ms'])}, list"
+                 f" {_f(row['list_p95_ms'])}, get {_f(row['get_p95_ms'])}, history"
+                 f" {_f(row['history_p95_ms'])} ms; machine busy {row['machine_busy_pct']}%;"
+                 f" errors {row['errors']}")
+
+    def summarise_rounds(self) -> None:
+        """Each p95 as the median of the rounds' (every round's in `load_rounds`)."""
+        rounds = self.r.get("load_rounds", [])
+        a = self.a
+        self.r.update(rate=a.rate, steady_seconds=a.steady_seconds,
+                      sampled_users=len(self.users_.users), rounds=len(rounds),
+                      errors=sum(r["errors"] for r in rounds),
+                      requests=sum(r["requests"] for r in rounds))
+        for key in ("command_p50_ms", "command_p95_ms", "command_p99_ms", "list_p95_ms",
+                    "get_p95_ms", "history_p95_ms", "machine_busy_pct", "send_lag_p95_ms"):
+            values = [r[key] for r in rounds if r.get(key) is not None]
+            self.r[key] = median(values)
+            self.r[f"{key}_rounds"] = values
 
     def keyed_creates(self) -> None:
         users, left = self.users_, [KEYED_CREATES]
+        self.wait_projector(60)
         before = relation_sizes(self.url)[IDEMPOTENCY_TABLE]
         rows_before = row_count(self.url, IDEMPOTENCY_TABLE)
 
@@ -492,6 +546,7 @@ class Step:
         self.projector = self.procs.start("projector-catch-up", [*taskctl(), "projector"])
         first_move: tuple[float, int] | None = None
         deadline = started + 60 + CATCH_UP_EVENTS / 200
+        machine = CpuMeter({}).__enter__()
         while True:
             if not self.projector.alive():
                 raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
@@ -504,6 +559,8 @@ class Step:
                 raise RuntimeError("the projector did not catch up in time")
             time.sleep(0.02)
         done = time.perf_counter()
+        machine.__exit__()
+        self.r["catch_up_machine_busy_pct"] = machine.result.get("machine_busy_pct")
         with psycopg.connect(self.url) as conn:
             total, after_first = conn.execute(
                 f"SELECT count(*) FILTER (WHERE notification_id > %s),"
@@ -607,9 +664,12 @@ def render_md(r: dict[str, Any]) -> str:
         f" average at start {m['load_average_at_start']}. PostgreSQL settings:"
         f" {', '.join(f'{k}={v}' for k, v in r.get('postgres_settings', {}).items())}.", "",
         f"Each step: its own database; {run['tasks_per_user']:,} tasks per user,"
-        f" {EVENTS_PER_TASK} events per task (a quarter of the tasks deleted); open loop of"
-        f" {run['rate']:g} req/s for {run['steady_seconds']:g} s (default mix) over up to"
-        f" {SAMPLE_USERS} users; {KEYED_CREATES:,} keyed creates; projector catch-up of"
+        f" {EVENTS_PER_TASK} events per task (a quarter of the tasks deleted); load: an open"
+        f" loop of {run['rate']:g} req/s for {run['steady_seconds']:g} s (default mix) over up"
+        f" to {SAMPLE_USERS} users, {run.get('rounds', 1)} rounds going from size to size in"
+        " turn, each p95 the median of the rounds';"
+        f" {KEYED_CREATES:,} keyed creates;"
+        " projector catch-up of"
         f" {CATCH_UP_EVENTS:,} appended events. Replay RSS measured (`ru_maxrss` of the"
         " replay process from wait4; the tree's sum sampled from /proc).", "",
         _md_table([h for _, h in COLUMNS], [[_cell(k, s.get(k)) for k, _ in COLUMNS]
@@ -642,8 +702,9 @@ def result_paths(results_dir: Path, date: str) -> tuple[Path, Path]:
 
 
 def write_results(r: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
-    r["slopes"] = slopes(r["steps"])
-    r["estimate_next"] = estimate_next(r["steps"])
+    measured = [s for s in r["steps"] if "step_seconds" in s]
+    r["slopes"] = slopes(measured)
+    r["estimate_next"] = estimate_next(measured)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = result_paths(results_dir, r["run"]["date"][:10])
     json_path.write_text(json.dumps(r, indent=2) + "\n")
@@ -655,7 +716,7 @@ def postgres_settings(url: str) -> dict[str, str]:
     names = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_wal_size",
              "autovacuum", "synchronous_commit", "max_connections")
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT name, setting || coalesce(unit, '') FROM pg_settings"
+        rows = conn.execute("SELECT name, current_setting(name) FROM pg_settings"
                             " WHERE name = ANY(%s) ORDER BY name", (list(names),)).fetchall()
     return {str(k): str(v) for k, v in rows}
 
@@ -681,6 +742,8 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
         args.steady_seconds = STEADY_SECONDS
     if args.warmup is None:
         args.warmup = WARMUP_SECONDS
+    if args.repeats is None:
+        args.repeats = ROUNDS
     args.sizes = [int(s.replace("_", "")) for s in (args.scale_sizes or "").split(",") if s] \
         or list(SIZES)
     for size in args.sizes:
@@ -703,7 +766,8 @@ def main(args: argparse.Namespace) -> int:
                 "command": "python -m bench " + " ".join(sys.argv[1:]),
                 "sizes": args.sizes, "tasks_per_user": args.tasks_per_user,
                 "events_per_task": EVENTS_PER_TASK, "rate": args.rate,
-                "steady_seconds": args.steady_seconds, "mix": parse_mix(args.mix),
+                "steady_seconds": args.steady_seconds, "rounds": args.repeats,
+                "mix": parse_mix(args.mix),
                 "sample_users": SAMPLE_USERS, "keyed_creates": KEYED_CREATES,
                 "catch_up_events": CATCH_UP_EVENTS, "logs": str(log_dir)},
         "machine": machine_info(admin.server_version()),
@@ -716,22 +780,39 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"[scale] sizes {', '.join(f'{s:,}' for s in args.sizes)} tasks; logs in {log_dir}",
           flush=True)
+    # Every store is made first and kept until the end, so that the load rounds can go
+    # from size to size in turn (in alternating order): on a shared machine a busy
+    # minute then costs every size one round, and the median of the rounds drops it.
+    steps = [Step(args, size, log_dir) for size in args.sizes]
+    ready: list[Step] = []
     failed = None
     try:
-        for size in args.sizes:
-            r["steps"].append(Step(args, size, log_dir).run())
+        for step in steps:
+            try:
+                step.prepare()
+                ready.append(step)
+            except Exception as e:  # a size too big for the machine: the others go on
+                step.r["failed"] = f"{type(e).__name__}: {e}"[:2000]
+                step.say(f"failed: {step.r['failed']}")
+                step.close()
+        for number in range(args.repeats):
+            for step in ready if number % 2 == 0 else ready[::-1]:
+                step.load_round(number)
+        for step in ready:
+            step.finish()
     except KeyboardInterrupt:
-        print("[scale] interrupted; processes stopped, databases dropped", flush=True)
-        if not r["steps"]:
-            return 130
         failed = "interrupted"
-    except Exception as e:  # the steps measured so far are still written, exit status 1
+    except Exception as e:  # what was measured is still written, exit status 1
         failed = f"{type(e).__name__}: {e}"[:2000]
-        print(f"[scale] step failed: {failed}", flush=True)
-        if not r["steps"]:
-            raise
+    finally:
+        for step in steps:
+            step.close()
     if failed:
+        print(f"[scale] stopped: {failed}", flush=True)
         r["run"]["failed"] = failed
+    r["steps"] = [s.r for s in steps if "step_seconds" in s.r or "failed" in s.r]
+    if not any("step_seconds" in s for s in r["steps"]):
+        return 130 if failed == "interrupted" else 1
     r["run"]["seconds"] = round(time.perf_counter() - started, 1)
     json_path, md_path = write_results(r, args.results_dir)
     print("\n" + md_path.read_text(), flush=True)
