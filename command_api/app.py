@@ -23,8 +23,9 @@ from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
+from shared.datakeys import MasterKeyError
 from shared.position import MissingKey, PositionCodec
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 log = logging.getLogger("taskservice.command_api")
 
@@ -57,7 +58,7 @@ class CommandSide:
                 except DATABASE_DOWN as e:
                     log.warning("event store unavailable: %s", e)
                     raise ServiceUnavailable("Database unavailable, try again shortly") from None
-                except MissingKey as e:
+                except (MissingKey, MasterKeyError) as e:
                     log.error("%s", e)
                     raise ServiceUnavailable(
                         "The database is not initialised for this version", details=str(e)
@@ -96,6 +97,11 @@ def create_app(
     """The command API. `store` opens its event store (default: `PostgresEventStore`
     on `settings`); the benchmark passes its own."""
     settings = settings or Settings.from_env()
+    if settings.environment == "production" and not settings.data_master_key and store is None:
+        raise SettingsError(
+            "DATA_MASTER_KEY is not set: in production the users' data keys are wrapped by a"
+            ' master key of yours (`python -c "import secrets; print(secrets.token_urlsafe(32))"`;'
+            " docs/privacy.md)")
     side = CommandSide(settings, store or PostgresEventStore.open)
 
     @asynccontextmanager

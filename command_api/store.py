@@ -15,6 +15,13 @@ the GIL). It keeps everything the library's recorder keeps:
 - and, also in that statement, the user's latest position (`user_write_positions`),
   which the query side compares with its checkpoint: read-your-own-writes by default.
 
+The personal fields of every event are sealed with its owner's data key
+(`shared.datakeys`: made on the user's first command, cached per process), and every
+append holds that key FOR KEY SHARE in its statement: an erasure (`taskctl users
+forget`) deletes the keys only once no append sealed with them is in flight, and an
+append after it finds its key gone, drops it and decides again (a new task gets a new
+key; a task sealed with the old one reads as not found).
+
 Round trips are coalesced (`command_api.batching.Coalescer`): the latest-state reads of
 concurrent commands go out as one `= ANY($1)` query, and their single-event appends
 without an Idempotency-Key as one `INSERT ... ON CONFLICT ON CONSTRAINT ... DO NOTHING
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from uuid import UUID
@@ -53,6 +61,24 @@ from shared.catalog import (
     IDEMPOTENCY_TABLE,
     OWN_POSITIONS_TABLE,
     PURGE_IDEMPOTENCY_LOCK,
+)
+from shared.datakeys import (
+    DATA_KEYS_TABLE,
+    INSERT_KEY,
+    KEY_HELD,
+    SEALED_FIELDS,
+    SELECT_NEWEST_KEY,
+    DataKey,
+    Erased,
+    KeyRing,
+    MasterKeyError,
+    MasterKeys,
+    default_ring,
+    is_sealed,
+    load_master_keys,
+    new_data_key,
+    seal_fields,
+    sealed_key_id,
 )
 from shared.errors import DATABASE_DOWN
 from shared.events import Task
@@ -84,6 +110,8 @@ _UPSERT_OWN = (
     " notification_id = excluded.notification_id"
     " WHERE (o.tx_id, o.notification_id) < (excluded.tx_id, excluded.notification_id)"
 )
+# The sealing key's parameter in `_ONE` and `_MANY`, numbered by `_appending`.
+_KEY = "{key}"
 
 
 # An event is appended only after its predecessor: version 1, or version n - 1 of its
@@ -103,6 +131,7 @@ def _appending(insert: str, owner: str, *, keyed: bool = False) -> str:
     idempotency record if `keyed` (only if the events went in)."""
     own = _UPSERT_OWN.format(own=f"SELECT {owner} AS user_id, notification_id FROM appended")
     idempotency = f", idempotency AS ({_INSERT_IDEMPOTENCY})" if keyed else ""
+    insert = insert.replace(_KEY, "$12::uuid" if keyed else "$6::uuid")
     return (
         f"WITH appended AS ({insert} RETURNING notification_id, tx_id), own AS ({own})"
         f"{idempotency} SELECT notification_id, tx_id::text FROM appended"
@@ -118,14 +147,16 @@ _INSERT_IDEMPOTENCY_ONLY = (
     " VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1"
 )
 # One event (most commands) as plain parameters; several (in version order) as arrays.
-# $5: the user; $6-$11: idempotency.
+# $5: the user; $6-$11: idempotency; the sealing key last.
 _ONE = (
     f"{_EVENT_COLUMNS} SELECT $1::uuid, $2::bigint, $3::text, $4::bytea"
     f" WHERE {_FOLLOWS.format(task='$1::uuid', version='$2::bigint')}"
+    f" AND {KEY_HELD.format(key=_KEY)}"
 )
 _MANY = (
     f"{_EVENT_COLUMNS} SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])"
     f" WHERE {_FOLLOWS.format(task='($1::uuid[])[1]', version='($2::bigint[])[1]')}"
+    f" AND {KEY_HELD.format(key=_KEY)}"
 )
 _INSERT_ONE = _appending(_ONE, "$5::text")
 _INSERT_MANY = _appending(_MANY, "$5::text")
@@ -141,9 +172,10 @@ _KEYED = {
 # left out of RETURNING, and only its command fails.
 _APPEND_BATCH = (
     "WITH batch AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[],"
-    " $5::text[]) AS b(id, version, topic, state, user_id)),"
+    " $5::text[], $6::uuid[]) AS b(id, version, topic, state, user_id, key_id)),"
     f" appended AS ({_EVENT_COLUMNS} SELECT id, version, topic, state FROM batch b"
     f" WHERE {_FOLLOWS.format(task='b.id', version='b.version')}"
+    f" AND {KEY_HELD.format(key='b.key_id')}"
     f" ON CONFLICT ON CONSTRAINT {EVENTS_KEY} DO NOTHING"
     " RETURNING originator_id, originator_version, notification_id, tx_id),"
     " own AS ("
@@ -173,6 +205,7 @@ _SELECT_POSITION = (
     f"SELECT tx_id::text, notification_id FROM {EVENTS_TABLE}"
     " WHERE originator_id = $1 AND originator_version = $2"
 )
+_KEY_EXISTS = f"SELECT 1 FROM {DATA_KEYS_TABLE} WHERE key_id = $1"
 _NOTIFY = f'NOTIFY "{EVENTS_TABLE}"'
 _PURGE_LOCK = f"SELECT pg_try_advisory_xact_lock(hashtextextended('{PURGE_IDEMPOTENCY_LOCK}', 0))"
 _PURGE_BATCH = (
@@ -181,6 +214,9 @@ _PURGE_BATCH = (
     " WHERE created_at < now() - make_interval(secs => $1) LIMIT $2))"
 )
 _LATEST = 2**63 - 1
+# A user's newest data key is read again after this many seconds (a rotated key is
+# used from then on: `taskctl users rotate-key`).
+SEALING_KEY_TTL = 300.0
 # At most one NOTIFY per this many seconds per process (what it adds to projection lag).
 NOTIFY_INTERVAL = 0.005
 
@@ -194,10 +230,16 @@ async def _no_session_state(_: asyncpg.Connection) -> None:
 
 
 class PostgresEventStore:
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 10.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, ring: KeyRing, acquire_timeout: float = 10.0
+    ) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
         self.mapper = mapper()
+        self.ring = ring  # every data key this process has opened, by id
+        # Each user's newest key, for new events, and when it was read.
+        self._sealing: dict[str, tuple[DataKey, float]] = {}
+        self._making: dict[str, asyncio.Future[DataKey]] = {}
         self._latest: Coalescer[UUID, list[Any]] = Coalescer(
             self._fetch_latest, on_batch=COMMAND_DB_BATCH.labels("read").observe
         )
@@ -209,10 +251,14 @@ class PostgresEventStore:
         self._notifier: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, min_size: int = 1) -> PostgresEventStore:
+    async def open(
+        cls, settings: Settings, *, min_size: int = 1, sealing: bool = True
+    ) -> PostgresEventStore:
         """The store on a new pool, its timeouts from the settings (`shared.pools`: a
         hung database is a 503 within DB_POOL_TIMEOUT or twice DB_STATEMENT_TIMEOUT);
-        warns when the pool could exhaust the server's connections."""
+        warns when the pool could exhaust the server's connections. Refuses (raises
+        MasterKeyError) without a master key, unless not `sealing` (a store that never
+        reads nor writes events: the purge)."""
         dsn = settings.require_database_url()
         pool = await asyncpg.create_pool(
             dsn,
@@ -222,7 +268,21 @@ class PostgresEventStore:
             **pool_options(settings, dsn, APPLICATION_NAME),
         )
         await warn_if_pool_over_budget(pool, settings, process="command API")
-        return cls(pool, acquire_timeout=settings.db_pool_timeout)
+        try:
+            async with pool.acquire() as conn:
+                master = await load_master_keys(
+                    conn, settings.data_master_key,
+                    settings.environment if sealing else "development")
+        except MasterKeyError:
+            if sealing:
+                await pool.close()
+                raise
+            master = MasterKeys((bytes(32),))  # never used: nothing is sealed or opened
+        except BaseException:
+            await pool.close()
+            raise
+        ring = default_ring(master, settings.data_master_key)
+        return cls(pool, ring=ring, acquire_timeout=settings.db_pool_timeout)
 
     async def close(self) -> None:
         await self._latest.close()
@@ -286,7 +346,66 @@ class PostgresEventStore:
         for v, topic, state in rows:
             task = to_domain(StoredEvent(task_id, v, topic, state)).mutate(task)
         assert isinstance(task, Task)
-        return task
+        return task if await self._open(task) else None
+
+    async def _open(self, task: Task) -> bool:
+        """Open the task's sealed fields in place; False if its owner was forgotten
+        (a key is gone): the task is then as good as never created."""
+        sealed = [v for v in (task.title, task.description, *task.tags) if is_sealed(v)]
+        if not sealed:
+            return True  # stored before sealing
+        ids = {sealed_key_id(v) for v in sealed}
+        if not ids <= self.ring.keys.keys():
+            await self.use(lambda conn: self.ring.load(conn, ids - self.ring.keys.keys()))
+        try:
+            task.title = self.ring.open("title", task.title)
+            if is_sealed(task.description):
+                task.description = self.ring.open("description", task.description)
+            task.tags = tuple(self.ring.open("tags", t) if is_sealed(t) else t
+                              for t in task.tags)
+        except Erased:
+            return False
+        return True
+
+    async def sealing_key(self, user_id: str) -> DataKey:
+        """The user's newest data key (made, wrapped and stored on their first command)."""
+        held = self._sealing.get(user_id)
+        if held is not None and time.monotonic() - held[1] < SEALING_KEY_TTL:
+            return held[0]
+        making = self._making.get(user_id)
+        if making is None:
+            making = asyncio.get_running_loop().create_future()
+            self._making[user_id] = making
+            try:
+                key = await self.use(lambda conn: self._newest_key(conn, user_id))
+            except BaseException as e:
+                making.set_exception(e)
+                making.exception()  # retrieved: no "never retrieved" warning
+                raise
+            finally:
+                self._making.pop(user_id, None)
+            making.set_result(key)
+            self._sealing[user_id] = (key, time.monotonic())
+            return key
+        return await asyncio.shield(making)
+
+    async def _newest_key(self, conn: asyncpg.Connection, user_id: str) -> DataKey:
+        row = await conn.fetchrow(SELECT_NEWEST_KEY, user_id)
+        if row is not None:
+            return self.ring.add_row(row[0], row[1], row[2], row[3])
+        key, raw = new_data_key(user_id)
+        wrapped_by, wrapped = self.ring.master.wrap(user_id, key.key_id, raw)
+        await conn.execute(INSERT_KEY, key.key_id, user_id, wrapped_by, wrapped)
+        return self.ring.add_row(key.key_id, user_id, wrapped_by, wrapped)
+
+    async def _key_gone(self, key: DataKey) -> bool:
+        """After an append that wrote nothing: was it because the key was deleted (the
+        user forgotten)? Then this process stops using it."""
+        if await self._call("fetchval", _KEY_EXISTS, key.key_id) is not None:
+            return False
+        self._sealing.pop(key.user_id, None)
+        self.ring.drop_user(key.user_id)
+        return True
 
     async def _fetch_latest(self, task_ids: list[UUID]) -> list[list[Any]]:
         """The events of each task, for a batch of `get()`s."""
@@ -356,15 +475,18 @@ class PostgresEventStore:
         pending = task.collect_events()
         if not pending and idempotency is None:
             return 0, None
-        stored = [self.mapper.to_stored_event(e) for e in pending]
+        key = await self.sealing_key(task.owner)
+        stored = [self.mapper.to_stored_event(_sealed(e, key)) for e in pending]
         if len(stored) == 1 and idempotency is None:
             # Most commands: one event, no key. Appended together with the concurrent
             # commands' events, in one statement and transaction (group commit).
             e = stored[0]
             landed = await self.append_one(
-                (e.originator_id, e.originator_version, e.topic, e.state, task.owner)
+                (e.originator_id, e.originator_version, e.topic, e.state, task.owner,
+                 key.key_id)
             )
             if landed is None:
+                await self._key_gone(key)
                 raise VersionConflict
             self._notify_soon()
             return 1, Position(int(landed[1]), landed[0])
@@ -389,6 +511,8 @@ class PostgresEventStore:
             args += [r.user_id, r.key, r.fingerprint, r.status, r.task_id, r.version]
             if stored:
                 statement = _KEYED[statement]
+        if stored:
+            args.append(key.key_id)
         try:
             rows = await self.insert(statement, args)
         except asyncpg.UniqueViolationError as e:
@@ -399,7 +523,8 @@ class PostgresEventStore:
             raise
         if not stored:
             return 0, None
-        if not rows:  # the first event's predecessor is not stored: nothing was written
+        if not rows:  # the first event's predecessor or its key is gone: nothing written
+            await self._key_gone(key)
             raise VersionConflict
         self._notify_soon()
         last = max(rows, key=lambda row: row[0])
@@ -408,7 +533,7 @@ class PostgresEventStore:
     async def _append_batch(
         self, events: list[tuple[Any, ...]]
     ) -> list[tuple[int, str] | None]:
-        """For each event (id, version, topic, state, owner): (notification_id, tx_id) where
+        """For each event (id, version, topic, state, owner, key id): (notification_id, tx_id) where
         it landed, or None if its (task id, version) was taken (by another writer, or by
         an earlier event of this batch)."""
         rows = await self._call(
@@ -418,7 +543,8 @@ class PostgresEventStore:
         return [landed.pop((event[0], event[1]), None) for event in events]
 
     async def append_one(self, event: tuple[Any, ...]) -> tuple[int, str] | None:
-        """Append one event (id, version, topic, state, the task's owner) with the
+        """Append one event (id, version, topic, state, the task's owner, the id of the
+        key its fields are sealed with) with the
         concurrent commands' events (group commit): (notification_id, tx_id) where it
         landed, or None if its (task id, version) was taken."""
         return await self._appends(event)
@@ -445,3 +571,12 @@ class PostgresEventStore:
                 log.warning("NOTIFY failed: %s", e)
                 await asyncio.sleep(0.5)
             await asyncio.sleep(NOTIFY_INTERVAL)
+
+
+def _sealed(event: Task.Event, key: DataKey) -> Task.Event:
+    """`event` with its personal fields sealed by `key` (a copy: the task keeps them open)."""
+    if not any(name in vars(event) for name in SEALED_FIELDS):
+        return event
+    copy = object.__new__(type(event))
+    object.__setattr__(copy, "__dict__", seal_fields(key, vars(event)))
+    return copy

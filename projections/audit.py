@@ -35,6 +35,7 @@ import asyncpg
 from projections import checkpoints as cp
 from projections.verify import MASK, Fold, row_hash
 from shared.catalog import EVENTS_TABLE, LIVE, Tables
+from shared.datakeys import KeyRing, is_sealed, ring_for, sealed_key_id
 from shared.events import (
     UndecodableEvent,
     actor_sql,
@@ -50,7 +51,10 @@ PAGE = 2_000
 _SELECT = (
     "SELECT * FROM (SELECT e.notification_id, e.tx_id::text AS tx_id, e.originator_id,"
     " e.originator_version, e.topic, e.state,"
-    f" {owner_sql(EVENTS_TABLE, 'e')} AS owner, {state_sql('e')} AS j"
+    f" {owner_sql(EVENTS_TABLE, 'e')} AS owner, {state_sql('e')} AS j,"
+    # The task's title as created: sealed with the key all its events stand or fall by.
+    f" (SELECT {state_sql('c')} ->> 'title' FROM {EVENTS_TABLE} c"
+    "  WHERE c.originator_id = e.originator_id AND c.originator_version = 1) AS created_title"
     f" FROM {EVENTS_TABLE} e{{inner}}) x{{outer}} ORDER BY x.tx_id::xid8, x.notification_id"
 )
 
@@ -94,9 +98,14 @@ class Filters:
         return text, args
 
 
-def _record(row: asyncpg.Record) -> dict[str, Any]:
+def _record(row: asyncpg.Record, ring: KeyRing) -> dict[str, Any]:
     event = decode_event(row["notification_id"], row["originator_id"],
                          row["originator_version"], row["topic"], row["state"])
+    # Sealed fields opened; an erased event (its owner forgotten: the key its task was
+    # created with is gone) shows them as null.
+    created = row["created_title"]
+    erased = not ring.open_data(event.data) or (
+        is_sealed(created) and sealed_key_id(created) not in ring.keys)
     return {
         "position": str(Position(int(row["tx_id"]), row["notification_id"])),
         "occurred_at": event.timestamp.astimezone(UTC).isoformat(),
@@ -107,6 +116,7 @@ def _record(row: asyncpg.Record) -> dict[str, Any]:
         "actor": event.actor,
         "request_id": event.request_id,
         "data": {k: _plain(v) for k, v in event.data.items() if k != "owner"},
+        "erased": erased,
     }
 
 
@@ -120,8 +130,10 @@ async def stream(dsn: str, filters: Filters) -> AsyncIterator[dict[str, Any]]:
     try:
         sql, args = filters.sql()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
+            ring = await ring_for(conn)
+            await ring.load_all(conn)
             async for row in conn.cursor(sql, *args, prefetch=PAGE):
-                yield _record(row)
+                yield _record(row, ring)
     finally:
         await conn.close()
 
@@ -292,6 +304,8 @@ async def verify(
             report.sealed = sealed
             checkpoint = await cp.read_checkpoint(conn, tables)
             report.position = str(checkpoint)
+            fold.ring = await ring_for(conn)
+            await fold.ring.load_all(conn)
             last_task: UUID | None = None
             expected_version = 1
             async for row in conn.cursor(

@@ -53,7 +53,8 @@ from shared.catalog import (
     Tables,
     projector_lock,
 )
-from shared.events import CREATED, TaskEvent, UndecodableEvent, decode_event
+from shared.datakeys import key_ids, ring_for
+from shared.events import CREATED, TaskEvent, UndecodableEvent, decode_event, read_state
 from shared.observability import (
     EVENT_STORE_HEAD,
     PROJECTION_LAG_EVENTS,
@@ -177,6 +178,42 @@ def _decode(rows: Sequence[asyncpg.Record]) -> list[TaskEvent]:
     return events
 
 
+# -- sealed fields (`shared.datakeys`) ---------------------------------------------------
+
+async def open_events(conn: asyncpg.Connection, events: list[TaskEvent]) -> list[TaskEvent]:
+    """`events` with their sealed fields opened; an event whose key is gone is marked
+    `erased`. The keys are read again, in the caller's transaction, for every batch: a
+    key an erasure deleted (`taskctl users forget`, which locks the checkpoint row this
+    transaction holds) never opens anything after it."""
+    ids = key_ids(e.data for e in events)
+    if not ids:
+        return events
+    ring = await ring_for(conn)
+    await ring.load(conn, ids)
+    return [e if ring.open_data(e.data) else e._replace(erased=True) for e in events]
+
+
+# Each task's creation, for tasks met without a state: was its owner forgotten?
+_SELECT_CREATIONS = (
+    "SELECT e.originator_id, e.state FROM unnest($1::uuid[]) AS ids(id) CROSS JOIN LATERAL ("
+    f" SELECT originator_id, state FROM {EVENTS_TABLE}"
+    " WHERE originator_id = ids.id AND originator_version = 1) AS e"
+)
+
+
+async def erased_tasks(conn: asyncpg.Connection, task_ids: set[UUID]) -> set[UUID]:
+    """Which of `task_ids` were created with a key that is gone (their owner forgotten):
+    their later events, sealed or not, are applied by no read model."""
+    rows = await conn.fetch(_SELECT_CREATIONS, list(task_ids))
+    datas = {task_id: read_state(state) for task_id, state in rows}
+    ids = key_ids(datas.values())
+    if not ids:
+        return set()
+    ring = await ring_for(conn)
+    await ring.load(conn, ids)
+    return {task_id for task_id, data in datas.items() if not ring.open_data(data)}
+
+
 def _failed(event: TaskEvent, cause: object) -> HandlerFailed:
     return HandlerFailed(event.position, event.task_id, event.version, event.topic, str(cause))
 
@@ -268,7 +305,16 @@ async def apply_events(
     states, applied = await sink.states(conn, t, events)
     rows = sink.rows()
     deleted: set[Any] = set()
+    # Events of forgotten users: erased ones, and the others of their tasks (met with
+    # no state: created erased in this batch or an earlier one, their rows deleted).
+    erased = {e.task_id for e in events if e.erased and e.topic == CREATED}
+    orphans = {e.task_id for e in events if e.task_id not in states and e.task_id not in erased
+               and e.topic != CREATED and not e.erased and e.position not in applied}
+    if orphans:
+        erased |= await erased_tasks(conn, orphans)
     for event in events:
+        if event.erased or event.task_id in erased:
+            continue
         before: TaskState | None = states.get(event.task_id)
         if before is not None and event.version <= before.version:
             continue  # applied already
@@ -319,7 +365,7 @@ async def step(
         rows = await conn.fetch(SELECT_EVENTS, *position, bound, batch_size)
         if not rows:
             return position, 0
-        await apply_events(conn, _decode(rows), t, sink)
+        await apply_events(conn, await open_events(conn, _decode(rows)), t, sink)
         last = rows[-1]
         position = Position(int(last["tx_id"]), last["notification_id"])
         if epoch is None:
@@ -594,7 +640,13 @@ def main(
     `lease`: by default from the settings (PROJECTOR_LEASE_SECONDS and
     PROJECTOR_HEARTBEAT_SECONDS)."""
     metrics = ProjectorMetrics()
-    times = lease or LeaseTimes.from_settings(Settings.from_env(require_auth=False))
+    settings = Settings.from_env(require_auth=False)
+    times = lease or LeaseTimes.from_settings(settings)
+    if settings.environment == "production" and not settings.data_master_key:
+        # What opens the sealed fields (`shared.datakeys.ring_for`) reads it there too.
+        log.error("DATA_MASTER_KEY is not set: in production the users' data keys are"
+                  " wrapped by a master key of yours (docs/privacy.md)")
+        return 2
 
     def health() -> dict[str, Any]:
         position = metrics.position

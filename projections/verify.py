@@ -39,6 +39,7 @@ from projections.checkpoints import EVENTS_UP_TO, args
 from projections.manifest import READ_MODELS
 from projections.task_list import DOC_SQL
 from shared.catalog import Tables
+from shared.datakeys import KeyRing, ring_for
 from shared.events import (
     COMPLETED,
     CREATED,
@@ -223,11 +224,17 @@ class Fold:
     touched: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     per_task: bool = True  # keep `task_history` (the audit compares per task; replay per user)
+    # The data keys that open sealed fields (`shared.datakeys`), read at each advance;
+    # tasks created with a key that is gone (their owner forgotten) fold to nothing.
+    ring: KeyRing | None = None
+    erased: set[UUID] = field(default_factory=set)
 
     async def advance(self, conn: asyncpg.Connection, upto: Position) -> int:
         """Fold every event after the last position up to `upto`; how many."""
         count = 0
         async with conn.transaction(readonly=True):
+            self.ring = await ring_for(conn)
+            await self.ring.load_all(conn)
             cursor = conn.cursor(
                 EVENTS_UP_TO, *args(self.position), *args(upto), prefetch=PAGE
             )
@@ -239,6 +246,11 @@ class Fold:
 
     def fold(self, position: int, task_id: UUID, version: int, topic: str, state: bytes) -> None:
         data = _parse(state)
+        if task_id in self.erased:
+            return
+        if self.ring is not None and not self.ring.open_data(data):
+            self.erased.add(task_id)  # its creation, or (if that was erased) nothing later
+            return
         at = _time(data["timestamp"])
         task = self.tasks.get(task_id)
         changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them

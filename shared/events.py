@@ -373,6 +373,9 @@ class TaskEvent(NamedTuple):
     actor: str
     request_id: str
     data: dict[str, Any]
+    # Its user was forgotten: its sealed fields' key is gone (`shared.datakeys`), so
+    # they read as None, and no read model applies it.
+    erased: bool = False
 
 
 def decode_event(

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from shared.datakeys import MasterKeyError, parse_master_keys
+
 PLACEHOLDER_SECRETS = {
     "changeme",
     "change-me",
@@ -195,6 +197,11 @@ class Settings(BaseModel):
     # an Authorization header); unset: derived from BETTER_AUTH_SECRET, else random per
     # process (then a ticket works only on the replica that issued it).
     stream_ticket_secret: str | None = None
+    # The master keys that wrap the users' data keys (`shared.datakeys`): 32-byte keys,
+    # base64 or hex, comma-separated; the first wraps new data keys, every one unwraps
+    # (rotation: docs/privacy.md). Required in production; elsewhere, unset, the
+    # development key `taskctl db init` keeps in the database.
+    data_master_key: str | None = None
     # The projector's Prometheus /metrics and /health endpoint (0 turns it off).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -282,6 +289,23 @@ class Settings(BaseModel):
                 f" {name.upper()} to the exact {name[4:]} Better Auth signs with (by default"
                 " its base URL)")
         return normalised
+
+    @model_validator(mode="after")
+    def _check_master_key(self) -> Settings:
+        if self.data_master_key is None:
+            return self
+        try:
+            keys = parse_master_keys(self.data_master_key)
+        except MasterKeyError as e:
+            raise ValueError(str(e)) from None
+        if self.environment == "production":
+            for part in (p.strip() for p in self.data_master_key.split(",") if p.strip()):
+                weakness = weak_secret(part)
+                if weakness is not None or len(set(keys)) != len(keys):
+                    raise ValueError(f"DATA_MASTER_KEY {weakness or 'repeats a key'};"
+                                     " make one with `python -c \"import secrets;"
+                                     " print(secrets.token_urlsafe(32))\"`")
+        return self
 
     @model_validator(mode="after")
     def _check_session_tokens(self) -> Settings:

@@ -116,7 +116,7 @@ def purge_idempotency(settings: Settings, older_than_hours: float | None = None)
     hours = settings.idempotency_ttl_hours if older_than_hours is None else older_than_hours
 
     async def purge() -> int | None:
-        store = await PostgresEventStore.open(settings)
+        store = await PostgresEventStore.open(settings, sealing=False)
         try:
             return await store.purge_idempotency(hours)
         finally:
@@ -227,6 +227,25 @@ def cmd_export(args: argparse.Namespace) -> None:
     from projections.audit import export_main
 
     sys.exit(export_main(_database_url(), args.user))
+
+
+def cmd_users_forget(args: argparse.Namespace) -> None:
+    from projections.erasure import forget_main
+
+    sys.exit(forget_main(_database_url(), args.user, as_json=args.json,
+                         vacuum=not args.no_vacuum))
+
+
+def cmd_users_rotate_key(args: argparse.Namespace) -> None:
+    from taskctl.keys import rotate_user_key_main
+
+    sys.exit(rotate_user_key_main(_database_url(), args.user))
+
+
+def cmd_keys_rotate_master(_: argparse.Namespace) -> None:
+    from taskctl.keys import rotate_master_main
+
+    sys.exit(rotate_master_main(_database_url()))
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -349,6 +368,37 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="every event of one user's tasks, as JSON lines")
     export.add_argument("--user", required=True, type=_user, help="the owner whose tasks to export")
     export.set_defaults(func=cmd_export)
+
+    users = sub.add_parser("users", help="a user's data: export, erase, a new data key")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    users_export = users_sub.add_parser(
+        "export", help="every event of the user's tasks, opened, as JSON lines (the right of"
+                       " access; the same as `taskctl export --user`)")
+    users_export.add_argument("user", type=_user)
+    users_export.set_defaults(func=cmd_export)
+    forget = users_sub.add_parser(
+        "forget", help="erase a user: delete their data keys and, in the same transaction,"
+                       " their read rows, history and Idempotency-Keys; events stay, unreadable",
+        description="Crypto-shredding (docs/privacy.md). Exit status: 0 erased, 3 a replay is"
+                    " running (nothing changed), 4 the user has tasks stored before sealing"
+                    " (nothing changed).")
+    forget.add_argument("user", type=_user)
+    forget.add_argument("--json", action="store_true", help="print the report as JSON")
+    forget.add_argument("--no-vacuum", action="store_true",
+                        help="skip the VACUUM of the tables rows were deleted from (dead row"
+                             " versions keep a copy until the next vacuum)")
+    forget.set_defaults(func=cmd_users_forget)
+    rotate_key = users_sub.add_parser(
+        "rotate-key", help="a new data key for the user: their next events are sealed with it")
+    rotate_key.add_argument("user", type=_user)
+    rotate_key.set_defaults(func=cmd_users_rotate_key)
+
+    keys = sub.add_parser("keys", help="the master key that wraps the users' data keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser(
+        "rotate-master", help="wrap every data key again with DATA_MASTER_KEY's first key"
+                              " (set DATA_MASTER_KEY=NEW,OLD first; docs/privacy.md)",
+    ).set_defaults(func=cmd_keys_rotate_master)
 
     seed = sub.add_parser("seed", help="create the two demo users' tasks through commands")
     seed.add_argument("--reset", action="store_true", help="delete the demo users' tasks first")

@@ -30,6 +30,7 @@ from shared.catalog import (
     VERSIONS_TABLE,
     Tables,
 )
+from shared.datakeys import DATA_KEYS_DDL, DATA_KEYS_TABLE, DEV_MASTER_TABLE
 from shared.eventstore import create_schema
 from shared.position import KEY_NAME as POSITION_KEY_NAME
 from shared.settings import MAKE_A_SECRET, Settings, weak_secret
@@ -114,6 +115,7 @@ def init_database(settings: Settings, environ: Mapping[str, str] | None = None) 
     create_schema(settings)
     _make_events_append_only(settings)
     _make_service_keys(settings)
+    _make_data_keys(settings)
     create_read_tables(settings.require_database_url())
     grant_roles(settings, environ)
 
@@ -149,6 +151,21 @@ def _make_service_keys(settings: Settings) -> None:
             " ON CONFLICT (name) DO NOTHING",
             (POSITION_KEY_NAME, secrets.token_bytes(32)),
         )
+
+
+def _make_data_keys(settings: Settings) -> None:
+    """The users' data keys' table (`shared.datakeys`) and, outside production, the
+    development master key that wraps them when DATA_MASTER_KEY is unset."""
+    with psycopg.connect(settings.require_database_url()) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
+        for statement in DATA_KEYS_DDL:
+            conn.execute(statement)
+        if settings.environment != "production":
+            conn.execute(
+                f"INSERT INTO {DEV_MASTER_TABLE} (id, key) VALUES (1, %s)"
+                " ON CONFLICT (id) DO NOTHING",
+                (secrets.token_bytes(32),),
+            )
 
 
 def _make_events_append_only(settings: Settings) -> None:
@@ -210,6 +227,13 @@ def grants(t: Tables = LIVE) -> Grants:
         IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE", "DELETE")},
         # The sealing key: read by the APIs, written by db init alone.
         SERVICE_KEYS_TABLE: {COMMAND_ROLE: ("SELECT",), QUERY_ROLE: ("SELECT",)},
+        # The users' data keys: made by the command API (a user's first command) and
+        # held FOR KEY SHARE by its appends (which needs an UPDATE privilege), read by
+        # the projector; deleted by `taskctl users forget`, as the owner.
+        DATA_KEYS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE (created_at)"),
+                          PROJECTOR_ROLE: ("SELECT",)},
+        # Outside production, the master key that wraps them (DATA_MASTER_KEY unset).
+        DEV_MASTER_TABLE: {COMMAND_ROLE: ("SELECT",), PROJECTOR_ROLE: ("SELECT",)},
         # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.
         OWN_POSITIONS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.

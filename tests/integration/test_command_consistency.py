@@ -18,6 +18,7 @@ from shared.eventstore import TaskStore
 from shared.settings import Settings
 from tests.support import bearer, library_store, new_user
 from tests.support.commands import LoopThread
+from tests.support.sealing import opened
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,9 @@ def test_concurrent_updates_with_the_same_etag_let_exactly_one_through(
 # -- concurrency without If-Match -----------------------------------------------------------
 
 
-def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore, loop: LoopThread):
+def test_fifty_concurrent_updates_of_one_task_lose_no_event(
+    store: TaskStore, loop: LoopThread, settings: Settings
+):
     # Five handler instances stand for five API processes: within one, commands on a task
     # take turns; between them, the (task id, version) key and the retry keep every event.
     handlers = [loop.executor(retries=200) for _ in range(5)]
@@ -157,7 +160,8 @@ def test_fifty_concurrent_updates_of_one_task_lose_no_event(store: TaskStore, lo
 
     events = list(store.events.get(task_id))
     assert [e.originator_version for e in events] == list(range(1, 52))  # contiguous
-    titles = [e.title for e in events[1:]]
+    url = settings.require_database_url()
+    titles = [opened(url, "title", e.title) for e in events[1:]]  # sealed, as stored
     assert sorted(titles) == sorted(f"title {i}" for i in range(50))  # every update kept
     assert sorted(versions) == list(range(2, 52))  # each response names its own version
     final = store.repository.get(task_id)
@@ -302,7 +306,9 @@ def test_a_process_whose_cached_task_is_behind_another_process_decides_on_fresh_
     ]
 
 
-def test_the_async_store_and_the_library_read_each_other(store: TaskStore, loop: LoopThread):
+def test_the_async_store_and_the_library_read_each_other(
+    store: TaskStore, loop: LoopThread, settings: Settings
+):
     # The command API writes through asyncpg but encodes with the library's Mapper: each
     # side must read what the other wrote, at any version.
     user = new_user()
@@ -319,7 +325,10 @@ def test_the_async_store_and_the_library_read_each_other(store: TaskStore, loop:
     changed = loop.executor().run(Change(task.id, title="by the API"), Stamp(user, "api-1"))
     assert changed.task is not None and changed.task.version == 3
     by_library = store.repository.get(task.id)
-    assert (by_library.title, by_library.completed, by_library.version) == ("by the API", True, 3)
+    # The library reads the API's event; its title is sealed (`shared.datakeys`).
+    title = opened(settings.require_database_url(), "title", by_library.title)
+    assert by_library.title != title
+    assert (title, by_library.completed, by_library.version) == ("by the API", True, 3)
     assert [type(e).TOPIC for e in store.events.get(task.id)][-1] == "TaskTitleChanged"
     earlier = loop.get(task.id, version=2)
     assert earlier is not None and earlier.title == "by the library"

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.settings import SETTING_NAMES, Settings
+from shared.settings import SETTING_NAMES, Settings, SettingsError
 from taskctl.cli import (
     build_parser,
     cmd_command_api,
@@ -71,6 +71,7 @@ def production_env() -> dict[str, str]:
     """.env.example as an operator would fill it in."""
     return {**env_example(), "POSTGRES_PASSWORD": secrets.token_hex(32),
             "BETTER_AUTH_SECRET": secrets.token_urlsafe(48),
+            "DATA_MASTER_KEY": secrets.token_urlsafe(32),
             **{variable: secrets.token_hex(32) for variable in INIT_VARIABLES}}
 
 
@@ -145,11 +146,23 @@ def test_each_service_connects_as_its_role(compose: dict):
 
 
 def test_the_shipped_role_passwords_are_refused_in_production():
-    env = {**env_example(), "BETTER_AUTH_SECRET": secrets.token_urlsafe(48)}
+    env = {**env_example(), "BETTER_AUTH_SECRET": secrets.token_urlsafe(48),
+           "DATA_MASTER_KEY": secrets.token_urlsafe(32)}
     compose = load_compose({**env, "POSTGRES_PASSWORD": secrets.token_hex(32)})
     init_env = service_environment(compose["services"]["init"])
     with pytest.raises(InitRefused, match="COMMAND_DB_PASSWORD"):
         role_passwords(Settings.from_env(init_env, require_auth=False), init_env)
+
+
+def test_the_shipped_master_key_is_refused():
+    env = {**production_env(), "DATA_MASTER_KEY": env_example()["DATA_MASTER_KEY"]}
+    compose = load_compose(env)
+    for name in ("command-api", "projector", "init"):
+        with pytest.raises(SettingsError, match="DATA_MASTER_KEY"):
+            Settings.from_env(service_environment(compose["services"][name]),
+                              require_auth=False)
+    # The query API is never given it.
+    assert "DATA_MASTER_KEY" not in service_environment(compose["services"]["query-api"])
 
 
 def test_postgres_service(compose: dict):
