@@ -432,6 +432,7 @@ async def _switch(
                     checked = await check_rebuild(conn, target, fold, "touched", rolled_back)
                 for name, new in zip(table_names(live), table_names(target), strict=True):
                     await _copy_privileges(conn, name, new)
+                    await _copy_row_security(conn, name, new)
                     await _rename(conn, name, f"{name}_old_{version}")
                     await _rename(conn, new, name)
                 await cp.copy_checkpoint(conn, target, live)
@@ -459,6 +460,37 @@ async def _copy_privileges(conn: asyncpg.Connection, live: str, new: str) -> Non
     ):
         option = " WITH GRANT OPTION" if r["is_grantable"] else ""
         await conn.execute(f"GRANT {r['privilege_type']} ON {new} TO {r['grantee']}{option}")
+
+
+async def _copy_row_security(conn: asyncpg.Connection, live: str, new: str) -> None:
+    """Give the rebuilt table the live one's row-level security (enabled, forced) and
+    its policies, in the switch's transaction: a role the policies limit (the query
+    API's, `taskctl db init`) must never see the new table unlimited, nor empty."""
+    flags = await conn.fetchrow(
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = $1::regclass", live)
+    if flags["relrowsecurity"]:
+        await conn.execute(f"ALTER TABLE {new} ENABLE ROW LEVEL SECURITY")
+    if flags["relforcerowsecurity"]:
+        await conn.execute(f"ALTER TABLE {new} FORCE ROW LEVEL SECURITY")
+    for p in await conn.fetch(
+        "SELECT quote_ident(p.polname) AS name,"
+        " CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END AS kind,"
+        " CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'"
+        "  WHEN 'd' THEN 'DELETE' ELSE 'ALL' END AS cmd,"
+        " (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r))"
+        "  END, ', ') FROM unnest(p.polroles) r) AS roles,"
+        " pg_get_expr(p.polqual, p.polrelid) AS qual,"
+        " pg_get_expr(p.polwithcheck, p.polrelid) AS with_check"
+        " FROM pg_policy p WHERE p.polrelid = $1::regclass ORDER BY p.polname",
+        live,
+    ):
+        statement = (f"CREATE POLICY {p['name']} ON {new} AS {p['kind']} FOR {p['cmd']}"
+                     f" TO {p['roles']}")
+        if p["qual"] is not None:
+            statement += f" USING ({p['qual']})"
+        if p["with_check"] is not None:
+            statement += f" WITH CHECK ({p['with_check']})"
+        await conn.execute(statement)
 
 
 async def _rename(conn: asyncpg.Connection, old: str, new: str) -> None:

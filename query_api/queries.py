@@ -6,8 +6,10 @@ functions here turn its rows into typed values. `read_position`, `lag_seconds` a
 Every query that returns user data filters by the token's user first
 (`WHERE user_id = $1 ...`); the only query that looks past the user is
 `owned_by_someone_else`, which answers yes or no so a route can tell 403 from 404,
-and returns nothing of the other user's row. The rows are written by the read models
-listed in `projections/manifest.py` (one module each).
+and returns nothing of the other user's row. Beneath the filters, row-level security
+shows the query API's role only the rows of the statement's user
+(`shared.row_security`, set by `query_api.reader`). The rows are written by the read
+models listed in `projections/manifest.py` (one module each).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncpg
 from shared import catalog
 from shared.events import PRIORITIES, Priority, event_time
 from shared.position import ZERO, Position
+from shared.row_security import OWNED_ELSEWHERE_FUNCTION
 
 Status = Literal["all", "pending", "completed"]
 Sort = Literal[
@@ -246,14 +249,10 @@ def get_task(user_id: str, task_id: UUID) -> Query:
 
 
 async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> bool:
-    """Whether a live task with this id belongs to another user (403, not 404)."""
-    return bool(
-        await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {catalog.LIVE.tasks} WHERE user_id <> $1 AND task_id = $2)",
-            user_id,
-            task_id,
-        )
-    )
+    """Whether a live task with this id belongs to another user (403, not 404): asked of
+    a function of the tables' owner (`taskctl db init`), since the query role's
+    row-level security shows it no other user's row (`shared.row_security`)."""
+    return bool(await conn.fetchval(f"SELECT {OWNED_ELSEWHERE_FUNCTION}($1, $2)", user_id, task_id))
 
 
 def task_history(user_id: str, task_id: UUID) -> Query:

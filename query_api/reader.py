@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +22,7 @@ from query_api.watch import PositionWatch
 from shared.catalog import OWN_POSITIONS_TABLE
 from shared.errors import DATABASE_DOWN
 from shared.position import ZERO, Position, PositionCodec
+from shared.row_security import STREAM_ROLE, USER_SETTING, USERS_SETTING
 
 T = TypeVar("T")
 log = logging.getLogger("taskservice.query_api.reader")
@@ -43,6 +45,23 @@ _OWN_COLUMNS = "o.tx_id::text AS own_tx_id, o.notification_id AS own_position"
 _NO_OWN_COLUMNS = "NULL::text AS own_tx_id, NULL::bigint AS own_position"
 # The checkpoint's three columns and the user's latest position's two come first.
 _LEAD = 5
+# Row-level security (`shared.row_security`): the statement first sets its user, local
+# to its own implicit transaction (so a pooled connection never carries it to the next
+# read), in a CTE evaluated once; the query is a LATERAL subquery that references it
+# and cannot be flattened (OFFSET 0), so its scans are the inner side of a nested loop
+# whose outer side is that CTE: they run, and the policies read the setting, only after
+# it is set. The planner merges the policy (`user_id = current_setting(...)`) with the
+# query's own `user_id = $1`: the same plan, plus a one-time filter.
+_WHO = (
+    f"WITH _who AS MATERIALIZED (SELECT set_config('{USER_SETTING}', ${{n}}, true) AS u) "
+)
+_AFTER_WHO = "SELECT * FROM ({query}) q0 WHERE w.u IS NOT NULL OFFSET 0"
+# The streams' users, and their role for the rest of the transaction.
+_AS_STREAMS = (
+    f"SELECT set_config('{USERS_SETTING}', $1::text[]::text, true),"
+    f" CASE WHEN pg_has_role(current_user, '{STREAM_ROLE}', 'MEMBER')"
+    f" THEN set_config('role', '{STREAM_ROLE}', true) END"
+)
 
 
 class Reader:
@@ -51,7 +70,12 @@ class Reader:
     latest position (`command_api.store`); if the checkpoint is behind it, the read
     waits for the projector (at most `wait_timeout` in all) and reads again. A user with
     nothing unprojected pays one index lookup in the same statement, no wait and no
-    round trip. A read may also name a position of its own to wait for (`wanted`)."""
+    round trip. A read may also name a position of its own to wait for (`wanted`).
+
+    The statement also sets its user for the read tables' row-level security (`_WHO`);
+    the benchmark's "without" turns `sets_user` off (bench/rls_bypassed.py)."""
+
+    sets_user = True
 
     def __init__(
         self,
@@ -134,16 +158,21 @@ class Reader:
         JOIN LATERAL `query`, with `conn.<method>`: one statement, one snapshot."""
         order = f" ORDER BY {query.order}" if query.order else ""
         args = query.args
-        if own and self.user_id is not None:
+        who, body = "", query.sql
+        if self.user_id is not None and self.sets_user:
             args = (*args, self.user_id)
+            who, body = _WHO.format(n=len(args)), _AFTER_WHO.format(query=query.sql)
+        if own and self.user_id is not None:
+            if not who:
+                args = (*args, self.user_id)
             columns, join = _OWN_COLUMNS, " " + _OWN.format(n=len(args))
         else:
             columns, join = _NO_OWN_COLUMNS, ""
         async with self.connection() as conn:
             return await getattr(conn, method)(
-                f"SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
-                f" FROM ({position_sql()}) p{join}"
-                f" LEFT JOIN LATERAL ({query.sql}) q ON true{order}",
+                f"{who}SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
+                f" FROM ({position_sql()}) p{' CROSS JOIN _who w' if who else ''}{join}"
+                f" LEFT JOIN LATERAL ({body}) q ON true{order}",
                 *args,
             )
 
@@ -154,6 +183,18 @@ class Reader:
 
     def connection(self) -> _Pooled:
         return _Pooled(self.pool, self.acquire_timeout)
+
+    @asynccontextmanager
+    async def for_streams(self, users: Sequence[str]) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in a read-only transaction that reads the rows of `users`
+        (the live streams', `query_api.stream`): as the stream role, whose policy admits
+        the users of its setting (`shared.row_security`), when the connection's role may
+        become it (the query role; a superuser); else as itself (the tables' owner, whom
+        no policy binds). Two round trips more than a read: once per hub read, not per
+        request."""
+        async with self.connection() as conn, conn.transaction(readonly=True):
+            await conn.execute(_AS_STREAMS, list(users))
+            yield conn
 
 
 class PrimaryAway(Exception):

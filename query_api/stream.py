@@ -12,7 +12,9 @@ nor from a table the replay renames away: from the event store, in its global or
 the read tables and their checkpoint. A statement sees the checkpoint and the rows it
 covers in one snapshot, before or after a replay's switch, never a mix; and the
 positions of the rebuilt tables are the same events' positions. Filtered by user in
-SQL: a task's owner is its creation event's (`shared.events.owner_sql`, by primary key).
+SQL: a task's owner is its creation event's (`shared.events.owner_sql`, by primary key);
+and beneath that by row-level security, read as the stream role for the users whose
+streams are open (`Reader.for_streams`, `shared.row_security`).
 
 **One change per task per read.** A read sends a task only at its latest version in
 that snapshot (the document the read tables hold is exactly the state after it), so
@@ -400,7 +402,7 @@ class StreamHub:
             full = True
             while full:
                 lo = self._position
-                async with reader.connection() as conn:
+                async with reader.for_streams(users) as conn:
                     rows = await conn.fetch(HUB_CHANGES, str(lo.tx_id), lo.notification_id,
                                             users, HUB_PAGE)
                 self.reads += 1
@@ -531,7 +533,7 @@ class EventStream(Response):
         taken after the hub's start was known; the last page's checkpoint."""
         cursor = after
         while True:
-            async with self.reader.connection() as conn:
+            async with self.reader.for_streams([self.subscriber.user_id]) as conn:
                 rows = await conn.fetch(GAP_CHANGES, self.subscriber.user_id,
                                         str(cursor.tx_id), cursor.notification_id, GAP_PAGE)
             head = rows[0]

@@ -33,6 +33,15 @@ from shared.catalog import (
 from shared.datakeys import DATA_KEYS_DDL, DATA_KEYS_TABLE, DEV_MASTER_TABLE
 from shared.eventstore import create_schema
 from shared.position import KEY_NAME as POSITION_KEY_NAME
+from shared.row_security import (
+    OWNED_ELSEWHERE_FUNCTION,
+    PROJECTOR_POLICY,
+    STREAM_ROLE,
+    STREAMS_POLICY,
+    USER_POLICY,
+    USER_QUAL,
+    USERS_QUAL,
+)
 from shared.settings import MAKE_A_SECRET, Settings, weak_secret
 
 APPEND_ONLY_FUNCTION = "taskservice_events_append_only"
@@ -197,6 +206,11 @@ PASSWORD_VARIABLES = {
     QUERY_ROLE: "QUERY_DB_PASSWORD",
 }
 ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+# The stream hub's role (`shared.row_security`): no login; the query role may SET ROLE
+# to it for one transaction but does not inherit it (NOINHERIT), so its policy never
+# applies to the query role's own reads.
+STREAM_ROLE_ATTRIBUTES = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+ALL_ROLES = (*ROLES, STREAM_ROLE)
 
 # The command API names these four columns in every INSERT (`command_api.store`): the
 # order columns (notification_id, tx_id) always take their defaults, so even the command
@@ -213,13 +227,15 @@ def grants(t: Tables = LIVE) -> Grants:
     granted like the others; any other new table must be added here (a test fails on a
     table of `shared.catalog`, or of an initialised database, that is missing)."""
     read_tables: Grants = {
-        name: {PROJECTOR_ROLE: READ_WRITE, QUERY_ROLE: ("SELECT",)} for name in table_names(t)
+        name: {PROJECTOR_ROLE: READ_WRITE, QUERY_ROLE: ("SELECT",), STREAM_ROLE: ("SELECT",)}
+        for name in table_names(t)
     }
     return {
         EVENTS_TABLE: {
             COMMAND_ROLE: ("SELECT", f"INSERT ({', '.join(EVENT_INSERT_COLUMNS)})"),
             PROJECTOR_ROLE: ("SELECT",),
             QUERY_ROLE: ("SELECT",),  # the query API's lag: the oldest unprojected event
+            STREAM_ROLE: ("SELECT",),  # the stream's changes, in the events' order
         },
         # Written with the events; DELETE for the purge of expired keys.
         # UPDATE: a retry's found record is touched so its answer waits for a
@@ -237,7 +253,8 @@ def grants(t: Tables = LIVE) -> Grants:
         # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.
         OWN_POSITIONS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
         # SELECT ... FOR UPDATE (the projector's lock on its row) needs UPDATE.
-        t.checkpoints: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",)},
+        t.checkpoints: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE"), QUERY_ROLE: ("SELECT",),
+                        STREAM_ROLE: ("SELECT",)},
         VERSIONS_TABLE: {},  # written and read by replay and status, as the owner
         # The lease row: inserted once, locked FOR UPDATE and renewed by the projector.
         LEASES_TABLE: {PROJECTOR_ROLE: ("SELECT", "INSERT", "UPDATE")},
@@ -283,6 +300,7 @@ def grant_roles(settings: Settings, environ: Mapping[str, str] | None = None) ->
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (DDL_LOCK,))
         for role in ROLES:
             _create_role(conn, role)
+        _create_role(conn, STREAM_ROLE, STREAM_ROLE_ATTRIBUTES)
         for role, password in passwords.items():
             try:
                 with conn.transaction():
@@ -295,7 +313,7 @@ def grant_roles(settings: Settings, environ: Mapping[str, str] | None = None) ->
                     f" {PASSWORD_VARIABLES[role]} and set it yourself. Nothing was changed."
                 ) from None
         schema = sql.Identifier(_one(conn, "SELECT current_schema()"))
-        roles = sql.SQL(", ").join(map(sql.Identifier, ROLES))
+        roles = sql.SQL(", ").join(map(sql.Identifier, ALL_ROLES))
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, roles))
         for table, by_role in grants().items():
             sequences = [r[0] for r in conn.execute(OWNED_SEQUENCES, (table,)).fetchall()]
@@ -311,6 +329,7 @@ def grant_roles(settings: Settings, environ: Mapping[str, str] | None = None) ->
                     for seq in sequences:  # nextval() only: USAGE, never UPDATE (setval)
                         conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
                             sql.Identifier(seq), sql.Identifier(role)))
+        _row_security(conn, schema)
 
 
 # The sequences of a table's serial and identity columns (nextval on INSERT).
@@ -329,16 +348,17 @@ _CREATE_ROLE = (
 )
 
 
-def _create_role(conn: psycopg.Connection[Any], role: str) -> None:
+def _create_role(conn: psycopg.Connection[Any], role: str,
+                 attributes: str = ROLE_ATTRIBUTES) -> None:
     try:
         with conn.transaction():
-            conn.execute(sql.SQL(_CREATE_ROLE).format(name=sql.Literal(role),
-                                                      role=sql.Identifier(role)))
+            conn.execute(sql.SQL(_CREATE_ROLE.replace(ROLE_ATTRIBUTES, attributes)).format(
+                name=sql.Literal(role), role=sql.Identifier(role)))
     except psycopg.errors.InsufficientPrivilege as e:
         raise InitRefused(
             f"cannot create role {role} ({e.diag.message_primary}): run db init as a role"
             f" with CREATEROLE, or have an administrator run `CREATE ROLE {role}"
-            f" {ROLE_ATTRIBUTES}` first (docs/operations.md, 'Database roles')."
+            f" {attributes}` first (docs/operations.md, 'Database roles')."
         ) from None
     unsafe = conn.execute(
         "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (role,)
@@ -348,6 +368,56 @@ def _create_role(conn: psycopg.Connection[Any], role: str) -> None:
             f"role {role} is a superuser or bypasses row security, so no grant limits it:"
             f" `ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS`, then run db init again."
         )
+
+
+# -- row-level security -----------------------------------------------------------------
+#
+# Every read table has row-level security enabled (not forced: db init, replay and the
+# other `taskctl` commands run as the owner, whom no policy binds) and exactly these
+# policies (`shared.row_security`), any other dropped: the query role sees its
+# statement's user's rows, the stream role those of the users with a stream open, the
+# projector every row; any other role none. Replay gives the tables it builds the same
+# (`projections.replay._copy_row_security`) before its switch.
+
+
+def row_policies(table: str) -> list[sql.Composed]:
+    """The policies `db init` makes on read table `table`."""
+    t = sql.Identifier(table)
+    return [
+        sql.SQL("CREATE POLICY {} ON {} FOR SELECT TO {} USING ({})").format(
+            sql.Identifier(USER_POLICY), t, sql.Identifier(QUERY_ROLE), sql.SQL(USER_QUAL)),
+        sql.SQL("CREATE POLICY {} ON {} FOR SELECT TO {} USING ({})").format(
+            sql.Identifier(STREAMS_POLICY), t, sql.Identifier(STREAM_ROLE), sql.SQL(USERS_QUAL)),
+        sql.SQL("CREATE POLICY {} ON {} FOR ALL TO {} USING (true) WITH CHECK (true)").format(
+            sql.Identifier(PROJECTOR_POLICY), t, sql.Identifier(PROJECTOR_ROLE)),
+    ]
+
+
+def _row_security(conn: psycopg.Connection[Any], schema: sql.Identifier) -> None:
+    """Policies on the read tables, the stream role's membership, the 403 function."""
+    for table in table_names(LIVE):
+        ident = sql.Identifier(table)
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(ident))
+        for (name,) in conn.execute(
+            "SELECT polname FROM pg_policy WHERE polrelid = %s::regclass", (table,)
+        ).fetchall():
+            conn.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(name), ident))
+        for statement in row_policies(table):
+            conn.execute(statement)
+    query, streams = sql.Identifier(QUERY_ROLE), sql.Identifier(STREAM_ROLE)
+    conn.execute(sql.SQL("ALTER ROLE {} NOINHERIT").format(query))
+    grant = sql.SQL("GRANT {} TO {}").format(streams, query)
+    if conn.info.server_version >= 160000:  # the membership's own options (PostgreSQL 16+)
+        grant += sql.SQL(" WITH INHERIT FALSE, SET TRUE")
+    conn.execute(grant)
+    function = sql.Identifier(OWNED_ELSEWHERE_FUNCTION)
+    conn.execute(sql.SQL(
+        "CREATE OR REPLACE FUNCTION {}(p_user text, p_task uuid) RETURNS boolean"
+        " LANGUAGE sql STABLE SECURITY DEFINER SET search_path = {}, pg_temp"
+        " AS $$ SELECT EXISTS (SELECT 1 FROM {} WHERE user_id <> p_user AND task_id = p_task) $$"
+    ).format(function, schema, sql.Identifier(LIVE.tasks)))
+    conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {}(text, uuid) FROM PUBLIC").format(function))
+    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}(text, uuid) TO {}").format(function, query))
 
 
 def _one(conn: psycopg.Connection[Any], query: str) -> Any:
