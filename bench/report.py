@@ -46,6 +46,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             limit = ratio_target(kind)
             add(f"saturation {kind} / {row['ceiling']}", row["ratio"], f">= {limit:g}",
                 None if row["ratio"] is None else row["ratio"] >= limit)
+    for kind, c in r.get("row_security", {}).get("kinds", {}).items():
+        target = r["row_security"]["target"]
+        add(f"row security {kind} with / without", c["with_vs_without"], f">= {target:g}",
+            None if c["with_vs_without"] is None else c["with_vs_without"] >= target)
     if "replay" in r:
         eps = r["replay"]["events_per_s"]
         add("replay (events/s)", eps, f">= {REPLAY_EVENTS_PER_S:,}", eps >= REPLAY_EVENTS_PER_S)
@@ -68,6 +72,8 @@ def error_total(r: dict[str, Any]) -> int:
     total += sum(c.get("errors", 0) for c in r.get("saturation", {}).get("ceilings", {}).values())
     total += r.get("lag", {}).get("errors", 0)
     total += r.get("generator_ceiling", {}).get("errors", 0)
+    for c in r.get("row_security", {}).get("kinds", {}).values():
+        total += c["with"]["errors"] + c["without"]["errors"]
     return total
 
 
@@ -179,6 +185,24 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
                 " runs the pair back to back, alternating which goes first; paired: the"
                 " median of the repetitions' ratios.",
             ))
+    rls = r.get("row_security")
+    if rls:
+        out.append((
+            "Row-level security: the same reads with the policies and without them"
+            " (bench/row_security.py), same run",
+            ["kind", "with req/s", "p95 ms", "without req/s", "p95 ms", "errors",
+             "with / without", "paired", "target", ""],
+            [[kind, _f(c["with"]["rps"]), _f(c["with"]["p95_ms"]), _f(c["without"]["rps"]),
+              _f(c["without"]["p95_ms"]), _f(c["with"]["errors"] + c["without"]["errors"]),
+              _f(c["with_vs_without"], 2), _f(c["with_vs_without_paired"], 2),
+              f">= {rls['target']:g}",
+              _mark(None if c["with_vs_without"] is None
+                    else c["with_vs_without"] >= rls["target"])]
+             for kind, c in rls["kinds"].items()],
+            f"With: {rls['with']}. Without: {rls['without']}. Each repetition runs the pair"
+            " back to back, alternating which goes first; paired: the median of the"
+            " repetitions' ratios.",
+        ))
     rp = r.get("replay")
     if rp:
         out.append((

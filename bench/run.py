@@ -4,7 +4,8 @@
 
 Phases, in order: data (seed through the event store, live projector catches up),
 generator ceiling, steady load (ours, then the ceiling app under the same schedule),
-saturation (every kind and every ceiling endpoint, interleaved, repeated), replay
+saturation (every kind and every ceiling endpoint, interleaved, repeated), the reads
+with row-level security against the same reads without (bench/row_security.py), replay
 (scratch database, rebuild timed beside a bare INSERT ... SELECT). Every process the
 run starts is stopped by PID in a `finally`, also on Ctrl-C; databases are dropped
 unless `--keep`.
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " catch_up into fresh read tables")
     p.add_argument("--cpus", help='"GEN/SERVERS" e.g. "0/1", or "none" (default: first'
                                   " quarter of the cores for the generator, the rest for servers)")
-    p.add_argument("--only", help="comma list of phases: steady,saturation,replay (default all)")
+    p.add_argument("--only", help="comma list of phases: steady,saturation,rls,replay"
+                                  " (default all)")
     p.add_argument("--scale", action="store_true",
                    help="the cost-growth curve instead (bench/scale.py): one store per size")
     p.add_argument("--scale-sizes", help="with --scale: comma list of task counts"
@@ -101,7 +103,7 @@ def configure(args: argparse.Namespace) -> argparse.Namespace:
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
-    args.phases = set((args.only or "steady,saturation,replay").split(","))
+    args.phases = set((args.only or "steady,saturation,rls,replay").split(","))
     args.kinds = [k for k in KINDS if k in (args.kinds or ",".join(KINDS)).split(",")]
     return args
 
@@ -520,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.steady()
         if "saturation" in args.phases:
             bench.saturation()
+        if "rls" in args.phases:  # reads with row-level security vs without (bench/row_security.py)
+            from bench import row_security
+
+            bench.results["row_security"] = row_security.measure(bench)
         bench.stop_servers()
         if "replay" in args.phases:
             bench.replay()
