@@ -405,11 +405,30 @@ def _row_security(conn: psycopg.Connection[Any], schema: sql.Identifier) -> None
         for statement in row_policies(table):
             conn.execute(statement)
     query, streams = sql.Identifier(QUERY_ROLE), sql.Identifier(STREAM_ROLE)
-    conn.execute(sql.SQL("ALTER ROLE {} NOINHERIT").format(query))
+    # Only what is missing, so a db init without CREATEROLE passes once an administrator
+    # has made the roles (docs/operations.md, "Database roles").
+    row = conn.execute(
+        "SELECT r.rolinherit, pg_has_role(%s, %s, 'MEMBER'), pg_has_role(%s, %s, 'USAGE')"
+        " FROM pg_roles r WHERE r.rolname = %s",
+        (QUERY_ROLE, STREAM_ROLE, QUERY_ROLE, STREAM_ROLE, QUERY_ROLE)).fetchone()
+    assert row is not None
+    inherits, member, inherited = row
     grant = sql.SQL("GRANT {} TO {}").format(streams, query)
     if conn.info.server_version >= 160000:  # the membership's own options (PostgreSQL 16+)
         grant += sql.SQL(" WITH INHERIT FALSE, SET TRUE")
-    conn.execute(grant)
+    try:
+        with conn.transaction():
+            if inherits:
+                conn.execute(sql.SQL("ALTER ROLE {} NOINHERIT").format(query))
+            if not member or inherited:
+                conn.execute(grant)
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise InitRefused(
+            f"cannot make {QUERY_ROLE} a non-inheriting member of {STREAM_ROLE}"
+            f" ({e.diag.message_primary}): run db init as a role with CREATEROLE, or have an"
+            f" administrator run `ALTER ROLE {QUERY_ROLE} NOINHERIT; GRANT {STREAM_ROLE} TO"
+            f" {QUERY_ROLE}` first (docs/operations.md, 'Database roles')."
+        ) from None
     function = sql.Identifier(OWNED_ELSEWHERE_FUNCTION)
     conn.execute(sql.SQL(
         "CREATE OR REPLACE FUNCTION {}(p_user text, p_task uuid) RETURNS boolean"

@@ -362,3 +362,26 @@ def test_replay_gives_the_rebuilt_tables_the_same_row_security(db: dict[str, Any
             assert await conn.fetchval(f"SELECT count(*) FROM {LIVE.tasks}") == 0
 
     asyncio.run(read())
+
+
+def test_db_init_without_createrole_passes_once_the_roles_exist(pg_server: PostgresServer):
+    """A managed PostgreSQL's owner may lack CREATEROLE once an administrator made the
+    roles (here the earlier db inits did): db init then only checks the memberships."""
+    owner = f"rls_owner_{uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {owner} LOGIN NOCREATEROLE NOSUPERUSER")
+    url = pg_server.create_database(prefix="taskservice_rls_owner")
+    try:
+        name = url.rsplit("/", 1)[-1]
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" OWNER TO {owner}')
+        init_database(settings_for(as_role(url, owner)), environ={})
+        with psycopg.connect(url) as conn:
+            assert conn.execute(
+                "SELECT count(*), bool_and(relrowsecurity), min(pg_get_userbyid(relowner))"
+                " FROM pg_class WHERE oid = ANY(%s::regclass[])",
+                (table_names(LIVE),)).fetchone() == (len(table_names(LIVE)), True, owner)
+    finally:
+        pg_server.drop_database(url)
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {owner}")
