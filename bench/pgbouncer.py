@@ -36,7 +36,7 @@ from pathlib import Path
 import psycopg
 
 from bench.http import Request, closed_loop
-from bench.procs import Processes, db_init, free_port, split_cpus, taskctl
+from bench.procs import Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.stats import latency_summary
 from shared.auth import mint_token
 
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, url, pooled in (("direct", direct, False),
                                    ("pgbouncer", bouncer.url(name), True)):
             env = {"ENVIRONMENT": "production", "BETTER_AUTH_SECRET": secret,
+                   "DATA_MASTER_KEY": master_key(),
                    "LOG_LEVEL": "WARNING", "METRICS_PORT": "0"}
             procs = Processes(log_dir / label, server_cpus, env)
             (log_dir / label).mkdir()

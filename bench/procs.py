@@ -8,6 +8,7 @@ harness by that PID: SIGTERM, then SIGKILL after a bounded wait.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -53,6 +54,12 @@ def _cpu_list(text: str) -> set[int]:
 def taskctl() -> list[str]:
     script = Path(sys.executable).with_name("taskctl")
     return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl"]
+
+
+def master_key() -> str:
+    """The benchmark's DATA_MASTER_KEY (shared/datakeys.py): made once per run and set in
+    this process too, so its children and its own readers of sealed events agree."""
+    return os.environ.setdefault("DATA_MASTER_KEY", secrets.token_urlsafe(32))
 
 
 def db_init(database_url: str) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, taskctl
+from bench.procs import ROOT, master_key, taskctl
 
 # Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
 REPLAY_COMMAND = ["replay", "--json"]
@@ -46,7 +46,8 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
         via = "taskctl" if taskctl_has_replay() else "projector"
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
            # taskctl's settings insist on an auth method even for offline commands
-           "BETTER_AUTH_SECRET": secrets.token_urlsafe(48), "ENVIRONMENT": "production"}
+           "BETTER_AUTH_SECRET": secrets.token_urlsafe(48), "ENVIRONMENT": "production",
+           "DATA_MASTER_KEY": master_key()}
     log = log_dir / "replay.log"
     if via == "projector":
         argv = _pinned(cpus, [sys.executable, "-m", "bench.replay_worker", url])

@@ -18,6 +18,7 @@ QUERY_RATIO = 0.8
 # get and list against their honest ceilings (issue 22): the same SELECT, JSON by PostgreSQL.
 READ_RATIO = {"get": 0.9, "list": 0.9}
 # Reads with the read-your-own-writes check vs the same reads without it (issue 15).
+SEALING_RATIO = 0.9
 OWN_WRITES_RATIO = 0.9
 REPLAY_EVENTS_PER_S = 20_000
 
@@ -184,6 +185,24 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
                 " not join the user's latest position and never waits for it. Each repetition"
                 " runs the pair back to back, alternating which goes first; paired: the"
                 " median of the repetitions' ratios.",
+            ))
+        sealing = sat.get("sealing") or {}
+        if sealing:
+            out.append((
+                "Crypto-shredding: the same commands against a command API that seals"
+                " nothing (bench/unsealed_store.py), same run",
+                ["kind", "unsealed req/s", "p95 ms", "errors", "ours req/s", "ours / unsealed",
+                 "paired", "target", ""],
+                [[kind, _f(c["rps"]), _f(c["p95_ms"]), _f(c["errors"]),
+                  _f(sat["kinds"][kind]["rps"]), _f(c["ours_vs_unsealed"], 2),
+                  _f(c.get("ours_vs_unsealed_paired"), 2), f">= {SEALING_RATIO:g}",
+                  _mark(None if c["ours_vs_unsealed"] is None
+                        else c["ours_vs_unsealed"] >= SEALING_RATIO)]
+                 for kind, c in sealing.items()],
+                "Unsealed: the store's `sealing` off: fields stored open, no data key read,"
+                " the appends check none. Each repetition runs the pair back to"
+                " back, alternating which goes first; paired: the median of the"
+                " repetitions' ratios.",
             ))
     rls = r.get("row_security")
     if rls:

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
-from bench.procs import ROOT, Proc, Processes, db_init, free_port, split_cpus, taskctl
+from bench.procs import ROOT, Proc, Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.replay import rebuild
 from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
 from bench.workload import (
@@ -195,7 +195,7 @@ class Bench:
 
         env = {"DATABASE_URL": self.url, "BETTER_AUTH_SECRET": self.secret,
                "ENVIRONMENT": "production", "LOG_LEVEL": a.log_level.upper(),
-               "BENCH_CEILING_DSN": self.url}
+               "BENCH_CEILING_DSN": self.url, "DATA_MASTER_KEY": master_key()}
         self.procs = Processes(self.log_dir, self.server_cpus, env)
         tc = taskctl()
         started = time.perf_counter()
@@ -225,8 +225,17 @@ class Bench:
              "--port", str(port)],
             port=port,
         )
+        # The "without" of sealing: the same command API storing the fields open
+        # (bench/unsealed_store.py), measured at saturation in the same run.
+        port = free_port()
+        self.servers["command-api-unsealed"] = self.procs.start(
+            "command-api-unsealed",
+            [sys.executable, "-m", "bench.unsealed_store", "--host", "127.0.0.1",
+             "--port", str(port)],
+            port=port,
+        )
         for name in ("command-api", "query-api", "ceiling", "command-api-locked",
-                     "query-api-unchecked"):
+                     "query-api-unchecked", "command-api-unsealed"):
             self.procs.wait_healthy(self.servers[name])
         self.say("servers up; waiting for the projector to catch up")
         caught_up = self.wait_projector(timeout=60 + events / 1000)
@@ -371,6 +380,7 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in (*measured, *ceiling_names)}
         locked: dict[str, list[dict[str, Any]]] = {}
         unchecked: dict[str, list[dict[str, Any]]] = {}
+        unsealed: dict[str, list[dict[str, Any]]] = {}
         ceiling_requests = CeilingRequests(self.users, Pool(0, 0))
 
         def one(name: str, port: int, next_request: Any) -> dict[str, Any]:
@@ -401,7 +411,13 @@ class Bench:
 
                 port = ports["query-api" if kind in QUERY_KINDS else "command-api"]
                 if kind in COMMAND_KINDS:
-                    runs[kind].append(one(kind, port, next_request))
+                    # Ours and the same commands unsealed, back to back, which goes
+                    # first alternating by repetition.
+                    pair = [(runs[kind], port),
+                            (unsealed.setdefault(kind, []),
+                             self.servers["command-api-unsealed"].port)]
+                    for into, at in (pair if rep % 2 == 0 else pair[::-1]):
+                        into.append(one(kind, at, next_request))
                     locked.setdefault(kind, []).append(
                         one(kind, self.servers["command-api-locked"].port, next_request))
                     continue
@@ -448,11 +464,19 @@ class Bench:
             row["ours_vs_unchecked_paired"] = median(
                 [a["rps"] / b["rps"] for a, b in zip(runs[kind], rs, strict=True) if b["rps"]])
             without_check[kind] = row
+        without_sealing = {}
+        for kind, rs in unsealed.items():
+            row = summary(rs)
+            row["ours_vs_unsealed"] = ratio(kinds[kind]["rps"], row["rps"])
+            row["ours_vs_unsealed_paired"] = median(
+                [a["rps"] / b["rps"] for a, b in zip(runs[kind], rs, strict=True) if b["rps"]])
+            without_sealing[kind] = row
         self.results["saturation"] = {
             "connections": a.connections, "seconds": a.saturation_seconds,
             "warmup": a.warmup, "repeats": a.repeats, "kinds": kinds, "ceilings": ceilings,
             "table_lock_baseline": table_lock,
             "own_writes_check": without_check,
+            "sealing": without_sealing,
         }
 
     def stop_servers(self) -> None:

@@ -55,7 +55,7 @@ import psycopg
 
 from bench import data
 from bench.http import Pool, Request, closed_loop, open_loop
-from bench.procs import ROOT, Processes, db_init, free_port, split_cpus, taskctl
+from bench.procs import ROOT, Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.replay import REPLAY_COMMAND
 from bench.report import _f, _md_table
 from bench.stats import CpuMeter, by_kind, latency_summary, median
@@ -227,7 +227,8 @@ def _tree_rss_kb(root: int) -> int:
 def replay(url: str, secret: str, log_dir: Path, timeout: float) -> dict[str, Any]:
     """`taskctl replay --json` on `url`, timed from outside, its memory measured."""
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
-           "BETTER_AUTH_SECRET": secret, "ENVIRONMENT": "production"}
+           "BETTER_AUTH_SECRET": secret, "ENVIRONMENT": "production",
+           "DATA_MASTER_KEY": master_key()}
     out_path, log_path = log_dir / "replay.out", log_dir / "replay.log"
     started = time.perf_counter()
     with open(out_path, "wb") as out, open(log_path, "wb") as log:
@@ -411,7 +412,8 @@ class Step:
         if self.gen_cpus:
             os.sched_setaffinity(0, self.gen_cpus)
         env = {"DATABASE_URL": self.url, "BETTER_AUTH_SECRET": self.secret,
-               "ENVIRONMENT": "production", "LOG_LEVEL": self.a.log_level.upper()}
+               "ENVIRONMENT": "production", "LOG_LEVEL": self.a.log_level.upper(),
+               "DATA_MASTER_KEY": master_key()}
         self.procs = Processes(self.log_dir, self.server_cpus, env)
         tc = taskctl()
         self.projector = self.procs.start("projector", [*tc, "projector"])

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from bench.procs import Processes, free_port, taskctl
+from bench.procs import Processes, free_port, master_key, taskctl
 from shared.auth import mint_token
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = secrets.token_urlsafe(48)
     log_dir = Path(tempfile.mkdtemp(prefix="taskservice-soak-"))
     env = {"DATABASE_URL": db_url, "ENVIRONMENT": "production", "BETTER_AUTH_SECRET": secret,
+           "DATA_MASTER_KEY": master_key(),
            "LOG_LEVEL": "WARNING"}
     procs = Processes(log_dir, None, env)
     try:

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from bench import data
-from bench.procs import Processes, db_init, free_port, split_cpus, taskctl
+from bench.procs import Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.run import DEFAULT_PG_URL, machine_info
 from bench.stats import CpuMeter, latency_summary
 from shared.auth import mint_token
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         db_init(url)
         per_user = max(1, args.streams // args.users)
         env = {"DATABASE_URL": url, "BETTER_AUTH_SECRET": secret, "ENVIRONMENT": "production",
+               "DATA_MASTER_KEY": master_key(),
                "LOG_LEVEL": "WARNING", "STREAM_MAX_PER_USER": str(max(10, per_user)),
                "STREAM_MAX_PER_PROCESS": str(max(2000, args.streams))}
         procs = Processes(log_dir, server_cpus, env)

@@ -11,9 +11,9 @@ theirs comes back, and a later command of the same user id starts with a new key
 Serialised with what could write their rows again: the transaction takes the replay's
 lock (a replay running now holds rows of theirs in memory: the erasure waits for none
 and says so) and the live checkpoint row (the projector's batch in hand commits first;
-its next one reads the keys again and finds them gone). The command API holds a key
-FOR KEY SHARE while it appends with it, so the DELETE waits for such appends, and an
-append after it finds its key gone and decides again.
+its next one reads the keys again and finds them gone). Every append of the command
+API checks its key in its statement: one after the erasure finds it gone and decides
+again (with a new key); one already in flight is erased with the rest.
 
 Events stored before sealing existed hold their fields in plaintext: an erasure
 cannot remove those without rewriting events, so a user who has any is refused (exit

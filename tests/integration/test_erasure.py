@@ -300,3 +300,30 @@ async def test_rotating_the_master_key_and_a_users_key(pg_server: PostgresServer
         assert title + " 2" in exported.stdout
     finally:
         pg_server.drop_database(url)
+
+
+async def test_the_benchmarks_unsealed_store_stores_the_fields_open(url: str) -> None:
+    """bench/unsealed_store.py's "without": the same store with `sealing` off."""
+    from command_api.store import PostgresEventStore
+
+    store = await PostgresEventStore.open(settings_for(url))
+    store.sealing = False
+    try:
+        user, title = new_user(), marker()
+        one = Task.create(owner=user, title=title, description=None, actor=user,
+                          request_id="open-1")
+        many = [Task.create(owner=user, title=f"{title} {i}", description=None, actor=user,
+                            request_id=f"open-{i}") for i in range(2, 6)]
+        for task in many:
+            task.change(actor=user, request_id="two", completed=True)  # two events: arrays
+        assert (await store.save(one))[0] == 1  # one event: the batched append
+        assert [n for n, _ in [await store.save(t) for t in many]] == [2] * 4
+        assert keys_of(url, user) == set()  # no key was made
+        with psycopg.connect(url) as conn:
+            states = [bytes(r[0]) for r in conn.execute(
+                f"SELECT state FROM {EVENTS_TABLE} WHERE originator_id = ANY(%s)",
+                ([t.id for t in [one, *many]],)).fetchall()]
+        assert len(states) == 9 and sum(title.encode() in s for s in states) == 5
+        assert (await store.get(one.id)).title == title
+    finally:
+        await store.close()
