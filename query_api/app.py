@@ -205,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_side = side
     app.state.streams = streams
     install_error_handlers(app, unavailable=DATABASE_DOWN)
+    app.add_middleware(routes.ReadDispatcher, fastapi=app)  # innermost: after HeadAsGet
     app.add_middleware(HeadAsGet)
     app.add_middleware(Observe, service="query-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
