@@ -206,6 +206,15 @@ def fill_ceiling(url: str, ids: dict[str, list[UUID]]) -> None:
         conn.execute("ANALYZE " + ceiling_app.HISTORY_TABLE)
 
 
+def analyze(url: str) -> None:
+    """Statistics for every table, as autovacuum gives any long-running deployment:
+    the ceiling's tables are analyzed when filled, and a read's plan (an index scan by
+    primary key, not a bitmap scan guessed for a table without statistics) must not
+    depend on whether autovacuum came by after the projector caught up."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
 def event_count(url: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute(f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}").fetchone()

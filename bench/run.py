@@ -240,6 +240,7 @@ class Bench:
         self.say("servers up; waiting for the projector to catch up")
         caught_up = self.wait_projector(timeout=60 + events / 1000)
         seconds = time.perf_counter() - started
+        data.analyze(self.url)  # ours analyzed like the ceiling's tables
         self.results["data"].update({
             "projector_catch_up_seconds": round(seconds, 2),
             "projector_catch_up_events_per_s": round(events / seconds),
@@ -398,8 +399,9 @@ class Bench:
             self.say(f"saturation {rep + 1}/{a.repeats}: {a.connections} connections,"
                      f" {a.saturation_seconds:g}s per kind")
             for name in ceiling_names:
-                runs[name].append(one(name, ports["ceiling"],
-                                      lambda rng, n=name: ceiling_requests.endpoint(n, rng)))
+                if name == "insert":  # a read's ceiling runs beside it, below
+                    runs[name].append(one(name, ports["ceiling"],
+                                          lambda rng, n=name: ceiling_requests.endpoint(n, rng)))
             for kind in measured:
                 if kind in QUERY_KINDS:
                     self.wait_projector(timeout=60)
@@ -421,13 +423,17 @@ class Bench:
                     locked.setdefault(kind, []).append(
                         one(kind, self.servers["command-api-locked"].port, next_request))
                     continue
-                # Ours and the same reads without the own-writes check, in turn, which
-                # goes first alternating by repetition (a drifting machine favours no one).
-                pair = [(runs[kind], port),
+                # Ours, its ceiling and the same reads without the own-writes check, in
+                # turn, which goes first alternating by repetition (a drifting machine
+                # favours no one).
+                name = CEILING_OF[kind]
+                trio = [(runs[kind], port, next_request),
+                        (runs[name], ports["ceiling"],
+                         lambda rng, n=name: ceiling_requests.endpoint(n, rng)),
                         (unchecked.setdefault(kind, []),
-                         self.servers["query-api-unchecked"].port)]
-                for into, at in (pair if rep % 2 == 0 else pair[::-1]):
-                    into.append(one(kind, at, next_request))
+                         self.servers["query-api-unchecked"].port, next_request)]
+                for into, at, requests in (trio if rep % 2 == 0 else trio[::-1]):
+                    into.append(one(kind, at, requests))
 
         def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
             return {
@@ -449,6 +455,10 @@ class Bench:
             row["ceiling"] = CEILING_OF[kind]
             row["ceiling_rps"] = ceilings[CEILING_OF[kind]]["rps"]
             row["ratio"] = ratio(row["rps"], row["ceiling_rps"])
+            if kind in QUERY_KINDS:  # each repetition ran it beside its ceiling
+                row["ratio_paired"] = median([
+                    o["rps"] / c["rps"]
+                    for o, c in zip(runs[kind], runs[CEILING_OF[kind]], strict=True) if c["rps"]])
             kinds[kind] = row
         table_lock = {}
         for kind, rs in locked.items():
