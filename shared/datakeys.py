@@ -2,11 +2,13 @@
 user's keys erases them (crypto-shredding) while the event store stays append-only.
 
 - **What is sealed.** The free-text fields of task events (`SEALED_FIELDS`: title,
-  description, each tag) are stored as `sealed:1:<base64url(key id, nonce, AES-GCM
+  description, each tag) are stored as `sealed:1:<base64(key id, nonce, AES-GCM
   ciphertext and tag)>`, a plain JSON string: the eventsourcing library still reads
   every stored event (the sealed fields read as those strings); everything else
   (owner, actor, completion, priority, due date, times) stays as it was. The field's
   name is the AEAD's associated data, so a sealed title cannot pass for a description.
+  (Standard base64 with its padding: the C decoder reads it with no translation, and a
+  replay opens millions.)
 - **Data keys** (`DATA_KEYS_TABLE`): one or more 256-bit AES keys per user, each stored
   wrapped (AES-GCM) by a master key, with the id of the master key that wrapped it.
   New events use the user's newest key; every key of theirs still opens what it
@@ -167,8 +169,8 @@ class DataKey:
     def seal(self, name: str, text: str) -> str:
         nonce = os.urandom(NONCE_BYTES)
         sealed = self.aead.encrypt(nonce, text.encode(), name.encode())
-        return SEALED_PREFIX + base64.urlsafe_b64encode(
-            self.key_id.bytes + nonce + sealed).decode().rstrip("=")
+        return SEALED_PREFIX + binascii.b2a_base64(
+            self.key_id.bytes + nonce + sealed, newline=False).decode()
 
 
 def new_data_key(user_id: str) -> tuple[DataKey, bytes]:
@@ -181,13 +183,27 @@ def is_sealed(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(SEALED_PREFIX)
 
 
+_START = len(SEALED_PREFIX)
+# The key id's 16 bytes are the first 18 of the payload's first 24 base64 characters.
+_ID_END = _START + 24
+
+
 def _payload(value: str) -> bytes:
-    body = value[len(SEALED_PREFIX):]
-    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    try:
+        return binascii.a2b_base64(value[_START:])
+    except binascii.Error:
+        raise ValueError("a sealed value that is not base64: damaged") from None
+
+
+def _raw_id(value: str) -> bytes:
+    try:
+        return binascii.a2b_base64(value[_START:_ID_END])[:_ID_BYTES]
+    except binascii.Error:
+        raise ValueError("a sealed value that is not base64: damaged") from None
 
 
 def sealed_key_id(value: str) -> UUID:
-    return UUID(bytes=_payload(value)[:_ID_BYTES])
+    return UUID(bytes=_raw_id(value))
 
 
 def sealed_values(data: dict[str, Any]) -> Iterator[str]:
@@ -201,7 +217,7 @@ def sealed_values(data: dict[str, Any]) -> Iterator[str]:
 
 
 def key_ids(datas: Iterable[dict[str, Any]]) -> set[UUID]:
-    return {sealed_key_id(v) for d in datas for v in sealed_values(d)}
+    return {UUID(bytes=raw) for raw in {_raw_id(v) for d in datas for v in sealed_values(d)}}
 
 
 def seal_fields(key: DataKey, fields: dict[str, Any]) -> dict[str, Any]:
@@ -232,6 +248,7 @@ class KeyRing:
     reload_master: Callable[[Any], Awaitable[MasterKeys]] | None = None
     keys: dict[UUID, DataKey] = field(default_factory=dict)
     _wrapped: dict[UUID, bytes] = field(default_factory=dict)
+    _by_raw: dict[bytes, DataKey] = field(default_factory=dict)  # `keys` by the id's bytes
 
     def add_row(self, key_id: UUID, user_id: str, wrapped_by: str, wrapped: bytes) -> DataKey:
         held = self.keys.get(key_id)
@@ -241,6 +258,7 @@ class KeyRing:
         key = DataKey(key_id, user_id, AESGCM(raw))
         self.keys[key_id] = key
         self._wrapped[key_id] = wrapped
+        self._by_raw[key_id.bytes] = key
         return key
 
     async def load(self, conn: Any, ids: Iterable[UUID]) -> None:
@@ -278,6 +296,7 @@ class KeyRing:
     def drop(self, key_id: UUID) -> None:
         self.keys.pop(key_id, None)
         self._wrapped.pop(key_id, None)
+        self._by_raw.pop(key_id.bytes, None)
 
     def drop_user(self, user_id: str) -> None:
         for key_id in [k for k, key in self.keys.items() if key.user_id == user_id]:
@@ -286,7 +305,7 @@ class KeyRing:
     def open(self, name: str, value: str) -> str:
         """The plaintext of a sealed value; raises Erased if its key is not held."""
         payload = _payload(value)
-        key = self.keys.get(UUID(bytes=payload[:_ID_BYTES]))
+        key = self._by_raw.get(payload[:_ID_BYTES])
         if key is None:
             raise Erased(name)
         start = _ID_BYTES + NONCE_BYTES
