@@ -78,6 +78,9 @@ SAMPLE_USERS = 100
 KEYED_CREATES = 1_000
 CATCH_UP_EVENTS = 40_000
 STEADY_SECONDS = 20.0
+# Each API's pool at most 5 + 5 connections (defaults 5 + 10): the machine's PostgreSQL
+# (max_connections 100) is shared with everyone's work, and 200 req/s never needs more.
+SERVER_POOLS = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "5"}
 ROUNDS = 3  # load rounds per size (--repeats), interleaved across the sizes
 WARMUP_SECONDS = 3.0
 READ_TABLES = LIVE.read_tables  # read_tasks, read_task_history, read_user_stats
@@ -168,7 +171,7 @@ def seed(settings: Settings, users: int, tasks_per_user: int, *,
     }
     written = 0
     started = time.perf_counter()
-    with psycopg.connect(settings.require_database_url()) as conn:
+    with connect(settings.require_database_url()) as conn:
         conn.execute(
             "CREATE TEMP TABLE scale_tasks AS SELECT %(first)s::bigint + g AS i,"
             " gen_random_uuid() AS id,"
@@ -195,6 +198,30 @@ def seed(settings: Settings, users: int, tasks_per_user: int, *,
         decode_event(*row)  # raises on anything the projector could not read
     assert len(sample) == EVENTS_PER_TASK, sample
     return written, seconds
+
+
+def connect(url: str, *, patience: float = 60) -> psycopg.Connection[Any]:
+    """psycopg.connect, retried while the server has no connection slot free (the
+    machine's PostgreSQL is shared: max_connections 100 for everyone's work)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return psycopg.connect(url)
+        except psycopg.OperationalError as e:
+            if "too many clients" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def head_and_checkpoint(url: str) -> tuple[int, int]:
+    """The last event's notification id and the projector's checkpoint (its position),
+    as `data.event_count` and `data.checkpoint` read them, on one connection."""
+    with connect(url) as conn:
+        row = conn.execute(
+            f"SELECT (SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}),"
+            f" (SELECT coalesce(min(position), 0) FROM {CHECKPOINTS_TABLE})").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 # -- replay, with its memory measured ---------------------------------------------------
@@ -274,7 +301,7 @@ def replay(url: str, secret: str, log_dir: Path, timeout: float) -> dict[str, An
 
 def relation_sizes(url: str) -> dict[str, int]:
     """pg_total_relation_size (heap, indexes, TOAST) of each table, and the database's."""
-    with psycopg.connect(url) as conn:
+    with connect(url) as conn:
         out = {}
         for table in SIZE_TABLES:
             row = conn.execute("SELECT coalesce(pg_total_relation_size(to_regclass(%s)), 0)",
@@ -285,8 +312,20 @@ def relation_sizes(url: str) -> dict[str, int]:
     return out
 
 
+def table_stats(url: str) -> dict[str, dict[str, int]]:
+    """pg_stat_user_tables' row counters of each table: what updates and deletes leave
+    for vacuum (dead tuples) and how many updates were HOT (no index entries)."""
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT relname, n_live_tup, n_dead_tup, n_tup_ins, n_tup_upd, n_tup_hot_upd,"
+            " n_tup_del FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+            (list(SIZE_TABLES),)).fetchall()
+    names = ("live", "dead", "inserted", "updated", "hot_updated", "deleted")
+    return {str(r[0]): dict(zip(names, map(int, r[1:]), strict=True)) for r in rows}
+
+
 def row_count(url: str, table: str) -> int:
-    with psycopg.connect(url) as conn:
+    with connect(url) as conn:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     return int(row[0]) if row else 0
 
@@ -341,15 +380,25 @@ class Step:
             self.replay(events)
             self.sizes(events)
             self.users_ = self.sample_users()
+            self.seed_head, _ = head_and_checkpoint(self.url)
 
     def load_round(self, number: int) -> None:
         """One round of the open loop, on servers started for it and stopped after."""
         with self.timed(f"load_round_{number + 1}"):
-            try:
-                self.start_servers()
-                self.load(number)
-            finally:
-                self.stop_servers()
+            failure = ""
+            for attempt in (1, 2):
+                try:
+                    self.start_servers()
+                    self.load(number)
+                    return
+                except Exception as e:  # e.g. no connection slot: once more, then on
+                    failure = f"{type(e).__name__}: {e}"[:1000]
+                    self.say(f"load round {number + 1}, attempt {attempt} failed: {failure}")
+                    time.sleep(5)
+                finally:
+                    self.stop_servers()
+            self.r.setdefault("failed_rounds", []).append({"round": number + 1,
+                                                           "error": failure})
 
     def finish(self) -> None:
         """The idempotency keys' bytes and the projector's catch-up (both append)."""
@@ -357,9 +406,15 @@ class Step:
             try:
                 self.start_servers()
                 self.keyed_creates()
+                self.event_bytes()
                 self.catch_up()
+            except Exception as e:  # the step's other figures stand
+                self.r["failed_finish"] = f"{type(e).__name__}: {e}"[:1000]
+                self.say(f"idempotency / catch-up failed: {self.r['failed_finish']}")
             finally:
                 self.stop_servers()
+            self.r["relation_bytes_end"] = relation_sizes(self.url)
+            self.r["table_stats_end"] = table_stats(self.url)
         self.summarise_rounds()
         self.r["step_seconds"] = round(sum(self.r["phase_seconds"].values()), 1)
 
@@ -413,7 +468,7 @@ class Step:
             os.sched_setaffinity(0, self.gen_cpus)
         env = {"DATABASE_URL": self.url, "BETTER_AUTH_SECRET": self.secret,
                "ENVIRONMENT": "production", "LOG_LEVEL": self.a.log_level.upper(),
-               "DATA_MASTER_KEY": master_key()}
+               "DATA_MASTER_KEY": master_key(), **SERVER_POOLS}
         self.procs = Processes(self.log_dir, self.server_cpus, env)
         tc = taskctl()
         self.projector = self.procs.start("projector", [*tc, "projector"])
@@ -431,20 +486,24 @@ class Step:
     def wait_projector(self, timeout: float) -> float:
         """Seconds until the projector's checkpoint reaches the last event."""
         started = time.perf_counter()
-        target = data.event_count(self.url)
-        while time.perf_counter() - started < timeout:
-            if not self.projector.alive():
-                raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
-            if data.checkpoint(self.url) >= target:
-                return time.perf_counter() - started
-            time.sleep(0.05)
+        target, _ = head_and_checkpoint(self.url)
+        with connect(self.url) as conn:
+            while time.perf_counter() - started < timeout:
+                if not self.projector.alive():
+                    raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
+                row = conn.execute(
+                    f"SELECT coalesce(min(position), 0) FROM {CHECKPOINTS_TABLE}").fetchone()
+                conn.commit()
+                if row and int(row[0]) >= target:
+                    return time.perf_counter() - started
+                time.sleep(0.05)
         raise RuntimeError(f"the projector did not catch up within {timeout:g}s")
 
     def sample_users(self) -> Users:
         pick = random.Random(self.tasks).sample(owners(self.users),
                                                 min(self.users, SAMPLE_USERS))
         ids: dict[str, list[uuid.UUID]] = {u: [] for u in pick}
-        with psycopg.connect(self.url) as conn:
+        with connect(self.url) as conn:
             rows = conn.execute(f"SELECT user_id, task_id FROM {LIVE.tasks}"
                                 " WHERE user_id = ANY(%s) ORDER BY user_id, task_id",
                                 (pick,)).fetchall()
@@ -534,6 +593,23 @@ class Step:
         self.say(f"idempotency: {keys:,} keys, {_f(self.r['idempotency_bytes_per_key'])}"
                  " bytes each")
 
+    def event_bytes(self) -> None:
+        """Bytes of a stored event's state by topic: the seeded ones (the mapper's
+        encoding, text not sealed) against those the command API wrote during the load
+        (text sealed with the user's data key, where the service seals it)."""
+        with connect(self.url) as conn:
+            rows = conn.execute(
+                f"SELECT topic, notification_id > %s AS by_api, count(*),"
+                f" round(avg(octet_length(state))) FROM {EVENTS_TABLE}"
+                f" WHERE notification_id <= %s OR notification_id > %s"
+                " GROUP BY 1, 2 ORDER BY 1, 2",
+                (self.seed_head, min(self.seed_head, 40_000), self.seed_head)).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for topic, by_api, count, avg in rows:
+            out.setdefault(str(topic), {})["api" if by_api else "seeded"] = {
+                "events": int(count), "state_bytes": int(avg)}
+        self.r["event_state_bytes"] = out
+
     def catch_up(self) -> None:
         assert self.procs is not None
         self.wait_projector(120)
@@ -541,29 +617,32 @@ class Step:
         per_user = max(1, CATCH_UP_EVENTS // EVENTS_PER_TASK // self.users)
         seed(self.settings, min(self.users, CATCH_UP_EVENTS // EVENTS_PER_TASK // per_user),
              per_user, first=self.tasks)
-        from_checkpoint = data.checkpoint(self.url)
-        target = data.event_count(self.url)
+        target, from_checkpoint = head_and_checkpoint(self.url)
         self.say(f"catch-up: {CATCH_UP_EVENTS:,} events appended; projector restarted")
         started = time.perf_counter()
         self.projector = self.procs.start("projector-catch-up", [*taskctl(), "projector"])
         first_move: tuple[float, int] | None = None
         deadline = started + 60 + CATCH_UP_EVENTS / 200
         machine = CpuMeter({}).__enter__()
-        while True:
-            if not self.projector.alive():
-                raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
-            now, position = time.perf_counter(), data.checkpoint(self.url)
-            if first_move is None and position > from_checkpoint:
-                first_move = (now, position)
-            if position >= target:
-                break
-            if now > deadline:
-                raise RuntimeError("the projector did not catch up in time")
-            time.sleep(0.02)
+        with connect(self.url) as conn:
+            while True:
+                if not self.projector.alive():
+                    raise RuntimeError(f"the projector exited:\n{self.projector.tail()}")
+                row = conn.execute(
+                    f"SELECT coalesce(min(position), 0) FROM {CHECKPOINTS_TABLE}").fetchone()
+                conn.commit()
+                now, position = time.perf_counter(), int(row[0]) if row else 0
+                if first_move is None and position > from_checkpoint:
+                    first_move = (now, position)
+                if position >= target:
+                    break
+                if now > deadline:
+                    raise RuntimeError("the projector did not catch up in time")
+                time.sleep(0.02)
         done = time.perf_counter()
         machine.__exit__()
         self.r["catch_up_machine_busy_pct"] = machine.result.get("machine_busy_pct")
-        with psycopg.connect(self.url) as conn:
+        with connect(self.url) as conn:
             total, after_first = conn.execute(
                 f"SELECT count(*) FILTER (WHERE notification_id > %s),"
                 f" count(*) FILTER (WHERE notification_id > %s) FROM {EVENTS_TABLE}",
@@ -650,6 +729,10 @@ def estimate_next(steps: Sequence[dict[str, Any]], factor: int = 10) -> dict[str
     }
 
 
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.1f} MB"
+
+
 def _cell(key: str, value: Any) -> str:
     if key == "database_bytes" and value is not None:
         return _f(value / 1e6, 1)
@@ -676,6 +759,11 @@ def render_md(r: dict[str, Any]) -> str:
         " replay process from wait4; the tree's sum sampled from /proc).", "",
         _md_table([h for _, h in COLUMNS], [[_cell(k, s.get(k)) for k, _ in COLUMNS]
                                             for s in steps]),
+        "", "## Bytes on disk per table (pg_total_relation_size: heap, indexes, TOAST)", "",
+        _md_table(["tasks", *SIZE_TABLES, "database"],
+                  [[_f(s["tasks"]), *(_mb(s.get("relation_bytes", {}).get(t))
+                                      for t in (*SIZE_TABLES, "database"))]
+                   for s in steps]),
         "", "## How each line grows", "",
         _md_table(["figure", "exponent b (value ~ tasks^b)", "in words"],
                   [[dict(COLUMNS).get(k, k), _f(v["exponent"], 3), v["words"]]
@@ -717,7 +805,7 @@ def write_results(r: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
 def postgres_settings(url: str) -> dict[str, str]:
     names = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_wal_size",
              "autovacuum", "synchronous_commit", "max_connections")
-    with psycopg.connect(url) as conn:
+    with connect(url) as conn:
         rows = conn.execute("SELECT name, current_setting(name) FROM pg_settings"
                             " WHERE name = ANY(%s) ORDER BY name", (list(names),)).fetchall()
     return {str(k): str(v) for k, v in rows}
@@ -812,6 +900,10 @@ def main(args: argparse.Namespace) -> int:
     if failed:
         print(f"[scale] stopped: {failed}", flush=True)
         r["run"]["failed"] = failed
+    for step in ready:
+        if "step_seconds" not in step.r:  # stopped before its finish: what it measured
+            step.summarise_rounds()
+            step.r["step_seconds"] = round(sum(step.r.get("phase_seconds", {}).values()), 1)
     r["steps"] = [s.r for s in steps if "step_seconds" in s.r or "failed" in s.r]
     if not any("step_seconds" in s for s in r["steps"]):
         return 130 if failed == "interrupted" else 1
