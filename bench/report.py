@@ -234,6 +234,21 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
               _mark(rp["events_per_s"] >= REPLAY_EVENTS_PER_S)]],
             f"Via {rp['via']}. Ceiling: {rp['ceiling']}.",
         ))
+        sealing = rp.get("sealing")
+        if sealing:
+            out.append((
+                "Replay with sealing: the same events with their fields sealed (as the command"
+                " API writes them) and open (as stored before sealing), same run",
+                ["sealed events/s", "open events/s", "sealed / open", "paired", "target", ""],
+                [[", ".join(_f(v) for v in sealing["sealed_events_per_s"]),
+                  ", ".join(_f(v) for v in sealing["open_events_per_s"]),
+                  _f(sealing["ratio"], 2), _f(sealing["paired"], 2), f">= {SEALING_RATIO:g}",
+                  _mark(None if sealing["ratio"] is None else sealing["ratio"] >= SEALING_RATIO)]],
+                "The sealed store is a twin of the seeded one (bench/sealed_copy.py: one data"
+                " key per owner, every title, description and tag sealed); the two are rebuilt"
+                " in turn, alternating which goes first. The replay figure above is the"
+                " sealed store's.",
+            ))
     return out
 
 

@@ -31,6 +31,7 @@ from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
 from bench.procs import ROOT, Proc, Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.replay import rebuild
+from bench.sealed_copy import sealed_twin
 from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
 from bench.workload import (
     CEILING_OF,
@@ -502,9 +503,26 @@ class Bench:
             db_init(url)
             self.say(f"replay: writing {a.replay_events:,} events to a scratch database")
             events, seed_seconds = data.seed_replay_events(settings, a.replay_events)
-            self.say(f"replay: {events:,} events written in {seed_seconds:.1f}s; rebuilding")
-            timing = rebuild(url, None, a.replay_via, self.log_dir,
-                             timeout=max(120, events / 1000))
+            self.say(f"replay: {events:,} events written in {seed_seconds:.1f}s; sealing a twin")
+            twin = self.dbs.create("replay_sealed")
+            db_init(twin)
+            _, twin_seconds = sealed_twin(url, twin, master_key())
+            # The same events sealed (as the command API writes them) and open (as before
+            # sealing), rebuilt in turn, sealed first then open, then open first.
+            sealed_runs: list[dict[str, Any]] = []
+            open_runs: list[dict[str, Any]] = []
+            rounds = 1 if a.quick else 2
+            for n in range(rounds):
+                order = [(twin, sealed_runs), (url, open_runs)]
+                for at, into in (order if n % 2 == 0 else order[::-1]):
+                    self.say(f"replay: rebuilding the {'sealed' if at == twin else 'open'}"
+                             f" store ({n + 1}/{rounds})")
+                    into.append(rebuild(at, None, a.replay_via, self.log_dir,
+                                        timeout=max(120, events / 1000)))
+            if not a.keep:
+                self.dbs.drop(twin)
+            timing = sorted(sealed_runs, key=lambda r: r["events_per_s"])[len(sealed_runs) // 2]
+            unsealed = median([r["events_per_s"] for r in open_runs])
             self.say("replay: ceiling (INSERT ... SELECT)")
             rates = data.copy_ceiling(url, a.repeats)
             ceiling = median(rates)
@@ -517,6 +535,14 @@ class Bench:
                 "ceiling_rows_per_s": round(ceiling or 0),
                 "ceiling_runs": [round(r) for r in rates],
                 "ratio": ratio(timing["events_per_s"], ceiling),
+                "sealing": {
+                    "sealed_events_per_s": [round(r["events_per_s"]) for r in sealed_runs],
+                    "open_events_per_s": [round(r["events_per_s"]) for r in open_runs],
+                    "twin_seconds": round(twin_seconds, 1),
+                    "ratio": ratio(median([r["events_per_s"] for r in sealed_runs]), unsealed),
+                    "paired": median([s["events_per_s"] / o["events_per_s"]
+                                      for s, o in zip(sealed_runs, open_runs, strict=True)]),
+                },
             }
         finally:
             if not a.keep:
