@@ -126,11 +126,16 @@ class ReadSide:
         """The pool, its timeouts from the settings (`shared.pools`); warns when it
         (with the watch's LISTEN connection) could exhaust the server's connections."""
         options = pool_options(self.settings, self.dsn, APPLICATION_NAME)
-        if self.settings.db_transaction_pooler:
-            # Behind a transaction pooler no session state outlives a transaction: the
-            # pool's reset (RESET ALL; UNLISTEN *; ...) would cost each read one more
-            # round trip through the pooler and reset nothing of ours.
-            options["reset"] = _nothing_to_reset
+        # No reset query on release (asyncpg's default: `SELECT pg_advisory_unlock_all();
+        # CLOSE ALL; UNLISTEN *; RESET ALL`, one more round trip per read): a read leaves
+        # no session state to reset. Each is one statement in its own transaction or a
+        # transaction of its own (the streams'); the row-level-security user and the
+        # streams' role are set local to it (`set_config(..., true)`); LISTEN is the
+        # watch's own connection; no advisory lock, no cursor, no SET. asyncpg still
+        # rolls back a transaction left open. tests/integration/test_query_routes.py
+        # checks every pooled connection after every kind of read. Behind a transaction
+        # pooler there is no session state at all.
+        options["reset"] = _nothing_to_reset
         pool = await asyncpg.create_pool(
             self.dsn, min_size=1,
             max_size=self.settings.db_pool_size + self.settings.db_max_overflow,
@@ -159,8 +164,8 @@ class ReadSide:
 
 
 async def _nothing_to_reset(_: asyncpg.Connection) -> None:
-    """The pool's reset behind a transaction pooler (asyncpg still rolls back a
-    transaction left open before this runs)."""
+    """The pool's reset: nothing to reset (asyncpg still rolls back a transaction left
+    open before this runs)."""
 
 
 async def _primary_lag(primary: OwnPositions, position: Position) -> float:

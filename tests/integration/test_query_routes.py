@@ -2,7 +2,8 @@
 router's own routes do: the same scenario runs against the query API with and without
 it, and every answer (status, body, headers) must match once clocks and request ids
 are masked; the requests it is for never reach the router; metrics name the route
-template either way."""
+template either way. And a pooled connection carries no session state from one read
+to the next (the pool sends no reset query: `query_api.app.ReadSide._open_pool`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from query_api import routes
-from query_api.app import create_app
+from query_api import queries, routes
+from query_api.app import ReadSide, create_app
+from shared.row_security import USER_SETTING, USERS_SETTING
 from shared.settings import Settings
 from tests.support import bearer, new_user
 from tests.support.projection import catch_up
@@ -194,3 +196,45 @@ def test_metrics_label_dispatched_reads_by_route_template(
         assert client.get(f"/api/{tasks.other}/tasks", headers=bearer(tasks.me)).status_code == 403
     after = count("/api/tasks/{task_id}", "200"), count("/api/{path_user_id}/tasks", "403")
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+
+SESSION_STATE = (
+    f"SELECT current_setting('{USER_SETTING}', true) AS user_setting,"
+    f" current_setting('{USERS_SETTING}', true) AS users_setting,"
+    " current_user = session_user AS own_role,"
+    " (SELECT count(*) FROM pg_listening_channels()) AS listening,"
+    " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    "  AND pid = pg_backend_pid()) AS advisory_locks,"
+    " (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,"  # not this one's
+    " (SELECT count(*) FROM pg_settings WHERE source = 'session') AS session_settings"
+)
+CLEAN = {"user_setting": "", "users_setting": "", "own_role": True, "listening": 0,
+         "advisory_locks": 0, "cursors": 0, "session_settings": 0}
+
+
+async def test_a_pooled_connection_carries_no_session_state_from_one_read_to_the_next(
+    settings: Settings, tasks: Tasks
+) -> None:
+    # One connection, so every read below runs on the one checked after them.
+    side = ReadSide(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
+    await side.start()
+    try:
+        reader = await side.open()
+        mine = reader.for_user(tasks.me)
+        task = uuid.UUID(tasks.mine)
+        await mine.read_row(None, queries.get_task(tasks.me, task))
+        await mine.read_row(None, queries.list_tasks(tasks.me))
+        await mine.read_rows(None, queries.task_history(tasks.me, task))
+        await mine.read_rows(None, queries.activity_feed(tasks.me))
+        await mine.read_row(None, queries.user_stats(tasks.me))
+        await mine.run(lambda conn: queries.owned_by_someone_else(conn, tasks.other, task))
+        async with reader.for_streams([tasks.me, tasks.other]) as conn:
+            await conn.fetch(f"SELECT {SESSION_STATE.removeprefix('SELECT ')}")
+        async with reader.connection() as conn:
+            assert not conn.is_in_transaction()
+            state = dict(await conn.fetchrow(SESSION_STATE))
+        # Unset, a custom setting reads NULL; set once and reverted, ''.
+        state = {k: "" if v is None else v for k, v in state.items()}
+        assert state == CLEAN
+    finally:
+        await side.close()
