@@ -31,11 +31,11 @@ from query_api.app import create_app as query_app
 from query_api.queries import Query
 from query_api.reader import Reader
 from query_api.watch import PositionWatch
-from shared.catalog import LIVE
+from shared.catalog import EVENTS_TABLE, LIVE
 from shared.position import ZERO
 from shared.row_security import STREAM_ROLE, USER_POLICY, USER_SETTING
-from taskctl.dbinit import PROJECTOR_ROLE, QUERY_ROLE, init_database, row_policies
-from tests.integration.test_roles import as_role, settings_for
+from taskctl.dbinit import PROJECTOR_ROLE, QUERY_ROLE, grants, init_database, row_policies
+from tests.integration.test_roles import PRIVILEGES, as_role, held_on, settings_for
 from tests.support import PostgresServer, bearer, new_user
 from tests.support.live import serve
 from tests.support.projection import Writer, catch_up
@@ -385,3 +385,13 @@ def test_db_init_without_createrole_passes_once_the_roles_exist(pg_server: Postg
         pg_server.drop_database(url)
         with psycopg.connect(pg_server.url, autocommit=True) as conn:
             conn.execute(f"DROP ROLE IF EXISTS {owner}")
+
+
+def test_the_stream_role_holds_exactly_its_declared_privileges(db: dict[str, Any]):
+    with psycopg.connect(db["url"]) as conn:
+        for table, by_role in grants().items():
+            declared = {p.split(" ")[0] for p in by_role.get(STREAM_ROLE, ())}
+            held = {p for p in PRIVILEGES if held_on(conn, STREAM_ROLE, table, p)}
+            assert held == declared, table
+        assert {t for t, by_role in grants().items() if STREAM_ROLE in by_role} == {
+            *table_names(LIVE), LIVE.checkpoints, EVENTS_TABLE}
