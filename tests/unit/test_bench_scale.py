@@ -29,6 +29,8 @@ def steps(**overrides: list[float]) -> list[dict[str, object]]:
     ([10.0, 20.0, 30.0], "logarithmic (+10 per tenfold)"),
     ([100.0, 1.0, 0.01], "falls linearly (inversely proportional)"),
     ([1.0, 1.1, 9.0], "power law, exponent 0.48"),
+    ([83.0, 147.7, 862.5], "linear above a fixed base (+0.794 per 1,000 tasks)"),
+    ([21_414.0, 49_750.0, 17_419.0], "no steady trend (between 17,419 and 49,750)"),
 ])
 def test_states_how_a_line_grows_in_words(values: list[float], words: str):
     assert scale.growth([10_000, 100_000, 1_000_000], values)["words"] == words
