@@ -369,6 +369,7 @@ class Step:
         """Its database, seeded, replayed (the live read tables), measured on disk."""
         with self.timed("prepare"):
             self.url = self.dbs.create()
+            self.r["database"] = self.url.rsplit("/", 1)[-1]
             self.settings = Settings(environment="production", database_url=self.url,
                                      better_auth_secret=self.secret)
             db_init(self.url)
