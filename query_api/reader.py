@@ -156,25 +156,19 @@ class Reader:
     async def _statement(self, query: Query, method: str, own: bool) -> Any:
         """The checkpoint's row, LEFT JOIN the user's latest position if `own`, LEFT
         JOIN LATERAL `query`, with `conn.<method>`: one statement, one snapshot."""
-        order = f" ORDER BY {query.order}" if query.order else ""
-        args = query.args
-        who, body = "", query.sql
-        if self.user_id is not None and self.sets_user:
-            args = (*args, self.user_id)
-            who, body = _WHO.format(n=len(args)), _AFTER_WHO.format(query=query.sql)
-        if own and self.user_id is not None:
-            if not who:
-                args = (*args, self.user_id)
-            columns, join = _OWN_COLUMNS, " " + _OWN.format(n=len(args))
-        else:
-            columns, join = _NO_OWN_COLUMNS, ""
+        who = self.user_id is not None and self.sets_user
+        own = own and self.user_id is not None
+        args = (*query.args, self.user_id) if who or own else query.args
+        # The text is the same for every read of a shape: built once (the shapes are
+        # the queries' and their filters' combinations, a few hundred at most).
+        key = (query.sql, query.order, len(query.args), who, own)
+        sql = _STATEMENTS.get(key)
+        if sql is None:
+            sql = _joined_sql(query, len(query.args) + 1, who, own)
+            if len(_STATEMENTS) < 4096:
+                _STATEMENTS[key] = sql
         async with self.connection() as conn:
-            return await getattr(conn, method)(
-                f"{who}SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
-                f" FROM ({position_sql()}) p{' CROSS JOIN _who w' if who else ''}{join}"
-                f" LEFT JOIN LATERAL ({body}) q ON true{order}",
-                *args,
-            )
+            return await getattr(conn, method)(sql, *args)
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`operation(conn)` on a pooled connection, outside any snapshot."""
@@ -195,6 +189,23 @@ class Reader:
         async with self.connection() as conn, conn.transaction(readonly=True):
             await conn.execute(_AS_STREAMS, list(users))
             yield conn
+
+
+_STATEMENTS: dict[tuple[str, str, int, bool, bool], str] = {}
+
+
+def _joined_sql(query: Query, n: int, who: bool, own: bool) -> str:
+    """`Reader._statement`'s text: `who` sets the user (${n}) for row-level security,
+    `own` joins the user's latest position (${n})."""
+    order = f" ORDER BY {query.order}" if query.order else ""
+    head, body, cross = "", query.sql, ""
+    if who:
+        head, body, cross = (_WHO.format(n=n), _AFTER_WHO.format(query=query.sql),
+                             " CROSS JOIN _who w")
+    columns, join = (_OWN_COLUMNS, " " + _OWN.format(n=n)) if own else (_NO_OWN_COLUMNS, "")
+    return (f"{head}SELECT p.cp_n, p.cp_tx_id, p.cp_position, {columns}, q.*"
+            f" FROM ({position_sql()}) p{cross}{join}"
+            f" LEFT JOIN LATERAL ({body}) q ON true{order}")
 
 
 class PrimaryAway(Exception):
