@@ -4,14 +4,15 @@ live ones, then switch the query side over in one transaction.
 1. Under a session advisory lock (one replay at a time), drop what an interrupted replay
    left (`rebuild_*_<n>`, `read_*_old_<n>`), create fresh `rebuild_*_<n>` tables as each
    read model makes them for a bulk load (no secondary indexes, no keys the load does
-   without), and apply every event with the runner (`projections.projector`: same
-   handlers, same transaction per batch, their own checkpoint row) in large pages, into
-   its `BulkRows` sink: task states kept in memory, history COPYed, the task rows COPYed
-   once at the end of the load. The live projector and the query API keep using the
-   live tables. Meanwhile a child process
-   (`verify.FoldProcess`) folds the events independently, on the other core, up to the
-   last event committed when the load began.
-2. Add the keys and the indexes, catch up again, and check the tables against
+   without), and apply every event committed so far with the runner's bulk path
+   (`projections.projector.load_by_task`: the same handlers, fed task by task from a
+   server-side cursor in the events' key order, into its `BulkRows` sink, which COPYs
+   each page's rows and finished tasks while the next page is folded; then their own
+   checkpoint row). The live projector and the query API keep using the live tables.
+   Meanwhile a child process (`verify.FoldProcess`) folds the same events
+   independently, on the other core, task by task too.
+2. Add the keys and the indexes (each table's on a connection of its own, at once:
+   `build_keys_and_indexes`), catch up again in the log's order, and check the tables against
    the independent fold (`projections.verify`), advanced to the same checkpoint:
    per-user row counts and checksums, the tables' side summed by the server. A
    difference aborts, names the users, and leaves the live tables alone.
@@ -21,6 +22,10 @@ live ones, then switch the query side over in one transaction.
    checkpoint, record the version in `projection_versions`. Then drop the old tables.
 
 Every step iterates the read models of `projections.manifest`.
+
+Memory: neither this process nor the fold's holds more than a few pages of events, their
+tasks' states and one summary per user, whatever the size of the store (README, "Replay",
+states the measured bound).
 
 Readers name the tables (`read_tasks`...), so a query sees the old tables or the new
 ones, both complete, never a mix. Killed at any point before the switch commits, the
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,7 +51,6 @@ from projections import checkpoints as cp
 from projections.manifest import (
     PROJECTIONS,
     READ_MODELS,
-    keys_and_indexes,
     load_ddl,
     table_names,
 )
@@ -55,6 +60,7 @@ from projections.projector import (
     Sink,
     apply_until_caught_up,
     ensure_checkpoint,
+    load_by_task,
     safe_bound,
 )
 from projections.verify import FoldProcess, compare, summarise
@@ -97,6 +103,15 @@ APPLICATION_NAME = "taskservice-replay"
 SWITCH_LOCK_TIMEOUT = "5s"
 SWITCH_ATTEMPTS = 5
 OLD_TRANSACTION_WAIT = 10.0
+# The sessions that build the keys and indexes: memory for each build's sort (the
+# server's default, 64MB, spills the history's to disk), and no parallel workers: the
+# builds run side by side on their sessions, which keeps the cores busy already.
+INDEX_SESSIONS = 2
+INDEX_SETTINGS = {
+    "application_name": APPLICATION_NAME,
+    "maintenance_work_mem": "256MB",
+    "max_parallel_maintenance_workers": "0",
+}
 
 
 class VerificationFailed(Exception):
@@ -153,6 +168,9 @@ class Result:
     switched: bool
     in_place: bool
     phases: dict[str, float] = field(default_factory=dict)
+    # Peak resident memory so far (ru_maxrss, MB): this process, and the largest child
+    # it has reaped (the fold process, ended by the run).
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
 async def replay(
@@ -173,9 +191,9 @@ async def replay(
 
 @contextmanager
 def _without_cyclic_gc() -> Iterator[None]:
-    """The replay holds every task's state and allocates a few objects per event, none
-    in cycles: reference counting frees them, and the cyclic collector's passes over
-    the held states would cost the load dearly. Off for the run, back on after."""
+    """The replay allocates a few objects per event, none in cycles: reference counting
+    frees them, and the cyclic collector's passes over each page would cost the load
+    dearly. Off for the run, back on after."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -224,24 +242,22 @@ async def _replay(
             target = rebuild_tables(live, version)
             await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
-        # The independent fold starts now, in its own process, up to where the load is
-        # bound to get (every event committed so far): it runs beside the load.
+        # The independent fold starts now, in its own process, up to where the load
+        # gets (every event committed so far): it runs beside the load.
+        upto = await _reachable(conn)
         fold = FoldProcess(dsn)
-        folding = asyncio.ensure_future(fold.advance(await _reachable(conn)))
+        folding = asyncio.ensure_future(fold.advance(upto))
         phases["setup"] = time.perf_counter() - started
 
         mark = time.perf_counter()
         if in_place:  # the live projector may write these tables too
             await _drain(conn, target, batch_size, progress)
         else:
-            bulk = BulkRows()
-            await _drain(conn, target, batch_size, progress, bulk)
-            async with conn.transaction():
-                await bulk.finish(conn, target)
+            await _load(dsn, conn, target, upto, batch_size, progress)
         phases["load"] = time.perf_counter() - mark
         if not in_place:
             mark = time.perf_counter()
-            await _create_indexes(conn, target)
+            await build_keys_and_indexes(dsn, target)
             await _drain(conn, target, batch_size, progress)
             phases["index"] = time.perf_counter() - mark
 
@@ -279,7 +295,15 @@ async def _replay(
     seconds = time.perf_counter() - started
     return Result(projection, None if in_place else version, progress.done, seconds,
                   progress.done / seconds if seconds else 0.0, rows, True, in_place,
-                  {k: round(v, 3) for k, v in phases.items()})
+                  {k: round(v, 3) for k, v in phases.items()}, peak_rss())
+
+
+def peak_rss() -> dict[str, float]:
+    """{"replay": this process's peak RSS, "fold": its largest reaped child's}, in MB."""
+    return {
+        "replay": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "fold": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
 
 
 async def _take_replay_lock(conn: asyncpg.Connection, projection: str, wait: float) -> None:
@@ -308,6 +332,29 @@ async def _drain(
                                 after_batch=progress.add)
 
 
+async def _load(
+    dsn: str,
+    conn: asyncpg.Connection,
+    t: Tables,
+    upto: Position,
+    batch_size: int,
+    progress: ReplayCounter,
+) -> None:
+    """Every event up to `upto` into the fresh tables `t`, task by task: read on one
+    connection, COPYed on another, the checkpoint on `conn`."""
+    settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
+    read = await asyncpg.connect(dsn, server_settings=settings)
+    try:
+        writer = await asyncpg.connect(dsn, server_settings=settings)
+        try:
+            await load_by_task(read, conn, t, upto, BulkRows(writer), batch_size=batch_size,
+                               after_batch=progress.add)
+        finally:
+            writer.terminate() if writer.is_in_transaction() else await writer.close()
+    finally:
+        read.terminate() if read.is_in_transaction() else await read.close()
+
+
 async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:
     pattern = _leftover_pattern(live)
     names = [
@@ -331,12 +378,29 @@ async def _create_for_load(conn: asyncpg.Connection, t: Tables) -> None:
             await conn.execute(statement)
 
 
-async def _create_indexes(conn: asyncpg.Connection, t: Tables) -> None:
-    """What the load went without: every model's keys, then its indexes."""
-    for statement in keys_and_indexes(t):
-        await conn.execute(statement)
-    for name in table_names(t):
-        await conn.execute(f"ANALYZE {name}")
+async def build_keys_and_indexes(dsn: str, t: Tables) -> None:
+    """What the load went without, built at once on `INDEX_SESSIONS` sessions
+    (`INDEX_SETTINGS`): first every model's keys, each table's on a session of its own
+    (adding a primary key locks its table), then every secondary index from one queue,
+    the larger table's first (indexes of one table build side by side), then ANALYZE.
+    (The benchmark's COPY ceiling builds its tables' the same way.)"""
+    sessions = [await asyncpg.connect(dsn, server_settings=INDEX_SETTINGS)
+                for _ in range(INDEX_SESSIONS)]
+    try:
+        async def run(session: asyncpg.Connection, queue: list[str]) -> None:
+            while queue:
+                await session.execute(queue.pop(0))
+
+        keys: list[list[str]] = [[] for _ in sessions]
+        for n, model in enumerate(READ_MODELS):  # a table's keys on one session, in order
+            keys[n % len(sessions)].extend(model.keys(t))
+        await asyncio.gather(*(run(s, k) for s, k in zip(sessions, keys, strict=True)))
+        rest = [*(s for m in reversed(READ_MODELS) for s in m.indexes(t)),
+                *(f"ANALYZE {getattr(t, m.TABLE)}" for m in READ_MODELS)]
+        await asyncio.gather(*(run(s, rest) for s in sessions))
+    finally:
+        for session in sessions:
+            await session.close()
 
 
 async def _truncate_live(conn: asyncpg.Connection, live: Tables) -> None:

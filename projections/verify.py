@@ -13,7 +13,9 @@ fold the events in Python while the server sums the tables.
 
 The replay runs the fold in a process of its own (`FoldProcess`), started with the load:
 it folds the log on the second core while the runner loads the tables, so checking
-costs little more than the server's sums once the load is done.
+costs little more than the server's sums once the load is done. There the fold is a
+`TaskFold`: task by task, a `Fold` of a page of tasks at a time whose per-user sums are
+added up, so its memory does not grow with the store.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
@@ -35,10 +37,10 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from projections.checkpoints import EVENTS_UP_TO, args
+from projections.checkpoints import AFTER, EVENT_KEY, EVENT_ORDER, EVENTS_UP_TO, args
 from projections.manifest import READ_MODELS
 from projections.task_list import DOC_SQL
-from shared.catalog import Tables
+from shared.catalog import EVENTS_TABLE, Tables
 from shared.datakeys import KeyRing, ring_for
 from shared.events import (
     COMPLETED,
@@ -347,6 +349,133 @@ class Fold:
         return out
 
 
+async def _ring(conn: asyncpg.Connection) -> KeyRing:
+    """The data keys, as `Fold.advance` reads them (in the caller's transaction)."""
+    ring = await ring_for(conn)
+    await ring.load_all(conn)
+    return ring
+
+
+# The events up to a position ($1, $2), task by task (the events' primary key order).
+EVENTS_BY_TASK = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    f" FROM {EVENTS_TABLE} WHERE {EVENT_KEY} <= ($1::text::xid8, $2::bigint)"
+    " ORDER BY originator_id, originator_version"
+)
+# Read by a sort (of the server, spilling past `work_mem`), not the key's index: an index
+# scan reads the events' pages in random order, several times slower on a busy machine.
+SORTED_READ = (
+    "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off;"
+    " SET LOCAL work_mem = '64MB'"
+)
+# The same, of some tasks ($3) only (by the key's index).
+EVENTS_OF_TASKS = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    f" FROM {EVENTS_TABLE} WHERE originator_id = ANY($3::uuid[])"
+    f" AND {EVENT_KEY} <= ($1::text::xid8, $2::bigint)"
+    " ORDER BY originator_id, originator_version"
+)
+# The tasks of the next events after one position ($1, $2) up to another ($3, $4), in
+# the log's order, and where they end.
+TASKS_AFTER = (
+    f"SELECT originator_id, tx_id::text, notification_id FROM {EVENTS_TABLE}"
+    f" WHERE {AFTER} AND {EVENT_KEY} <= ($3::text::xid8, $4::bigint)"
+    f" ORDER BY {EVENT_ORDER} LIMIT $5"
+)
+
+
+@dataclass
+class TaskFold:
+    """The expected per-user summaries, folded task by task in memory that does not grow
+    with the store: a `Fold` of one page of tasks (about `PAGE` events) at a time, whose
+    summaries are added to one running `Summary` per user before the next page. The
+    first `advance` reads every task in the events' key order; each later one reads the
+    events after the last position in pages, and folds the tasks they touch twice, up
+    to the page's start and up to its end, adding the difference (the sums are sums of
+    per-task terms, modulo 2^64). The same interface as `Fold` for `FoldProcess`."""
+
+    position: Position = ZERO
+    totals: dict[str, Summary] = field(default_factory=dict)
+    touched: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+    async def advance(self, conn: asyncpg.Connection, upto: Position) -> int:
+        """Fold every event after the last position up to `upto`; how many."""
+        if upto <= self.position:
+            return 0
+        count = await (self._first(conn, upto) if self.position == ZERO
+                       else self._since(conn, upto))
+        self.position = upto
+        return count
+
+    async def _first(self, conn: asyncpg.Connection, upto: Position) -> int:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(SORTED_READ)
+            ring = await _ring(conn)
+            total, in_page, page, last = 0, 0, Fold(per_task=False, ring=ring), None
+            cursor = await conn.cursor(EVENTS_BY_TASK, *args(upto))
+            fetching = asyncio.ensure_future(cursor.fetch(PAGE))  # the next page meanwhile
+            while rows := await fetching:
+                if len(rows) == PAGE:
+                    fetching = asyncio.ensure_future(cursor.fetch(PAGE))
+                for row in rows:
+                    if row[1] != last:
+                        if in_page >= PAGE:  # a page of whole tasks
+                            self._add(page, 1)
+                            self.problems.extend(page.problems)
+                            in_page, page = 0, Fold(per_task=False, ring=ring)
+                        last = row[1]
+                    page.fold(*row)
+                    in_page += 1
+                total += len(rows)
+                if len(rows) < PAGE:
+                    break
+        self._add(page, 1)
+        self.problems.extend(page.problems)
+        return total
+
+    async def _since(self, conn: asyncpg.Connection, upto: Position) -> int:
+        count, start = 0, self.position
+        while True:
+            rows = await conn.fetch(TASKS_AFTER, *args(start), *args(upto), PAGE)
+            if not rows:
+                return count
+            end = Position(int(rows[-1][1]), rows[-1][2])
+            tasks = list({r[0] for r in rows})
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                ring = await _ring(conn)
+                before, after = Fold(per_task=False, ring=ring), Fold(per_task=False, ring=ring)
+                for fold, position in ((before, start), (after, end)):
+                    for row in await conn.fetch(EVENTS_OF_TASKS, *args(position), tasks):
+                        fold.fold(*row)
+            self._add(before, -1)
+            self._add(after, 1)
+            known = set(before.problems)
+            self.problems.extend(p for p in after.problems if p not in known)
+            count += len(rows)
+            start = end
+            if len(rows) < PAGE:
+                return count
+
+    def _add(self, fold: Fold, sign: int) -> None:
+        """Add (sign 1) or take away (-1) a page's summaries."""
+        for user, s in fold.expected().items():
+            total = self.totals.setdefault(user, Summary())
+            total.tasks += sign * s.tasks
+            total.tasks_sum = (total.tasks_sum + sign * s.tasks_sum) & MASK
+            total.history += sign * s.history
+            total.history_sum = (total.history_sum + sign * s.history_sum) & MASK
+            total.stats = tuple(  # type: ignore[assignment]
+                a + sign * b for a, b in zip(total.stats, s.stats, strict=True))
+        if sign > 0:
+            self.touched |= fold.touched
+
+    def expected(self, users: Iterable[str] | None = None) -> dict[str, Summary]:
+        if users is None:
+            return {u: replace(s) for u, s in self.totals.items()}
+        return {u: replace(self.totals.get(u, Summary())) for u in users}
+
+
 def task_row_hash(
     user: str, task_id: UUID, title: str, description: str | None, completed: bool,
     created_at: datetime, updated_at: datetime, version: int, position: int,
@@ -514,7 +643,7 @@ def _serve(dsn: str, pipe: Any, parent: int) -> None:
     _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.disable()  # the same reasoning as the replay's: many held objects, no cycles
-    fold = Fold(per_task=False)
+    fold = TaskFold()
     while True:
         try:
             message = pipe.recv()
@@ -532,7 +661,7 @@ def _serve(dsn: str, pipe: Any, parent: int) -> None:
             return
 
 
-async def _handle(dsn: str, fold: Fold, command: str, upto: tuple[int, int],
+async def _handle(dsn: str, fold: TaskFold, command: str, upto: tuple[int, int],
                   users: str = "all", also: list[str] | None = None) -> Any:
     fold.touched.clear()
     position = Position(*upto)
