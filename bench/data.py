@@ -12,11 +12,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
@@ -229,22 +234,53 @@ def checkpoint(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def copy_ceiling(url: str, repeats: int) -> list[float]:
-    """The replay's ceiling: rows per second of a bare `INSERT INTO ... SELECT` of the
-    whole event table into a table of the same shape with a primary key."""
-    rates = []
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            f"CREATE TABLE bench_copy AS SELECT * FROM {EVENTS_TABLE} WITH NO DATA"
-        )
-        conn.execute(
-            "ALTER TABLE bench_copy ADD PRIMARY KEY (originator_id, originator_version)"
-        )
+def copy_ceiling(url: str, repeats: int) -> dict[str, Any]:
+    """The replay's ceiling, on the database a replay has just rebuilt: the rows it wrote
+    (every row of the live read tables: tasks, history, stats), dumped once with
+    `COPY ... TO STDOUT (FORMAT binary)` into temporary files (not timed), then, per
+    repetition, COPYed back (`COPY ... FROM STDIN (FORMAT binary)`, one connection,
+    `synchronous_commit = off` as the replay's) into fresh tables made as the replay
+    makes them (`projections.manifest.load_ddl`), then given the same keys and indexes,
+    built the same way (`projections.replay.build_keys_and_indexes`: its sessions at
+    once, the replay's settings). Timed: the COPYs and the builds. Returns the
+    rows, the median repetition's seconds (`copy`, `keys_and_indexes`, `seconds`) and
+    every repetition's (`runs`)."""
+    from projections.manifest import READ_MODELS, load_ddl, table_names
+    from projections.replay import build_keys_and_indexes
+    from shared.catalog import LIVE
+
+    bare = replace(LIVE, checkpoints="bench_ceiling_checkpoints",
+                   **{m.TABLE: f"bench_ceiling_{m.TABLE}" for m in READ_MODELS})
+    runs: list[dict[str, float]] = []
+    with contextlib.ExitStack() as files, psycopg.connect(url, autocommit=True) as conn:
+        dumps = {}
+        for name in table_names(LIVE):
+            f = files.enter_context(tempfile.TemporaryFile())
+            with conn.cursor().copy(f"COPY {name} TO STDOUT (FORMAT binary)") as copy:
+                for chunk in copy:
+                    f.write(chunk)
+            dumps[name] = f
+        rows = {name: int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
+                for name in table_names(LIVE)}
+        conn.execute("SET synchronous_commit = off")
         for _ in range(repeats):
-            conn.execute("TRUNCATE bench_copy")
+            for name in [*table_names(bare), bare.checkpoints]:
+                conn.execute(f"DROP TABLE IF EXISTS {name}")
+            for statement in load_ddl(bare):
+                conn.execute(statement)
             started = time.perf_counter()
-            cur = conn.execute(f"INSERT INTO bench_copy SELECT * FROM {EVENTS_TABLE}")
-            seconds = time.perf_counter() - started
-            rates.append(cur.rowcount / seconds)
-        conn.execute("DROP TABLE bench_copy")
-    return rates
+            for live, new in zip(table_names(LIVE), table_names(bare), strict=True):
+                f = dumps[live]
+                f.seek(0)
+                with conn.cursor().copy(f"COPY {new} FROM STDIN (FORMAT binary)") as copy:
+                    while chunk := f.read(1 << 20):
+                        copy.write(chunk)
+            copied = time.perf_counter()
+            asyncio.run(build_keys_and_indexes(url, bare))
+            done = time.perf_counter()
+            runs.append({"copy": copied - started, "keys_and_indexes": done - copied,
+                         "seconds": done - started})
+        for name in [*table_names(bare), bare.checkpoints]:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+    return {"rows": rows, **sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2],
+            "runs": runs}

@@ -5,9 +5,15 @@ Two ways, chosen by `--replay-via`:
 - `projector`: `python -m bench.replay_worker DSN`, which creates the read tables and
   runs the live projector's code path (the runner with its live sink) over the whole
   log; the time is measured inside the worker.
-- `taskctl`: `taskctl replay` (REPLAY_COMMAND), timed from outside. **The hook:** when
-  the replay CLI lands, check REPLAY_COMMAND matches its interface; `auto` (the
-  default) already picks it as soon as `taskctl` has a `replay` subcommand.
+- `taskctl`: `taskctl replay` (REPLAY_COMMAND), timed from outside (wall time, start-up
+  included); its `--json` line adds the phases and the peak RSS of the replay process
+  and of its fold process (`ru_maxrss`). `auto` (the default) picks it when `taskctl`
+  has a `replay` subcommand.
+
+The harness times each replay in turn with its ceiling (`bench.data.copy_ceiling`: a bare
+COPY of the rows the replay wrote into tables of the same keys and indexes);
+`against_ceiling` reports the medians and the median of the turns' ratios (ceiling seconds
+over replay seconds).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ROOT, master_key, taskctl
+from bench.stats import median
 
 # Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
 REPLAY_COMMAND = ["replay", "--json"]
@@ -71,5 +78,45 @@ def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
         subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                        timeout=timeout, check=True)
     seconds = time.perf_counter() - started
+    summary = json.loads([line for line in log.read_text().splitlines()
+                          if line.startswith("{")][-1])
     return {"events": events, "seconds": seconds, "events_per_s": events / seconds,
+            "phases": summary.get("phases"), "peak_rss_mb": summary.get("peak_rss_mb"),
             "via": f"taskctl {' '.join(REPLAY_COMMAND)} (wall time, includes start-up)"}
+
+
+CEILING = (
+    "the rows the replay wrote (read tables: tasks, history, stats) dumped with binary COPY"
+    " TO STDOUT (not timed), then COPY FROM STDIN (FORMAT binary), one connection,"
+    " synchronous_commit off, into fresh tables made as the replay makes them, then the same"
+    " keys and indexes built the same way (projections.replay.build_keys_and_indexes);"
+    " timed: the COPYs and the builds"
+)
+
+
+def against_ceiling(replays: list[dict[str, Any]],
+                    ceilings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replay figure: the median run of `replays` (its phases and peak RSS, the
+    largest peak of all), beside `ceilings` (`bench.data.copy_ceiling` runs, each taken
+    in turn with the replay of the same index): medians, and the median of the turns'
+    ratios (ceiling seconds / replay seconds)."""
+    events = replays[-1]["events"]
+    middle = sorted(replays, key=lambda r: r["seconds"])[len(replays) // 2]
+    ceiling = median([c["seconds"] for c in ceilings]) or 0.0
+    rows = sum(ceilings[-1]["rows"].values())
+    peaks = [r["peak_rss_mb"] for r in replays if r.get("peak_rss_mb")]
+    return {
+        **middle,
+        "seconds": round(middle["seconds"], 2),
+        "events_per_s": round(middle["events_per_s"]),
+        "peak_rss_mb": {k: max(p[k] for p in peaks) for k in peaks[0]} if peaks else None,
+        "ceiling": CEILING,
+        "ceiling_rows": ceilings[-1]["rows"],
+        "ceiling_seconds": round(ceiling, 2),
+        "ceiling_rows_per_s": round(rows / ceiling) if ceiling else 0,
+        "ceiling_events_per_s": round(events / ceiling) if ceiling else 0,
+        "ceiling_runs": [{k: round(v, 2) for k, v in c.items() if k not in ("rows", "runs")}
+                         for c in ceilings],
+        "ratio": round(median([c["seconds"] / r["seconds"]
+                               for r, c in zip(replays, ceilings, strict=True)]) or 0, 3),
+    }

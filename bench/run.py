@@ -6,7 +6,7 @@ Phases, in order: data (seed through the event store, live projector catches up)
 generator ceiling, steady load (ours, then the ceiling app under the same schedule),
 saturation (every kind and every ceiling endpoint, interleaved, repeated), the reads
 with row-level security against the same reads without (bench/row_security.py), replay
-(scratch database, rebuild timed beside a bare INSERT ... SELECT). Every process the
+(scratch database, each rebuild in turn with a bare COPY of the rows it wrote). Every process the
 run starts is stopped by PID in a `finally`, also on Ctrl-C; databases are dropped
 unless `--keep`.
 """
@@ -30,7 +30,7 @@ from typing import Any
 from bench import data, report
 from bench.http import Pool, closed_loop, open_loop
 from bench.procs import ROOT, Proc, Processes, db_init, free_port, master_key, split_cpus, taskctl
-from bench.replay import rebuild
+from bench.replay import against_ceiling, rebuild
 from bench.sealed_copy import sealed_twin
 from bench.stats import CpuMeter, by_kind, latency_summary, median, ratio
 from bench.workload import (
@@ -511,6 +511,8 @@ class Bench:
             # sealing), rebuilt in turn, sealed first then open, then open first.
             sealed_runs: list[dict[str, Any]] = []
             open_runs: list[dict[str, Any]] = []
+            # Each sealed rebuild in turn with its ceiling: a bare COPY of the rows it wrote.
+            ceilings: list[dict[str, Any]] = []
             rounds = 1 if a.quick else 2
             for n in range(rounds):
                 order = [(twin, sealed_runs), (url, open_runs)]
@@ -519,22 +521,15 @@ class Bench:
                              f" store ({n + 1}/{rounds})")
                     into.append(rebuild(at, None, a.replay_via, self.log_dir,
                                         timeout=max(120, events / 1000)))
+                    if at == twin:
+                        self.say("replay: its ceiling (COPY of the rows it wrote)")
+                        ceilings.append(data.copy_ceiling(twin, 1))
             if not a.keep:
                 self.dbs.drop(twin)
-            timing = sorted(sealed_runs, key=lambda r: r["events_per_s"])[len(sealed_runs) // 2]
             unsealed = median([r["events_per_s"] for r in open_runs])
-            self.say("replay: ceiling (INSERT ... SELECT)")
-            rates = data.copy_ceiling(url, a.repeats)
-            ceiling = median(rates)
             self.results["replay"] = {
-                **timing,
+                **against_ceiling(sealed_runs, ceilings),
                 "seed_seconds": round(seed_seconds, 1),
-                "events_per_s": round(timing["events_per_s"]),
-                "ceiling": "INSERT INTO bench_copy SELECT * FROM tasks_events (same rows,"
-                           " primary key)",
-                "ceiling_rows_per_s": round(ceiling or 0),
-                "ceiling_runs": [round(r) for r in rates],
-                "ratio": ratio(timing["events_per_s"], ceiling),
                 "sealing": {
                     "sealed_events_per_s": [round(r["events_per_s"]) for r in sealed_runs],
                     "open_events_per_s": [round(r["events_per_s"]) for r in open_runs],
