@@ -14,7 +14,8 @@ unless `--keep`):
    of it and its children, in practice the fold process or itself), and the sum of the
    RSS of its whole process tree, sampled from /proc every 0.1 s.
 3. **Bytes**: `pg_total_relation_size` of the event store and of every read table,
-   per event and per task.
+   per event and per task (again at the end, with `pg_stat_user_tables`' dead and HOT
+   rows); at the end also a stored event's size, seeded against written by the API.
 4. **Load**, once every store is ready: `--repeats` rounds (default 3) that go from size
    to size in turn (in alternating order), each on the real command API, query API and
    projector started for it (`bench.procs`, pinned like `python -m bench`): an open loop
@@ -22,12 +23,13 @@ unless `--keep`):
    users drawn at random from all of them. p95 of the commands together, of a user's
    full list, of get and of history: the median of the rounds' (each round's kept).
 5. **Idempotency**: 1,000 keyed creates (closed loop, 4 connections); bytes per key.
-6. **Projector catch-up**: the projector stopped, 40,000 events appended (10,000 new tasks
-   of the same users, 4 events each), the projector started again; events/s from its checkpoint's first
-   move to caught up (and from its start, including start-up).
+6. **Projector catch-up**: the projector stopped, 40,000 events appended (10,000 new
+   tasks of the same users, 4 events each), the projector started again; events/s from
+   its checkpoint's first move to caught up (and from its start, including start-up).
 
-Then `bench/results/<date>-scale.json` and `.md` (the table, each line's slope in words,
-an estimate for the next tenfold size); `python -m bench.plot_scale` draws the PNG.
+Then `bench/results/<date>-scale.json` and `.md` (`bench/scale_report.py`: the table, each
+line's growth in words, an estimate for the next tenfold size); `python -m
+bench.plot_scale` draws the PNG.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -46,7 +47,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ from bench import data
 from bench.http import Pool, Request, closed_loop, open_loop
 from bench.procs import ROOT, Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.replay import REPLAY_COMMAND
-from bench.report import _f, _md_table
+from bench.report import _f
+from bench.scale_report import write_results
 from bench.stats import CpuMeter, by_kind, latency_summary, median
 from bench.workload import COMMAND_KINDS, OurRequests, Users, mixer, parse_mix
 from shared import aio
@@ -73,7 +74,7 @@ from shared.settings import Settings
 
 SIZES = (10_000, 100_000, 1_000_000)
 TASKS_PER_USER = 1_000
-EVENTS_PER_TASK = 4  # what data.seed_replay_events writes per task
+EVENTS_PER_TASK = 4  # what `seed` writes per task
 SAMPLE_USERS = 100
 KEYED_CREATES = 1_000
 CATCH_UP_EVENTS = 40_000
@@ -86,37 +87,6 @@ WARMUP_SECONDS = 3.0
 READ_TABLES = LIVE.read_tables  # read_tasks, read_task_history, read_user_stats
 SIZE_TABLES = (EVENTS_TABLE, *READ_TABLES, IDEMPOTENCY_TABLE, OWN_POSITIONS_TABLE,
                CHECKPOINTS_TABLE)
-
-# The promised columns: (key in a step's record, header of the table).
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("tasks", "tasks"),
-    ("users", "users"),
-    ("events", "events"),
-    ("command_p95_ms", "command p95 (ms)"),
-    ("list_p95_ms", "full list p95 (ms)"),
-    ("get_p95_ms", "get p95 (ms)"),
-    ("history_p95_ms", "history p95 (ms)"),
-    ("machine_busy_pct", "machine busy during load (%)"),
-    ("catch_up_events_per_s", "projector catch-up (events/s)"),
-    ("replay_events_per_s", "replay (events/s)"),
-    ("replay_peak_rss_mb", "replay peak RSS, largest process (MB)"),
-    ("replay_tree_peak_rss_mb", "replay peak RSS, process tree (MB)"),
-    ("event_store_bytes_per_event", "event store bytes/event"),
-    ("read_bytes_per_task", "read tables bytes/task"),
-    ("history_bytes_per_event", "history bytes/event"),
-    ("idempotency_bytes_per_key", "idempotency bytes/key"),
-    ("database_bytes", "database (MB)"),
-    ("seed_seconds", "seed (s)"),
-    ("replay_seconds", "replay (s)"),
-    ("step_seconds", "step (s)"),
-)
-# The lines whose growth the results state in words.
-SLOPE_METRICS = ("command_p95_ms", "list_p95_ms", "get_p95_ms", "history_p95_ms",
-                 "catch_up_events_per_s", "replay_events_per_s", "replay_peak_rss_mb",
-                 "replay_tree_peak_rss_mb", "event_store_bytes_per_event",
-                 "read_bytes_per_task", "history_bytes_per_event", "idempotency_bytes_per_key",
-                 "database_bytes", "replay_seconds")
-
 
 def owners(users: int) -> list[str]:
     """The user ids `seed` gives its tasks' owners."""
@@ -322,6 +292,18 @@ def table_stats(url: str) -> dict[str, dict[str, int]]:
             (list(SIZE_TABLES),)).fetchall()
     names = ("live", "dead", "inserted", "updated", "hot_updated", "deleted")
     return {str(r[0]): dict(zip(names, map(int, r[1:]), strict=True)) for r in rows}
+
+
+def block_io(url: str) -> dict[str, int]:
+    """Blocks the database's tables and indexes found in shared_buffers (hit) and asked
+    the kernel for (read), from pg_statio_user_tables, so far."""
+    with connect(url) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(heap_blks_hit + coalesce(idx_blks_hit, 0)"
+            " + coalesce(toast_blks_hit, 0)), 0), coalesce(sum(heap_blks_read"
+            " + coalesce(idx_blks_read, 0) + coalesce(toast_blks_read, 0)), 0)"
+            " FROM pg_statio_user_tables").fetchone()
+    return {"hit": int(row[0]), "read": int(row[1])} if row else {}
 
 
 def row_count(url: str, table: str) -> int:
@@ -530,8 +512,10 @@ class Step:
         self.say(f"load round {number + 1}: {a.rate:g} req/s for {a.steady_seconds:g}s over"
                  f" {len(users.users)} users")
         aio.run(lambda: drive(a.warmup, 99 + number))
+        io_before = block_io(self.url)
         with CpuMeter(self.pids) as cpu:
             result = aio.run(lambda: drive(a.steady_seconds, 1 + number))
+        io = {k: v - io_before.get(k, 0) for k, v in block_io(self.url).items()}
         kinds = by_kind(result.samples)
         commands = [s.latency for s in result.samples if s.kind in COMMAND_KINDS and s.ok]
         summary = latency_summary(commands)
@@ -545,6 +529,9 @@ class Step:
             "send_lag_p95_ms": latency_summary(result.send_lag)["p95_ms"],
             "kinds": kinds, "cpu": cpu.result,
             "machine_busy_pct": cpu.result.get("machine_busy_pct"),
+            "block_io": io,
+            "buffer_hit_pct": (round(100 * io["hit"] / (io["hit"] + io["read"]), 2)
+                               if io.get("hit", 0) + io.get("read", 0) else None),
         }
         for kind in ("list", "get", "history"):
             row[f"{kind}_p95_ms"] = kinds.get(kind, {}).get("p95_ms")
@@ -563,7 +550,8 @@ class Step:
                       errors=sum(r["errors"] for r in rounds),
                       requests=sum(r["requests"] for r in rounds))
         for key in ("command_p50_ms", "command_p95_ms", "command_p99_ms", "list_p95_ms",
-                    "get_p95_ms", "history_p95_ms", "machine_busy_pct", "send_lag_p95_ms"):
+                    "get_p95_ms", "history_p95_ms", "machine_busy_pct", "send_lag_p95_ms",
+                    "buffer_hit_pct"):
             values = [r[key] for r in rounds if r.get(key) is not None]
             self.r[key] = median(values)
             self.r[f"{key}_rounds"] = values
@@ -661,190 +649,6 @@ class Step:
 
 
 # -- the curve --------------------------------------------------------------------------
-
-
-def _num(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def growth(sizes: Sequence[float], values: Sequence[float | None]) -> dict[str, Any]:
-    """How `values` grow with `sizes`, in words, from the exponent b of value ~ size^b
-    between the first and the last point: no steady trend (three or more points that go
-    up and down by more than 1.5x), flat (|b| < 0.1), linear (b >= 0.85), falling
-    inversely (b <= -0.85), linear above a fixed base (a steady step per task), logarithmic
-    (a steady step per tenfold size), or a power law. Each step's own exponent is kept."""
-    points = [(s, v) for s, v in zip(sizes, values, strict=True) if v]
-    if len(points) < 2:
-        return {"exponent": None, "words": "not measured"}
-    (s0, v0), (s1, v1) = points[0], points[-1]
-    pairs = list(zip(points, points[1:], strict=False))
-    b = math.log(v1 / v0) / math.log(s1 / s0)
-    per_decade = (v1 - v0) / math.log10(s1 / s0)
-    steps = [(vb - va) / math.log10(sb / sa) for (sa, va), (sb, vb) in pairs]
-    per_task = [(vb - va) / (sb - sa) for (sa, va), (sb, vb) in pairs]
-    each = [round(math.log(vb / va) / math.log(sb / sa), 3) for (sa, va), (sb, vb) in pairs]
-    ys = [v for _, v in points]
-    if (len(points) >= 3 and max(ys) > 1.5 * min(ys)
-            and not (all(x > 0 for x in steps) or all(x < 0 for x in steps))):
-        words = f"no steady trend (between {_num(min(ys))} and {_num(max(ys))})"
-    elif abs(b) < 0.1:
-        words = "flat"
-    elif b >= 0.85:
-        words = "linear"
-    elif b <= -0.85:
-        words = "falls linearly (inversely proportional)"
-    elif (len(points) >= 3 and b >= 0.25 and all(x > 0 for x in per_task)
-          and max(per_task) <= 1.5 * min(per_task)):
-        words = f"linear above a fixed base (+{per_task[-1] * 1000:,.3g} per 1,000 tasks)"
-    elif (len(steps) >= 2 and all(x * per_decade > 0 for x in steps)
-          and max(abs(x) for x in steps) <= 2.5 * min(abs(x) for x in steps)):
-        words = "logarithmic (" + ("+" if per_decade > 0 else "") + f"{per_decade:,.3g} per tenfold)"
-    else:
-        words = f"power law, exponent {b:.2f}"
-    return {"exponent": round(b, 3), "per_tenfold": round(per_decade, 3),
-            "exponent_per_step": each, "words": words}
-
-
-LATENCIES = ("command_p95_ms", "list_p95_ms", "get_p95_ms", "history_p95_ms")
-
-
-def slopes(steps: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each line's growth over the steps. The latencies only over the steps whose load
-    had as many users as the largest (a step with fewer users, such as 10 users of
-    1,000 tasks for 10,000 tasks, sends each user more of the same request rate)."""
-    most = max((s.get("sampled_users") or 0 for s in steps), default=0)
-    alike = [s for s in steps if (s.get("sampled_users") or 0) == most]
-    out = {}
-    for metric in SLOPE_METRICS:
-        over = alike if metric in LATENCIES and len(alike) >= 2 else steps
-        out[metric] = growth([s["tasks"] for s in over], [s.get(metric) for s in over])
-        if over is not steps and len(over) < len(steps):
-            sizes = ", ".join(f"{step['tasks']:,}" for step in over)
-            out[metric]["over"] = f"the steps with {most} users under load ({sizes} tasks)"
-    return out
-
-
-def estimate_next(steps: Sequence[dict[str, Any]], factor: int = 10) -> dict[str, Any] | None:
-    """An *estimate* for `factor` x the largest measured size from the two largest steps,
-    as a range: the straight line through them (low, usually) and the power law through
-    them (time and bytes at least in proportion); each figure is the range's top, its
-    `_range` both ends. Seconds of seeding, replay and the whole step; the disk the
-    database needs (its size, plus a second set of read tables while replay rebuilds
-    beside the live ones); replay's peak RSS."""
-    if len(steps) < 2:
-        return None
-    a, b = steps[-2], steps[-1]
-    target = b["tasks"] * factor
-    ranges: dict[str, tuple[float, float]] = {}
-
-    def scale(key: str) -> float:
-        if not a.get(key) or not b.get(key):
-            return 0.0
-        line = b[key] + (b[key] - a[key]) / (b["tasks"] - a["tasks"]) * (target - b["tasks"])
-        exponent = math.log(b[key] / a[key]) / math.log(b["tasks"] / a["tasks"])
-        power = b[key] * factor ** (exponent if key.endswith("_mb") else max(exponent, 1.0))
-        ranges[key] = (round(min(line, power), 1), round(max(line, power), 1))
-        return max(line, power)
-
-    fixed = b["step_seconds"] - b["seed_seconds"] - b["replay_seconds"]
-    seed_s, replay_s = scale("seed_seconds"), scale("replay_seconds")
-    database = scale("database_bytes")
-    read = scale("read_tables_bytes")
-    rss, tree = scale("replay_peak_rss_mb"), scale("replay_tree_peak_rss_mb")
-    return {
-        "tasks": target, "events": b["events"] * factor,
-        "seed_seconds": round(seed_s), "replay_seconds": round(replay_s),
-        "step_seconds": round(seed_s + replay_s + fixed),
-        "database_bytes": round(database),
-        "disk_peak_bytes": round(database + read),
-        "replay_peak_rss_mb": round(rss, 1), "replay_tree_peak_rss_mb": round(tree, 1),
-        **{f"{k}_range": v for k, v in ranges.items()},
-        "method": f"from the {a['tasks']:,}- and {b['tasks']:,}-task steps: the straight"
-                  " line through them and the power law through them (at least in"
-                  " proportion for time and bytes), the higher of the two; an estimate, not"
-                  " a measurement",
-    }
-
-
-def _span(est: dict[str, Any], key: str, unit: float) -> str:
-    low, high = est.get(f"{key}_range") or (est.get(key, 0), est.get(key, 0))
-    return f"{low / unit:,.1f}-{high / unit:,.1f}" if unit != 1 else f"{low:,.0f}-{high:,.0f}"
-
-
-def _mb(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1e6:,.1f} MB"
-
-
-def _cell(key: str, value: Any) -> str:
-    if key == "database_bytes" and value is not None:
-        return _f(value / 1e6, 1)
-    return _f(value)
-
-
-def render_md(r: dict[str, Any]) -> str:
-    m, run = r["machine"], r["run"]
-    steps = r["steps"]
-    lines = [
-        f"# Cost growth, {run['date']} on {m['host']}", "",
-        f"`{run['command']}`, {run.get('seconds')} s. {m['cores']} cores ({m['cpu_model']}),"
-        f" {m['memory_gb']} GB, PostgreSQL {m['postgres']}, Python {m['python']}; load"
-        f" average at start {m['load_average_at_start']}. PostgreSQL settings:"
-        f" {', '.join(f'{k}={v}' for k, v in r.get('postgres_settings', {}).items())}.", "",
-        f"Each step: its own database; {run['tasks_per_user']:,} tasks per user,"
-        f" {EVENTS_PER_TASK} events per task (a quarter of the tasks deleted); load: an open"
-        f" loop of {run['rate']:g} req/s for {run['steady_seconds']:g} s (default mix) over up"
-        f" to {SAMPLE_USERS} users, {run.get('rounds', 1)} rounds going from size to size in"
-        " turn, each p95 the median of the rounds';"
-        f" {KEYED_CREATES:,} keyed creates;"
-        " projector catch-up of"
-        f" {CATCH_UP_EVENTS:,} appended events. Replay RSS measured (`ru_maxrss` of the"
-        " replay process from wait4; the tree's sum sampled from /proc).", "",
-        _md_table([h for _, h in COLUMNS], [[_cell(k, s.get(k)) for k, _ in COLUMNS]
-                                            for s in steps]),
-        "", "## Bytes on disk per table (pg_total_relation_size: heap, indexes, TOAST)", "",
-        _md_table(["tasks", *SIZE_TABLES, "database"],
-                  [[_f(s["tasks"]), *(_mb(s.get("relation_bytes", {}).get(t))
-                                      for t in (*SIZE_TABLES, "database"))]
-                   for s in steps]),
-        "", "## How each line grows", "",
-        _md_table(["figure", "exponent b (value ~ tasks^b)", "in words"],
-                  [[dict(COLUMNS).get(k, k), _f(v["exponent"], 3),
-                    v["words"] + (f" (over {v['over']})" if v.get("over") else "")]
-                   for k, v in r["slopes"].items()]),
-    ]
-    est = r.get("estimate_next")
-    if est:
-        lines += [
-            "", f"## {est['tasks']:,} tasks: an estimate (a documented manual run)", "",
-            f"Seeding {_span(est, 'seed_seconds', 60)} min, replay"
-            f" {_span(est, 'replay_seconds', 60)} min, the whole step up to"
-            f" {est['step_seconds'] / 60:,.0f} min; database"
-            f" {_span(est, 'database_bytes', 1e9)} GB, peak disk during the replay up to"
-            f" {est['disk_peak_bytes'] / 1e9:,.1f} GB (plus WAL up to max_wal_size); replay"
-            f" peak RSS {_span(est, 'replay_peak_rss_mb', 1)} MB in its largest process,"
-            f" {_span(est, 'replay_tree_peak_rss_mb', 1)} MB in its process tree."
-            f" Method: {est['method']}.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def result_paths(results_dir: Path, date: str) -> tuple[Path, Path]:
-    stem, n = f"{date}-scale", 1
-    while (results_dir / f"{stem}.json").exists():
-        n += 1
-        stem = f"{date}-scale-{n}"
-    return results_dir / f"{stem}.json", results_dir / f"{stem}.md"
-
-
-def write_results(r: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
-    measured = [s for s in r["steps"] if "step_seconds" in s]
-    r["slopes"] = slopes(measured)
-    r["estimate_next"] = estimate_next(measured)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = result_paths(results_dir, r["run"]["date"][:10])
-    json_path.write_text(json.dumps(r, indent=2) + "\n")
-    md_path.write_text(render_md(r))
-    return json_path, md_path
 
 
 def postgres_settings(url: str) -> dict[str, str]:

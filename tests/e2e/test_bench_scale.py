@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bench import scale
+from bench import scale, scale_report
 from tests.support import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,13 +41,13 @@ def test_scale_mode_measures_every_figure_at_every_size_and_cleans_up(
         assert step["users"] * 20 == step["tasks"]
         assert step["events"] == step["tasks"] * scale.EVENTS_PER_TASK
         assert step["read_task_rows"] == step["tasks"] * 3 // 4  # a quarter deleted
-        missing = [key for key, _ in scale.COLUMNS if step.get(key) is None]
+        missing = [key for key, _ in scale_report.COLUMNS if step.get(key) is None]
         assert missing == [], missing
         assert step["errors"] == 0 and "failed_rounds" not in step
         assert "failed_finish" not in step
         assert step["idempotency_keys"] == scale.KEYED_CREATES
         assert step["catch_up_events"] >= scale.CATCH_UP_EVENTS
-    assert set(r["slopes"]) == set(scale.SLOPE_METRICS)
+    assert set(r["slopes"]) == set(scale_report.SLOPE_METRICS)
     names = [step["database"] for step in r["steps"]]
     assert all(name.startswith(f"bench_scale_{s['tasks']}_")
                for name, s in zip(names, r["steps"], strict=True))

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bench import scale
+from bench import scale, scale_report
 from shared.catalog import EVENTS_TABLE
 from shared.events import decode_event
 from shared.settings import Settings
@@ -50,20 +50,21 @@ def test_seeding_makes_users_times_tasks_with_their_histories(scale_settings: Se
 
 
 def test_results_are_written_as_json_and_markdown_never_over_a_kept_one(tmp_path: Path):
-    step = {key: 1.0 for key, _ in scale.COLUMNS} | {"tasks": 10, "users": 1, "events": 40}
+    step = ({key: 1.0 for key, _ in scale_report.COLUMNS}
+            | {"tasks": 10, "users": 1, "events": 40})
     r = {"run": {"date": "2026-12-03T11:00:00+00:00", "command": "c", "seconds": 1.0,
                  "tasks_per_user": 10, "rate": 200.0, "steady_seconds": 30},
          "machine": {"host": "h", "cores": 2, "cpu_model": "c", "memory_gb": 1.0,
                      "postgres": "15", "python": "3.11", "load_average_at_start": [0.1]},
          "steps": [step, step | {"tasks": 100, "users": 10, "events": 400}]}
 
-    first = scale.write_results(r, tmp_path)
-    second = scale.write_results(r, tmp_path)
+    first = scale_report.write_results(r, tmp_path)
+    second = scale_report.write_results(r, tmp_path)
 
     assert [p.name for p in first] == ["2026-12-03-scale.json", "2026-12-03-scale.md"]
     assert [p.name for p in second] == ["2026-12-03-scale-2.json", "2026-12-03-scale-2.md"]
     written = json.loads(first[0].read_text())
-    assert set(written["slopes"]) == set(scale.SLOPE_METRICS)
+    assert set(written["slopes"]) == set(scale_report.SLOPE_METRICS)
     for s in written["steps"]:
-        assert {key for key, _ in scale.COLUMNS} <= s.keys()
-    assert all(h in first[1].read_text() for _, h in scale.COLUMNS)
+        assert {key for key, _ in scale_report.COLUMNS} <= s.keys()
+    assert all(h in first[1].read_text() for _, h in scale_report.COLUMNS)
