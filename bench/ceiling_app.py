@@ -26,7 +26,9 @@ have the shape and indexes of the query side's `read_tasks` (without the stored 
 the ceiling builds its JSON per request) and `read_task_history`; the harness creates
 and fills them with the same users and task ids as the service's (`bench.data`).
 
-Run: `python -m bench.ceiling_app --port 8100` with `BENCH_CEILING_DSN` set.
+Run: `python -m bench.ceiling_app --port 8100` with `BENCH_CEILING_DSN` set;
+`BENCH_CEILING_NO_RESET=1` gives its pool the query API's setting (no reset query on
+release) for a like-for-like comparison.
 """
 
 from __future__ import annotations
@@ -157,14 +159,26 @@ def _json(content: Any, status: int = 200) -> Response:
                     media_type="application/json")
 
 
+async def _nothing_to_reset(_: asyncpg.Connection) -> None:
+    pass
+
+
 def create_app() -> ASGIApp:
     dsn = os.environ["BENCH_CEILING_DSN"]
     pool_size = int(os.environ.get("BENCH_CEILING_POOL", "15"))
     state: dict[str, asyncpg.Pool] = {}
 
+    # asyncpg's default pool sends a reset query on every release; the query API sends
+    # none. BENCH_CEILING_NO_RESET=1: the ceiling's pool as the query API's (like for
+    # like), for a comparison of everything but that round trip.
+    options: dict[str, Any] = {}
+    if os.environ.get("BENCH_CEILING_NO_RESET") == "1":
+        options["reset"] = _nothing_to_reset
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["pool"] = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
+        state["pool"] = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size,
+                                                  **options)
         yield
         await state["pool"].close()
 
