@@ -243,11 +243,9 @@ def grants(t: Tables = LIVE) -> Grants:
         IDEMPOTENCY_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE", "DELETE")},
         # The sealing key: read by the APIs, written by db init alone.
         SERVICE_KEYS_TABLE: {COMMAND_ROLE: ("SELECT",), QUERY_ROLE: ("SELECT",)},
-        # The users' data keys: made by the command API (a user's first command) and
-        # held FOR KEY SHARE by its appends (which needs an UPDATE privilege), read by
-        # the projector; deleted by `taskctl users forget`, as the owner.
-        DATA_KEYS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT", "UPDATE (created_at)"),
-                          PROJECTOR_ROLE: ("SELECT",)},
+        # The users' data keys: made by the command API (a user's first command), read
+        # by it and the projector; deleted by `taskctl users forget`, as the owner.
+        DATA_KEYS_TABLE: {COMMAND_ROLE: ("SELECT", "INSERT"), PROJECTOR_ROLE: ("SELECT",)},
         # Outside production, the master key that wraps them (DATA_MASTER_KEY unset).
         DEV_MASTER_TABLE: {COMMAND_ROLE: ("SELECT",), PROJECTOR_ROLE: ("SELECT",)},
         # Upserted with the events (INSERT ... ON CONFLICT DO UPDATE); read by queries.
