@@ -22,6 +22,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("get_p95_ms", "get p95 (ms)"),
     ("history_p95_ms", "history p95 (ms)"),
     ("machine_busy_pct", "machine busy during load (%)"),
+    ("buffer_hit_pct", "shared_buffers hits during load (%)"),
     ("catch_up_events_per_s", "projector catch-up (events/s)"),
     ("replay_events_per_s", "replay (events/s)"),
     ("replay_peak_rss_mb", "replay peak RSS, largest process (MB)"),
