@@ -294,16 +294,28 @@ def table_stats(url: str) -> dict[str, dict[str, int]]:
     return {str(r[0]): dict(zip(names, map(int, r[1:]), strict=True)) for r in rows}
 
 
-def block_io(url: str) -> dict[str, int]:
-    """Blocks the database's tables and indexes found in shared_buffers (hit) and asked
-    the kernel for (read), from pg_statio_user_tables, so far."""
+def block_io(url: str) -> dict[str, dict[str, int]]:
+    """Per table: blocks of its heap, indexes and TOAST found in shared_buffers (hit) and
+    asked of the kernel (read), from pg_statio_user_tables, so far."""
     with connect(url) as conn:
-        row = conn.execute(
-            "SELECT coalesce(sum(heap_blks_hit + coalesce(idx_blks_hit, 0)"
-            " + coalesce(toast_blks_hit, 0)), 0), coalesce(sum(heap_blks_read"
-            " + coalesce(idx_blks_read, 0) + coalesce(toast_blks_read, 0)), 0)"
-            " FROM pg_statio_user_tables").fetchone()
-    return {"hit": int(row[0]), "read": int(row[1])} if row else {}
+        rows = conn.execute(
+            "SELECT relname, heap_blks_hit + coalesce(idx_blks_hit, 0)"
+            " + coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0),"
+            " heap_blks_read + coalesce(idx_blks_read, 0) + coalesce(toast_blks_read, 0)"
+            " + coalesce(tidx_blks_read, 0) FROM pg_statio_user_tables").fetchall()
+    return {str(r[0]): {"hit": int(r[1]), "read": int(r[2])} for r in rows}
+
+
+def io_since(before: dict[str, dict[str, int]],
+             after: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The blocks hit and read between two `block_io` readings: in all, and by table
+    (the tables that read any)."""
+    zero = {"hit": 0, "read": 0}
+    tables = {t: {k: v[k] - before.get(t, zero)[k] for k in ("hit", "read")}
+              for t, v in after.items()}
+    return {"hit": sum(t["hit"] for t in tables.values()),
+            "read": sum(t["read"] for t in tables.values()),
+            "by_table": {t: v for t, v in sorted(tables.items()) if v["read"] or v["hit"]}}
 
 
 def row_count(url: str, table: str) -> int:
@@ -515,7 +527,7 @@ class Step:
         io_before = block_io(self.url)
         with CpuMeter(self.pids) as cpu:
             result = aio.run(lambda: drive(a.steady_seconds, 1 + number))
-        io = {k: v - io_before.get(k, 0) for k, v in block_io(self.url).items()}
+        io = io_since(io_before, block_io(self.url))
         kinds = by_kind(result.samples)
         commands = [s.latency for s in result.samples if s.kind in COMMAND_KINDS and s.ok]
         summary = latency_summary(commands)
