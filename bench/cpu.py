@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.data import Databases
-from bench.procs import db_init
+from bench.procs import db_init, master_key
 from bench.run import DEFAULT_PG_URL
 from shared import aio
 from shared.auth import mint_token
@@ -105,7 +105,8 @@ async def run(url: str, kinds: list[str], n: int, rounds: int) -> dict[str, list
     await conn.close()
     os.environ["BENCH_CEILING_DSN"] = url
     ceiling, ceiling_life, ceiling_inbox = await started(ceiling_app.create_app())
-    settings = Settings(environment="test", database_url=url, better_auth_secret=SECRET)
+    settings = Settings(environment="test", database_url=url, better_auth_secret=SECRET,
+                        data_master_key=master_key())  # db init ran as production: no dev key
     ours, ours_life, ours_inbox = await started(create_app(settings))
     user = f"bench-cpu-{uuid.uuid4().hex[:8]}"
     auth = (b"authorization", f"Bearer {mint_token(SECRET, user)}".encode())

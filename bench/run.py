@@ -580,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         if "rls" in args.phases:  # reads with row-level security vs without (bench/row_security.py)
             from bench import row_security
 
+            # The saturation's with/without variants are done: their pools' connections
+            # go back to the server before the phase starts two query APIs of its own.
+            for name in ("command-api-locked", "command-api-unsealed", "query-api-unchecked"):
+                if name in bench.servers:
+                    bench.procs.stop(bench.servers.pop(name))
+
             bench.results["row_security"] = row_security.measure(bench)
         bench.stop_servers()
         if "replay" in args.phases:
