@@ -144,7 +144,8 @@ def seed_replay_events(settings: Settings, total: int, users: int = 100) -> tupl
     n = max(1, total // 4)
     url = settings.require_database_url()
     ts = (
-        "to_char((now() - interval '1 day' + ((%(round)s * %(n)s + i) * interval '1 ms'))"
+        "to_char((now() - interval '1 day'"
+        " + ((%(round)s::bigint * %(n)s::bigint + i) * interval '1 ms'))"
         " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
     )
     fill = (
@@ -171,7 +172,10 @@ def seed_replay_events(settings: Settings, total: int, users: int = 100) -> tupl
     with psycopg.connect(url) as conn:
         conn.execute(
             "CREATE TEMP TABLE replay_tasks AS SELECT i, gen_random_uuid() AS id,"
-            " md5('bench-replay-owner-' || mod(i, %(users)s)) AS owner"
+            # Four consecutive tasks per owner: each user gets every kind of the fourth round
+            # (i mod users would give a quarter of the users only deleted tasks when
+            # users is a multiple of 4).
+            " md5('bench-replay-owner-' || mod(i / 4, %(users)s)) AS owner"
             " FROM generate_series(1, %(n)s) AS i",
             params,
         )
