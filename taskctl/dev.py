@@ -162,6 +162,11 @@ def use_recorded_dev_service(datadir: Path | None = None) -> list[str]:
     if not os.environ.get("DATABASE_URL") and url_file.is_file():
         os.environ["DATABASE_URL"] = url_file.read_text().strip()
         taken.append("DATABASE_URL")
+        # The dev service's database is a development one: it runs as `development`
+        # (its master key is the development key db init made: docs/privacy.md).
+        if not os.environ.get("ENVIRONMENT"):
+            os.environ["ENVIRONMENT"] = "development"
+            taken.append("ENVIRONMENT")
     secret_file = datadir / SECRET_FILE
     if not any(os.environ.get(name) for name in AUTH_SETTINGS) and secret_file.is_file():
         os.environ["BETTER_AUTH_SECRET"] = secret_file.read_text().strip()

@@ -202,7 +202,7 @@ def gateway(api_port: int, origin: str, prefix: Path) -> tuple[Proc, str]:
     that is down (nothing listens on its port)."""
     nginx = require_binary("nginx", "/usr/sbin/nginx")
     env = {"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET,
-           "CORS_ORIGINS": origin,
+           "CORS_ORIGINS": origin, "DATA_MASTER_KEY": "unused-here",
            **{variable: "unused-here" for variable in PASSWORD_VARIABLES.values()}}
     listen = free_port()
     prefix.mkdir()

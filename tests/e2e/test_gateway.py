@@ -4,6 +4,7 @@ the REAL nginx running deploy/nginx.conf: one origin for reads and writes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -47,6 +48,7 @@ class Stack:
 # 127.0.0.1, so each service connects as the role compose names without one.
 ORIGIN = "https://app.example.com"  # a frontend on another origin
 COMPOSE_ENV = {"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET,
+               "DATA_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
                "CORS_ORIGINS": f"http://127.0.0.1:5173, {ORIGIN}/",
                "CORS_ALLOW_HEADERS_EXTRA": "X-Client-Version",
                **{variable: "unused-here" for variable in PASSWORD_VARIABLES.values()}}

@@ -184,7 +184,7 @@ def test_a_browser_follows_the_stream_through_the_gateway_and_resumes_after_a_re
 
         nginx = require_binary("nginx", "/usr/sbin/nginx")
         gw_env = {"POSTGRES_PASSWORD": "unused-here", "BETTER_AUTH_SECRET": TEST_SECRET,
-                  "CORS_ORIGINS": origin,
+                  "CORS_ORIGINS": origin, "DATA_MASTER_KEY": "unused-here",
                   **{variable: "unused-here" for variable in PASSWORD_VARIABLES.values()}}
         listen = free_port()
         prefix = tmp_path / "nginx"
