@@ -467,21 +467,20 @@ class Bench:
             row["ratio"] = ratio(row["rps"], ceilings["insert"]["rps"])
             row["ours_vs_table_lock"] = ratio(kinds[kind]["rps"], row["rps"])
             table_lock[kind] = row
-        without_check = {}
-        for kind, rs in unchecked.items():
-            row = summary(rs)
-            row["ours_vs_unchecked"] = ratio(kinds[kind]["rps"], row["rps"])
-            # Each repetition's pair ran back to back: the median of their ratios.
-            row["ours_vs_unchecked_paired"] = median(
-                [a["rps"] / b["rps"] for a, b in zip(runs[kind], rs, strict=True) if b["rps"]])
-            without_check[kind] = row
-        without_sealing = {}
-        for kind, rs in unsealed.items():
-            row = summary(rs)
-            row["ours_vs_unsealed"] = ratio(kinds[kind]["rps"], row["rps"])
-            row["ours_vs_unsealed_paired"] = median(
-                [a["rps"] / b["rps"] for a, b in zip(runs[kind], rs, strict=True) if b["rps"]])
-            without_sealing[kind] = row
+        def against(without: dict[str, list[dict[str, Any]]], name: str) -> dict[str, Any]:
+            """Each kind's "without" runs, and ours over them: the ratio of medians and
+            (each repetition's pair ran back to back) the median of the pairs' ratios."""
+            out = {}
+            for kind, rs in without.items():
+                row = summary(rs)
+                row[f"ours_vs_{name}"] = ratio(kinds[kind]["rps"], row["rps"])
+                row[f"ours_vs_{name}_paired"] = median(
+                    [a["rps"] / b["rps"] for a, b in zip(runs[kind], rs, strict=True) if b["rps"]])
+                out[kind] = row
+            return out
+
+        without_check = against(unchecked, "unchecked")
+        without_sealing = against(unsealed, "unsealed")
         self.results["saturation"] = {
             "connections": a.connections, "seconds": a.saturation_seconds,
             "warmup": a.warmup, "repeats": a.repeats, "kinds": kinds, "ceilings": ceilings,
