@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import threading
@@ -275,7 +276,9 @@ class StreamHub:
                 continue
 
             def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-                loop.call_soon_threadsafe(self.drain, "shutdown")
+                # In an empty context: the signal interrupts whatever task runs (a
+                # request's, say), and drain must not log under that request's id.
+                loop.call_soon_threadsafe(self.drain, "shutdown", context=contextvars.Context())
                 previous(signum, frame)
 
             signal.signal(sig, handler)
