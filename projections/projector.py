@@ -341,9 +341,11 @@ async def apply_events(
     deleted: set[Any] = set()
     # Events of forgotten users: erased ones, and the others of their tasks (met with
     # no state: created erased in this batch or an earlier one, their rows deleted).
-    erased = {e.task_id for e in events if e.erased and e.topic == CREATED}
-    orphans = {e.task_id for e in events if e.task_id not in states and e.task_id not in erased
-               and e.topic != CREATED and not e.erased and e.position not in applied}
+    # (A task created in this batch is no orphan: a replay's pages hold whole tasks.)
+    created = {e.task_id: e.erased for e in events if e.topic == CREATED}
+    erased = {task_id for task_id, gone in created.items() if gone}
+    orphans = {e.task_id for e in events if e.task_id not in states and e.task_id not in created
+               and not e.erased and e.position not in applied}
     if orphans:
         erased |= await erased_tasks(conn, orphans)
     for event in events:
