@@ -33,7 +33,7 @@ import asyncpg
 
 from projections.manifest import PROJECTIONS, table_names
 from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, LIVE, PROJECTION, replay_lock
-from shared.datakeys import DATA_KEYS_TABLE, SEALED_PREFIX
+from shared.datakeys import DATA_KEYS_TABLE, SEALED_PATTERN
 from shared.events import state_sql
 
 EXIT_DONE, EXIT_BUSY, EXIT_LEGACY = 0, 3, 4
@@ -41,7 +41,7 @@ EXIT_DONE, EXIT_BUSY, EXIT_LEGACY = 0, 3, 4
 # The user's tasks (their creations, found by owner) and how many of them were stored
 # before sealing (a plaintext title). A full scan: erasures are rare.
 _COUNT_TASKS = (
-    "SELECT count(*), count(*) FILTER (WHERE NOT starts_with(s ->> 'title', $2))"
+    "SELECT count(*), count(*) FILTER (WHERE s ->> 'title' !~ $2)"
     f" FROM (SELECT {state_sql('e')} AS s FROM {EVENTS_TABLE} e"
     " WHERE e.originator_version = 1) c WHERE s ->> 'owner' = $1"
 )
@@ -102,7 +102,7 @@ async def forget(dsn: str, user: str, *, vacuum: bool = True) -> tuple[int, Eras
     report = Erasure(user)
     conn = await asyncpg.connect(dsn)
     try:
-        report.tasks, report.legacy_tasks = await conn.fetchrow(_COUNT_TASKS, user, SEALED_PREFIX)
+        report.tasks, report.legacy_tasks = await conn.fetchrow(_COUNT_TASKS, user, SEALED_PATTERN)
         if report.legacy_tasks:
             report.problem = (
                 f"user {user!r} has {report.legacy_tasks:,} task(s) stored before sealing"

@@ -2,13 +2,16 @@
 user's keys erases them (crypto-shredding) while the event store stays append-only.
 
 - **What is sealed.** The free-text fields of task events (`SEALED_FIELDS`: title,
-  description, each tag) are stored as `sealed:1:<base64(key id, nonce, AES-GCM
+  description, each tag) are stored as `sealed:2:<key ref><base64(nonce, AES-GCM
   ciphertext and tag)>`, a plain JSON string: the eventsourcing library still reads
   every stored event (the sealed fields read as those strings); everything else
   (owner, actor, completion, priority, due date, times) stays as it was. The field's
   name is the AEAD's associated data, so a sealed title cannot pass for a description.
-  (Standard base64 with its padding: the C decoder reads it with no translation, and a
-  replay opens millions.)
+  The key ref is the key id's 16 bytes as 22 characters of unpadded URL-safe base64:
+  a reader finds a value's key by slicing the string, before decoding anything (a
+  replay opens millions). The rest is standard base64 with its padding, which the C
+  decoder reads with no translation. Values in the first format, `sealed:1:<base64(key
+  id, nonce, ciphertext and tag)>`, still open.
 - **Data keys** (`DATA_KEYS_TABLE`): one or more 256-bit AES keys per user, each stored
   wrapped (AES-GCM) by a master key, with the id of the master key that wrapped it.
   New events use the user's newest key; every key of theirs still opens what it
@@ -39,7 +42,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 DATA_KEYS_TABLE = "user_data_keys"
 DEV_MASTER_TABLE = "dev_master_key"
-SEALED_PREFIX = "sealed:1:"
+SEALED_PREFIX = "sealed:2:"  # what sealing writes
+SEALED_PREFIX_1 = "sealed:1:"  # the first format, still opened
+SEALED_PREFIXES = (SEALED_PREFIX, SEALED_PREFIX_1)
+# In SQL: a value in either format (a plaintext title starting so is taken as sealed).
+SEALED_PATTERN = "^sealed:[12]:"
 SEALED_FIELDS = ("title", "description", "tags")
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -160,17 +167,33 @@ def _wrap_context(user_id: str, key_id: UUID) -> bytes:
     return _WRAP_CONTEXT + key_id.bytes + user_id.encode()
 
 
+def key_ref(key_id: UUID) -> str:
+    """How a sealed value names its key: the id's bytes, 22 characters."""
+    return base64.urlsafe_b64encode(key_id.bytes).decode()[:_REF_CHARS]
+
+
+def _ref_id(ref: str) -> UUID:
+    try:
+        return UUID(bytes=base64.urlsafe_b64decode(ref + "=="))
+    except (binascii.Error, ValueError):
+        raise ValueError("a sealed value whose key ref is not base64: damaged") from None
+
+
 @dataclass(frozen=True)
 class DataKey:
     key_id: UUID
     user_id: str
     aead: AESGCM
+    ref: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", key_ref(self.key_id))
 
     def seal(self, name: str, text: str) -> str:
         nonce = os.urandom(NONCE_BYTES)
         sealed = self.aead.encrypt(nonce, text.encode(), name.encode())
-        return SEALED_PREFIX + binascii.b2a_base64(
-            self.key_id.bytes + nonce + sealed, newline=False).decode()
+        return SEALED_PREFIX + self.ref + binascii.b2a_base64(nonce + sealed,
+                                                               newline=False).decode()
 
 
 def new_data_key(user_id: str) -> tuple[DataKey, bytes]:
@@ -180,30 +203,39 @@ def new_data_key(user_id: str) -> tuple[DataKey, bytes]:
 
 
 def is_sealed(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(SEALED_PREFIX)
+    return isinstance(value, str) and value.startswith(SEALED_PREFIXES)
 
 
-_START = len(SEALED_PREFIX)
-# The key id's 16 bytes are the first 18 of the payload's first 24 base64 characters.
-_ID_END = _START + 24
+_START = len(SEALED_PREFIX)  # both formats' prefixes are as long
+_REF_CHARS = 22
+_REF_END = _START + _REF_CHARS
+# The first format's key id: the first 18 bytes of its payload's first 24 characters.
+_ID_END_1 = _START + 24
+# Each sealed field with its associated data.
+_AAD = tuple((name, name.encode()) for name in SEALED_FIELDS)
 
 
-def _payload(value: str) -> bytes:
+def _damaged() -> ValueError:
+    return ValueError("a sealed value that is not base64: damaged")
+
+
+def _ref(value: str) -> str | bytes:
+    """What a ring finds `value`'s key by: its ref (the format now written), or, in
+    the first format, the key id's bytes."""
+    if value.startswith(SEALED_PREFIX):
+        return value[_START:_REF_END]
     try:
-        return binascii.a2b_base64(value[_START:])
+        return binascii.a2b_base64(value[_START:_ID_END_1])[:_ID_BYTES]
     except binascii.Error:
-        raise ValueError("a sealed value that is not base64: damaged") from None
+        raise _damaged() from None
 
 
-def _raw_id(value: str) -> bytes:
-    try:
-        return binascii.a2b_base64(value[_START:_ID_END])[:_ID_BYTES]
-    except binascii.Error:
-        raise ValueError("a sealed value that is not base64: damaged") from None
+def _id_of(ref: str | bytes) -> UUID:
+    return _ref_id(ref) if isinstance(ref, str) else UUID(bytes=ref)
 
 
 def sealed_key_id(value: str) -> UUID:
-    return UUID(bytes=_raw_id(value))
+    return _id_of(_ref(value))
 
 
 def sealed_values(data: dict[str, Any]) -> Iterator[str]:
@@ -217,7 +249,19 @@ def sealed_values(data: dict[str, Any]) -> Iterator[str]:
 
 
 def key_ids(datas: Iterable[dict[str, Any]]) -> set[UUID]:
-    return {UUID(bytes=raw) for raw in {_raw_id(v) for d in datas for v in sealed_values(d)}}
+    """The ids of the keys that sealed `datas`' fields. (On a replay's path: each value's
+    key ref is a slice, and only the distinct ones are decoded.)"""
+    refs: set[str | bytes] = set()
+    for data in datas:
+        for name in SEALED_FIELDS:
+            value = data.get(name)
+            if value.__class__ is str:
+                if value.startswith(SEALED_PREFIXES):
+                    refs.add(_ref(value))
+            elif value.__class__ is list:
+                refs.update(_ref(v) for v in value
+                            if isinstance(v, str) and v.startswith(SEALED_PREFIXES))
+    return {_id_of(ref) for ref in refs}
 
 
 def seal_fields(key: DataKey, fields: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +292,9 @@ class KeyRing:
     reload_master: Callable[[Any], Awaitable[MasterKeys]] | None = None
     keys: dict[UUID, DataKey] = field(default_factory=dict)
     _wrapped: dict[UUID, bytes] = field(default_factory=dict)
-    _by_raw: dict[bytes, DataKey] = field(default_factory=dict)  # `keys` by the id's bytes
+    # `keys` by how sealed values name them: their ref, and their id's bytes (the first
+    # format's).
+    _by_ref: dict[str | bytes, DataKey] = field(default_factory=dict)
 
     def add_row(self, key_id: UUID, user_id: str, wrapped_by: str, wrapped: bytes) -> DataKey:
         held = self.keys.get(key_id)
@@ -258,7 +304,8 @@ class KeyRing:
         key = DataKey(key_id, user_id, AESGCM(raw))
         self.keys[key_id] = key
         self._wrapped[key_id] = wrapped
-        self._by_raw[key_id.bytes] = key
+        self._by_ref[key.ref] = key
+        self._by_ref[key_id.bytes] = key
         return key
 
     async def load(self, conn: Any, ids: Iterable[UUID]) -> None:
@@ -294,9 +341,11 @@ class KeyRing:
                 self.add_row(row[0], row[1], row[2], row[3])
 
     def drop(self, key_id: UUID) -> None:
-        self.keys.pop(key_id, None)
+        key = self.keys.pop(key_id, None)
         self._wrapped.pop(key_id, None)
-        self._by_raw.pop(key_id.bytes, None)
+        if key is not None:
+            self._by_ref.pop(key.ref, None)
+            self._by_ref.pop(key_id.bytes, None)
 
     def drop_user(self, user_id: str) -> None:
         for key_id in [k for k, key in self.keys.items() if key.user_id == user_id]:
@@ -304,35 +353,48 @@ class KeyRing:
 
     def open(self, name: str, value: str) -> str:
         """The plaintext of a sealed value; raises Erased if its key is not held."""
-        payload = _payload(value)
-        key = self._by_raw.get(payload[:_ID_BYTES])
-        if key is None:
+        text = self._open(name.encode(), value)
+        if text is None:
             raise Erased(name)
-        start = _ID_BYTES + NONCE_BYTES
+        return text
+
+    def _open(self, aad: bytes, value: str) -> str | None:
+        """`value` opened; None if its key is not held."""
         try:
-            return key.aead.decrypt(payload[_ID_BYTES:start], payload[start:],
-                                    name.encode()).decode()
+            if value.startswith(SEALED_PREFIX):
+                key = self._by_ref.get(value[_START:_REF_END])
+                payload = binascii.a2b_base64(value[_REF_END:])
+            else:
+                payload = binascii.a2b_base64(value[_START:])
+                key = self._by_ref.get(payload[:_ID_BYTES])
+                payload = payload[_ID_BYTES:]
+        except binascii.Error:
+            raise _damaged() from None
+        if key is None:
+            return None
+        try:
+            return key.aead.decrypt(payload[:NONCE_BYTES], payload[NONCE_BYTES:], aad).decode()
         except InvalidTag:
-            raise ValueError(f"a sealed {name} does not open with its key: damaged") from None
+            raise ValueError(f"a sealed {aad.decode()} does not open with its key: damaged"
+                             ) from None
 
     def open_data(self, data: dict[str, Any]) -> bool:
         """Open `data`'s sealed fields in place; False (and those fields None, a sealed
         tag list empty) if any key is gone: the event is erased."""
         erased = False
-        for name in SEALED_FIELDS:
+        for name, aad in _AAD:
             value = data.get(name)
-            if is_sealed(value):
-                try:
-                    data[name] = self.open(name, value)
-                except Erased:
-                    data[name] = None
-                    erased = True
-            elif isinstance(value, list) and any(is_sealed(v) for v in value):
-                try:
-                    data[name] = [self.open(name, v) if is_sealed(v) else v for v in value]
-                except Erased:
+            if value.__class__ is str:
+                if value.startswith(SEALED_PREFIXES):
+                    data[name] = text = self._open(aad, value)
+                    erased = erased or text is None
+            elif value.__class__ is list and any(is_sealed(v) for v in value):
+                texts = [self._open(aad, v) if is_sealed(v) else v for v in value]
+                if None in texts:
                     data[name] = []
                     erased = True
+                else:
+                    data[name] = texts
         return not erased
 
 

@@ -4,6 +4,8 @@ what it refuses, and the master keys' settings."""
 from __future__ import annotations
 
 import base64
+import binascii
+import os
 import secrets
 import uuid
 
@@ -11,9 +13,11 @@ import pytest
 
 from shared.datakeys import (
     SEALED_PREFIX,
+    SEALED_PREFIX_1,
     Erased,
     KeyRing,
     MasterKeyError,
+    key_ref,
     MasterKeys,
     is_sealed,
     key_ids,
@@ -52,14 +56,50 @@ def test_a_sealed_title_does_not_pass_for_a_description() -> None:
         ring.open("description", keys["alice"].seal("title", "x"))
 
 
+def test_a_sealed_value_names_its_key_by_a_ref_before_the_base64_payload() -> None:
+    _, keys = ring_with("alice")
+    key = keys["alice"]
+    sealed = key.seal("title", "Buy milk")
+    ref, payload = sealed[9:31], sealed[31:]
+    assert ref == key_ref(key.key_id) and base64.urlsafe_b64decode(ref + "==") == key.key_id.bytes
+    # nonce (12), ciphertext (as long as the text), tag (16)
+    assert len(base64.b64decode(payload, validate=True)) == 12 + len("Buy milk") + 16
+
+
 def test_a_changed_byte_is_refused() -> None:
     ring, keys = ring_with("alice")
     sealed = keys["alice"].seal("title", "Buy milk")
-    raw = bytearray(base64.b64decode(sealed[len(SEALED_PREFIX):]))
+    head, payload = sealed[:31], sealed[31:]
+    raw = bytearray(base64.b64decode(payload))
     raw[-1] ^= 1
-    tampered = SEALED_PREFIX + base64.b64encode(bytes(raw)).decode()
     with pytest.raises(ValueError, match="damaged"):
-        ring.open("title", tampered)
+        ring.open("title", head + base64.b64encode(bytes(raw)).decode())
+    with pytest.raises(ValueError, match="damaged"):
+        ring.open("title", head + payload[:-6] + "*" + payload[-5:])  # not base64
+    with pytest.raises(ValueError, match="damaged"):
+        key_ids([{"title": SEALED_PREFIX + "!" * 22 + payload}])  # a ref that is not
+
+
+def _sealed_in_the_first_format(key, name: str, text: str) -> str:
+    """What sealing wrote before the key ref: `sealed:1:<base64(id, nonce, ct + tag)>`."""
+    nonce = os.urandom(12)
+    body = key.aead.encrypt(nonce, text.encode(), name.encode())
+    return SEALED_PREFIX_1 + binascii.b2a_base64(key.key_id.bytes + nonce + body,
+                                                 newline=False).decode()
+
+
+def test_values_in_the_first_format_still_open_and_name_their_key() -> None:
+    ring, keys = ring_with("alice", "bob")
+    first = {"title": _sealed_in_the_first_format(keys["alice"], "title", "Old milk"),
+             "tags": [_sealed_in_the_first_format(keys["alice"], "tags", "old")]}
+    assert is_sealed(first["title"]) and sealed_key_id(first["title"]) == keys["alice"].key_id
+    both = [first, seal_fields(keys["bob"], {"title": "new"})]
+    assert key_ids(both) == {keys["alice"].key_id, keys["bob"].key_id}
+    assert ring.open("title", first["title"]) == "Old milk"
+    with pytest.raises(ValueError, match="damaged"):
+        ring.open("description", _sealed_in_the_first_format(keys["alice"], "title", "x"))
+    ring.drop_user("alice")
+    assert ring.open_data(first) is False and first == {"title": None, "tags": []}
 
 
 def test_fields_seal_and_open_as_an_event_holds_them() -> None:
