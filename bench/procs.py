@@ -56,6 +56,14 @@ def taskctl() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl"]
 
 
+def unpinned(argv: list[str]) -> list[str]:
+    """`argv`, run on every CPU of the machine: a child inherits its parent's affinity,
+    and the harness pins itself to the generator's CPUs (`bench.pin` sets it before
+    exec; one more interpreter start-up, ~30 ms, in a wall time)."""
+    every = ",".join(str(c) for c in range(os.cpu_count() or 1))
+    return [sys.executable, "-m", "bench.pin", every, "--", *argv]
+
+
 def master_key() -> str:
     """The benchmark's DATA_MASTER_KEY (shared/datakeys.py): made once per run and set in
     this process too, so its children and its own readers of sealed events agree."""

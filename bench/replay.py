@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, master_key, taskctl
+from bench.procs import ROOT, master_key, taskctl, unpinned
 from bench.stats import median
 
 # Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
@@ -43,7 +43,7 @@ def taskctl_has_replay() -> bool:
 
 def _pinned(cpus: set[int] | None, argv: list[str]) -> list[str]:
     if not cpus:
-        return argv
+        return unpinned(argv)  # not the harness's own CPUs
     return [sys.executable, "-m", "bench.pin", ",".join(map(str, sorted(cpus))), "--", *argv]
 
 

@@ -55,7 +55,16 @@ import psycopg
 
 from bench import data
 from bench.http import Pool, Request, closed_loop, open_loop
-from bench.procs import ROOT, Processes, db_init, free_port, master_key, split_cpus, taskctl
+from bench.procs import (
+    ROOT,
+    Processes,
+    db_init,
+    free_port,
+    master_key,
+    split_cpus,
+    taskctl,
+    unpinned,
+)
 from bench.replay import REPLAY_COMMAND
 from bench.report import _f
 from bench.scale_report import write_results
@@ -229,7 +238,7 @@ def replay(url: str, secret: str, log_dir: Path, timeout: float) -> dict[str, An
     out_path, log_path = log_dir / "replay.out", log_dir / "replay.log"
     started = time.perf_counter()
     with open(out_path, "wb") as out, open(log_path, "wb") as log:
-        popen = subprocess.Popen([*taskctl(), *REPLAY_COMMAND], cwd=ROOT, env=env,
+        popen = subprocess.Popen(unpinned([*taskctl(), *REPLAY_COMMAND]), cwd=ROOT, env=env,
                                  stdout=out, stderr=log, stdin=subprocess.DEVNULL,
                                  start_new_session=True)
     tree_peak_kb = 0
