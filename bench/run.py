@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float)
     p.add_argument("--repeats", type=int, help="saturation and ceiling repetitions (median)")
     p.add_argument("--replay-events", type=int)
+    p.add_argument("--replay-rounds", type=int,
+                   help="rounds of the replay phase: each rebuilds the sealed store (then its"
+                        " ceiling) and the open one, alternating which goes first (default 2;"
+                        " 1 with --quick)")
     p.add_argument("--replay-via", choices=("auto", "projector", "taskctl"), default="auto",
                    help="time `taskctl replay` when it exists (auto), or the projector's"
                         " catch_up into fresh read tables")
@@ -512,7 +516,7 @@ class Bench:
             open_runs: list[dict[str, Any]] = []
             # Each sealed rebuild in turn with its ceiling: a bare COPY of the rows it wrote.
             ceilings: list[dict[str, Any]] = []
-            rounds = 1 if a.quick else 2
+            rounds = a.replay_rounds or (1 if a.quick else 2)
             for n in range(rounds):
                 order = [(twin, sealed_runs), (url, open_runs)]
                 for at, into in (order if n % 2 == 0 else order[::-1]):
