@@ -256,11 +256,14 @@ def key_ids(datas: Iterable[dict[str, Any]]) -> set[UUID]:
         for name in SEALED_FIELDS:
             value = data.get(name)
             if value.__class__ is str:
-                if value.startswith(SEALED_PREFIXES):
+                if value.startswith(SEALED_PREFIX):
+                    refs.add(value[_START:_REF_END])
+                elif value.startswith(SEALED_PREFIX_1):
                     refs.add(_ref(value))
-            elif value.__class__ is list:
-                refs.update(_ref(v) for v in value
-                            if isinstance(v, str) and v.startswith(SEALED_PREFIXES))
+            elif value and value.__class__ is list:  # (most tag lists are empty)
+                for v in value:
+                    if isinstance(v, str) and v.startswith(SEALED_PREFIXES):
+                        refs.add(_ref(v))
     return {_id_of(ref) for ref in refs}
 
 
@@ -388,13 +391,15 @@ class KeyRing:
                 if value.startswith(SEALED_PREFIXES):
                     data[name] = text = self._open(aad, value)
                     erased = erased or text is None
-            elif value.__class__ is list and any(is_sealed(v) for v in value):
-                texts = [self._open(aad, v) if is_sealed(v) else v for v in value]
-                if None in texts:
-                    data[name] = []
-                    erased = True
-                else:
-                    data[name] = texts
+            elif value and value.__class__ is list:  # (most tag lists are empty)
+                texts, gone = [], False
+                for v in value:
+                    if is_sealed(v):
+                        v = self._open(aad, v)
+                        gone = gone or v is None
+                    texts.append(v)
+                data[name] = [] if gone else texts
+                erased = erased or gone
         return not erased
 
 

@@ -5,6 +5,7 @@ and nothing brings it back (projector, replay, verification, audit)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 from command_api.app import create_app as command_app
 from query_api.app import create_app as query_app
 from shared.catalog import EVENTS_TABLE, PROJECTION, replay_lock
-from shared.datakeys import DATA_KEYS_TABLE, SEALED_PREFIX
+from shared.datakeys import DATA_KEYS_TABLE, SEALED_PREFIX, SEALED_PREFIX_1, ring_for
 from shared.events import Task
 from tests.support import PostgresServer, bearer, library_store, new_user
 from tests.support.projection import catch_up, fresh_database, settings_for
@@ -248,6 +250,43 @@ def test_forget_refuses_a_user_with_events_stored_before_sealing(url: str) -> No
     assert report["legacy_tasks"] == 1 and not report["erased"]
     assert "repair procedure" in report["problem"]
     assert events_digest(url) == before
+
+
+async def test_events_sealed_in_the_first_format_open_and_are_forgotten(
+    url: str, commands: TestClient, queries: TestClient
+) -> None:
+    """Events written before the key ref (`sealed:1:<base64(key id, nonce, sealed)>`)
+    stay readable and forgettable: nothing stored needs migrating."""
+    user = new_user()
+    create(commands, user, title=marker())  # the user's data key, made by their first command
+    conn = await asyncpg.connect(url)
+    try:
+        ring = await ring_for(conn)
+        await ring.load_all(conn)
+    finally:
+        await conn.close()
+    key = next(k for k in ring.keys.values() if k.user_id == user)
+    title = "first format " + marker()
+    nonce = os.urandom(12)
+    sealed = SEALED_PREFIX_1 + base64.b64encode(
+        key.key_id.bytes + nonce + key.aead.encrypt(nonce, title.encode(), b"title")).decode()
+    store = library_store(settings_for(url))
+    try:
+        store.save(Task.create(owner=user, title=sealed, description=None, actor=user,
+                               request_id="first-format-1"))
+    finally:
+        store.close()
+    await catch_up(url)
+    listed = queries.get("/api/tasks", headers=bearer(user)).json()["data"]
+    assert title in {t["title"] for t in listed} and len(listed) == 2
+
+    out = taskctl(url, "users", "forget", user, "--json")
+
+    assert out.returncode == 0, out.stderr  # sealed, not "legacy"
+    assert json.loads(out.stdout)["legacy_tasks"] == 0
+    await catch_up(url)
+    assert queries.get("/api/tasks", headers=bearer(user)).json()["data"] == []
+    assert traces(url, title) == []
 
 
 def test_forget_waits_for_no_replay(url: str, commands: TestClient) -> None:
