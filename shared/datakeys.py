@@ -32,7 +32,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
@@ -236,16 +236,6 @@ def _id_of(ref: str | bytes) -> UUID:
 
 def sealed_key_id(value: str) -> UUID:
     return _id_of(_ref(value))
-
-
-def sealed_values(data: dict[str, Any]) -> Iterator[str]:
-    """The sealed values among an event's fields."""
-    for name in SEALED_FIELDS:
-        value = data.get(name)
-        if is_sealed(value):
-            yield value
-        elif isinstance(value, list):
-            yield from (v for v in value if is_sealed(v))
 
 
 def key_ids(datas: Iterable[dict[str, Any]]) -> set[UUID]:
