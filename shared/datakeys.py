@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 from collections.abc import Awaitable, Callable, Iterable
@@ -172,6 +173,7 @@ def key_ref(key_id: UUID) -> str:
     return base64.urlsafe_b64encode(key_id.bytes).decode()[:_REF_CHARS]
 
 
+@functools.lru_cache(maxsize=4096)  # a ref per data key: a command's load names one or two
 def _ref_id(ref: str) -> UUID:
     try:
         return UUID(bytes=base64.urlsafe_b64decode(ref + "=="))
