@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +56,17 @@ def taskctl() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "taskctl"]
 
 
-def unpinned(argv: list[str]) -> list[str]:
+def pinned(cpus: Iterable[int], argv: Sequence[str]) -> list[str]:
+    """`argv`, run on `cpus` (`bench.pin` sets the affinity before exec; one more
+    interpreter start-up, ~30 ms, in a wall time)."""
+    return [sys.executable, "-m", "bench.pin", ",".join(str(c) for c in sorted(cpus)), "--",
+            *argv]
+
+
+def unpinned(argv: Sequence[str]) -> list[str]:
     """`argv`, run on every CPU of the machine: a child inherits its parent's affinity,
-    and the harness pins itself to the generator's CPUs (`bench.pin` sets it before
-    exec; one more interpreter start-up, ~30 ms, in a wall time)."""
-    every = ",".join(str(c) for c in range(os.cpu_count() or 1))
-    return [sys.executable, "-m", "bench.pin", every, "--", *argv]
+    and the harness pins itself to the generator's CPUs."""
+    return pinned(range(os.cpu_count() or 1), argv)
 
 
 def master_key() -> str:
@@ -115,10 +120,7 @@ class Processes:
 
     def start(self, name: str, argv: Sequence[str], *, port: int | None = None,
               env: dict[str, str] | None = None) -> Proc:
-        command = list(argv)
-        if self.cpus:
-            cpus = ",".join(str(c) for c in sorted(self.cpus))
-            command = [sys.executable, "-m", "bench.pin", cpus, "--", *command]
+        command = pinned(self.cpus, argv) if self.cpus else list(argv)
         log_path = self.log_dir / f"{name}.log"
         proc = Proc(name, command, log_path, port)
         full_env = {**os.environ, **self.env, **(env or {})}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, master_key, taskctl, unpinned
+from bench.procs import ROOT, master_key, pinned, taskctl, unpinned
 from bench.stats import median
 
 # Rebuild every read table of $DATABASE_URL from the whole event log, then exit.
@@ -42,9 +42,7 @@ def taskctl_has_replay() -> bool:
 
 
 def _pinned(cpus: set[int] | None, argv: list[str]) -> list[str]:
-    if not cpus:
-        return unpinned(argv)  # not the harness's own CPUs
-    return [sys.executable, "-m", "bench.pin", ",".join(map(str, sorted(cpus))), "--", *argv]
+    return pinned(cpus, argv) if cpus else unpinned(argv)  # not the harness's own CPUs
 
 
 def rebuild(url: str, cpus: set[int] | None, via: str, log_dir: Path,
