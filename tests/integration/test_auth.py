@@ -323,7 +323,14 @@ def _rejections(k: Keys) -> list[Any]:
     def bearer_of(make: Callable[[], str]) -> Callable[[], dict[str, str]]:
         return lambda: auth(make())
 
-    past, future = int(time.time()) - 120, int(time.time()) + 600
+    # Read the clock when a test builds its token, not at collection: a suite that runs longer
+    # than these offsets would otherwise send a "not yet valid" token that has become valid.
+    def past() -> int:
+        return int(time.time()) - 120
+
+    def future() -> int:
+        return int(time.time()) + 600
+
     return [
         p("missing-header", lambda: {}, MISSING),
         p("basic-scheme", lambda: {"Authorization": "Basic dXNlcjpwYXNz"}, MISSING),
@@ -373,13 +380,17 @@ def _rejections(k: Keys) -> list[Any]:
             ),
             INVALID,
         ),
-        p("expired", bearer_of(lambda: k.ed.token(claims(exp=past, iat=past - 300))), EXPIRED),
+        p(
+            "expired",
+            bearer_of(lambda: k.ed.token(claims(exp=past(), iat=past() - 300))),
+            EXPIRED,
+        ),
         p(
             "expired-and-forged-says-invalid-not-expired",
-            bearer_of(lambda: forged_as(k.ed, claims(exp=past))),
+            bearer_of(lambda: forged_as(k.ed, claims(exp=past()))),
             INVALID,
         ),
-        p("not-yet-valid", bearer_of(lambda: k.ed.token(claims(nbf=future))), INVALID),
+        p("not-yet-valid", bearer_of(lambda: k.ed.token(claims(nbf=future()))), INVALID),
         p("missing-sub", bearer_of(lambda: k.ed.token({"exp": int(time.time()) + 300})), INVALID),
         p("empty-sub", bearer_of(lambda: k.ed.token(claims() | {"sub": ""})), INVALID),
         p("numeric-sub", bearer_of(lambda: k.ed.token(claims() | {"sub": 42})), INVALID),
