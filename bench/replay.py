@@ -7,7 +7,7 @@ Two ways, chosen by `--replay-via`:
   log; the time is measured inside the worker.
 - `taskctl`: `taskctl replay` (REPLAY_COMMAND), timed from outside (wall time, start-up
   included); its `--json` line adds the phases and the peak RSS of the replay process
-  and of its fold process (`ru_maxrss`). `auto` (the default) picks it when `taskctl`
+  and of its fold process (VmHWM). `auto` (the default) picks it when `taskctl`
   has a `replay` subcommand.
 
 The harness times each replay in turn with its ceiling (`bench.data.copy_ceiling`: a bare

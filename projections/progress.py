@@ -1,11 +1,27 @@
 """Progress of a long command on stderr: a redrawn bar on a terminal, else a plain line
-every few seconds (logs and CI keep a readable record). Standard library only."""
+every few seconds (logs and CI keep a readable record); and the peak memory of its
+processes. Standard library only."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """A process's peak resident memory in MB: `VmHWM` of /proc/<pid>/status (Linux);
+    None where there is no /proc, or the process is gone. Not `ru_maxrss`: Linux carries
+    a parent's resident size into its child's `ru_maxrss` at exec, so a program started
+    by a large process reports at least that process's size."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _duration(seconds: float) -> str:

@@ -54,6 +54,7 @@ from projections.manifest import (
     load_ddl,
     table_names,
 )
+from projections.progress import peak_rss_mb
 from projections.projector import (
     LIVE_ROWS,
     BulkRows,
@@ -168,8 +169,8 @@ class Result:
     switched: bool
     in_place: bool
     phases: dict[str, float] = field(default_factory=dict)
-    # Peak resident memory so far (ru_maxrss, MB): this process, and the largest child
-    # it has reaped (the fold process, ended by the run).
+    # Peak resident memory (MB, `peak_rss`): this process's so far, and the fold
+    # process's when the run ended it.
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
@@ -224,6 +225,7 @@ async def _replay(
     )
     fold: FoldProcess | None = None
     folding: asyncio.Future[None] | None = None
+    fold_peak: float | None = None
     try:
         await _take_replay_lock(conn, projection, lock_wait)
         await conn.execute(VERSIONS_DDL)
@@ -290,19 +292,26 @@ async def _replay(
         elif folding is not None and not folding.cancelled():
             folding.exception()  # retrieved: whatever stopped the replay is what it reports
         if fold is not None:
+            fold_peak = fold.peak_rss_mb()
             fold.close()
         conn.terminate() if conn.is_in_transaction() else await conn.close()
     seconds = time.perf_counter() - started
     return Result(projection, None if in_place else version, progress.done, seconds,
                   progress.done / seconds if seconds else 0.0, rows, True, in_place,
-                  {k: round(v, 3) for k, v in phases.items()}, peak_rss())
+                  {k: round(v, 3) for k, v in phases.items()}, peak_rss(fold_peak))
 
 
-def peak_rss() -> dict[str, float]:
-    """{"replay": this process's peak RSS, "fold": its largest reaped child's}, in MB."""
+def peak_rss(fold: float | None = None) -> dict[str, float]:
+    """{"replay": this process's peak RSS, "fold": the fold process's (`fold`, read
+    before it was stopped)}, in MB, by `peak_rss_mb` (VmHWM). Without /proc, ru_maxrss:
+    this process's, and its largest reaped child's (both include the RSS of whatever
+    started them, which Linux carries across exec)."""
+    own = peak_rss_mb()
     return {
-        "replay": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "fold": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "replay": own if own is not None else round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "fold": fold if fold is not None else round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 

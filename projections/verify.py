@@ -39,6 +39,7 @@ import orjson
 
 from projections.checkpoints import AFTER, EVENT_KEY, EVENT_ORDER, EVENTS_UP_TO, args
 from projections.manifest import READ_MODELS
+from projections.progress import peak_rss_mb
 from projections.task_list import DOC_SQL
 from shared.catalog import EVENTS_TABLE, Tables
 from shared.datakeys import KeyRing, ring_for
@@ -615,6 +616,11 @@ class FoldProcess:
                 await ready
             finally:
                 loop.remove_reader(fd)
+
+    def peak_rss_mb(self) -> float | None:
+        """The child's peak resident memory so far (MB; `peak_rss_mb`), None if it is
+        gone or there is no /proc."""
+        return peak_rss_mb(self._process.pid) if self._process.is_alive() else None
 
     def close(self) -> None:
         """Stop the child now (it holds nothing but a read-only connection)."""
