@@ -5,8 +5,10 @@ against the same reads without row-level security, in the same run.
 - with: `taskctl query-api`, DATABASE_URL naming the query role (`taskservice_query`),
   as production connects it;
 - without: the same query API, its statements not setting their user
-  (bench/rls_bypassed.py), connected as `bench_query_bypassrls`: a role that inherits
-  the query role's privileges and has BYPASSRLS, so no policy applies.
+  (bench/rls_bypassed.py), connected as `bench_query_bypassrls_<random>`: a role made
+  for the phase that inherits the query role's privileges and has BYPASSRLS, so no
+  policy applies. It is dropped when the phase ends: a login role that bypasses the
+  policies must not outlive the measurement on the cluster (roles are cluster-wide).
 
 Both are non-superusers with the same grants, served the same way, on the same data.
 Each query kind is measured at saturation on both, back to back, which goes first
@@ -16,7 +18,9 @@ the ratio of the medians and the median of each repetition's with/without ratio.
 
 from __future__ import annotations
 
+import secrets
 import sys
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,13 +33,9 @@ from bench.workload import QUERY_KINDS, OurRequests
 from shared import aio
 
 QUERY_ROLE = "taskservice_query"  # taskctl.dbinit.QUERY_ROLE (the bench may not import taskctl)
-BYPASS_ROLE = "bench_query_bypassrls"
-# Made once per cluster (roles are cluster-wide), idempotently.
-_BYPASS_ROLE = (
-    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN"
-    " CREATE ROLE {role} LOGIN BYPASSRLS INHERIT; END IF;"
-    " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
-)
+BYPASS_ROLE = "bench_query_bypassrls"  # the prefix: each run makes its own, then drops it
+
+
 TARGET = 0.9
 
 
@@ -46,27 +46,59 @@ def as_role(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def make_bypass_role(url: str) -> None:
+def make_bypass_role(url: str) -> str:
+    """A new login role with BYPASSRLS and the query role's privileges; its name. (The
+    fixed-name role runs before 2026-12-04 made and left is dropped too, if it is idle.)"""
+    role = f"{BYPASS_ROLE}_{secrets.token_hex(4)}"
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(_BYPASS_ROLE.format(role=BYPASS_ROLE))
-        conn.execute(f"GRANT {QUERY_ROLE} TO {BYPASS_ROLE}")
+        conn.execute(f"CREATE ROLE {role} LOGIN BYPASSRLS INHERIT")
+        conn.execute(f"GRANT {QUERY_ROLE} TO {role}")
+        if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE usename = %s",
+                            (BYPASS_ROLE,)).fetchone():
+            try:
+                conn.execute(f"DROP ROLE IF EXISTS {BYPASS_ROLE}")
+            except psycopg.Error:
+                pass  # it holds privileges elsewhere: left to its owner
+    return role
+
+
+def drop_role(url: str, role: str) -> None:
+    """Drop `role` once no session uses it (its server has just stopped; its backends
+    may take a moment to go)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT 1 FROM pg_stat_activity WHERE usename = %s",
+                           (role,)).fetchone() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 def measure(bench: Any) -> dict[str, Any]:
     """Start both query APIs beside the run's servers, measure, stop them."""
     a = bench.args
-    make_bypass_role(bench.url)
-    servers = {}
-    for name, argv, role in (
-        ("query-api-rls", [*taskctl(), "query-api"], QUERY_ROLE),
-        ("query-api-rls-bypassed", [sys.executable, "-m", "bench.rls_bypassed"], BYPASS_ROLE),
-    ):
-        port = free_port()
-        servers[name] = bench.servers[name] = bench.procs.start(
-            name, [*argv, "--host", "127.0.0.1", "--port", str(port)], port=port,
-            env={"DATABASE_URL": as_role(bench.url, role)})
-    for proc in servers.values():
-        bench.procs.wait_healthy(proc)
+    bypass = make_bypass_role(bench.url)
+    servers: dict[str, Any] = {}
+    try:
+        for name, argv, role in (
+            ("query-api-rls", [*taskctl(), "query-api"], QUERY_ROLE),
+            ("query-api-rls-bypassed", [sys.executable, "-m", "bench.rls_bypassed"], bypass),
+        ):
+            port = free_port()
+            servers[name] = bench.servers[name] = bench.procs.start(
+                name, [*argv, "--host", "127.0.0.1", "--port", str(port)], port=port,
+                env={"DATABASE_URL": as_role(bench.url, role)})
+        for proc in servers.values():
+            bench.procs.wait_healthy(proc)
+        return _measure(bench, servers, bypass)
+    finally:
+        for proc in servers.values():
+            bench.procs.stop(proc)
+            bench.servers.pop(proc.name, None)
+        drop_role(bench.url, bypass)
+
+
+def _measure(bench: Any, servers: dict[str, Any], bypass: str) -> dict[str, Any]:
+    a = bench.args
 
     def one(port: int, next_request: Any) -> dict[str, Any]:
         bench.settle()
@@ -81,26 +113,21 @@ def measure(bench: Any) -> dict[str, Any]:
     kinds = [k for k in a.kinds if k in QUERY_KINDS]
     with_rls: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     without: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-    try:
-        for rep in range(a.repeats):
-            bench.say(f"row security {rep + 1}/{a.repeats}: {', '.join(kinds)} with and"
-                      f" without, {a.saturation_seconds:g}s each")
-            for kind in kinds:
-                bench.wait_projector(timeout=60)
-                ours = OurRequests(bench.users, Pool(0, 0), Pool(0, 0))
+    for rep in range(a.repeats):
+        bench.say(f"row security {rep + 1}/{a.repeats}: {', '.join(kinds)} with and"
+                  f" without, {a.saturation_seconds:g}s each")
+        for kind in kinds:
+            bench.wait_projector(timeout=60)
+            ours = OurRequests(bench.users, Pool(0, 0), Pool(0, 0))
 
-                def next_request(rng: Any, kind: str = kind, ours: OurRequests = ours) -> Any:
-                    built = ours.build(kind, rng)
-                    return None if built is None else built[1]
+            def next_request(rng: Any, kind: str = kind, ours: OurRequests = ours) -> Any:
+                built = ours.build(kind, rng)
+                return None if built is None else built[1]
 
-                pair = [(with_rls[kind], servers["query-api-rls"].port),
-                        (without[kind], servers["query-api-rls-bypassed"].port)]
-                for into, port in (pair if rep % 2 == 0 else pair[::-1]):
-                    into.append(one(port, next_request))
-    finally:
-        for proc in servers.values():
-            bench.procs.stop(proc)
-            bench.servers.pop(proc.name, None)
+            pair = [(with_rls[kind], servers["query-api-rls"].port),
+                    (without[kind], servers["query-api-rls-bypassed"].port)]
+            for into, port in (pair if rep % 2 == 0 else pair[::-1]):
+                into.append(one(port, next_request))
 
     def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -115,8 +142,8 @@ def measure(bench: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "with": f"taskctl query-api as {QUERY_ROLE} (the policies apply)",
-        "without": f"bench.rls_bypassed (no user set) as {BYPASS_ROLE} (BYPASSRLS, the"
-                   f" query role's privileges)",
+        "without": f"bench.rls_bypassed (no user set) as {bypass} (BYPASSRLS, the"
+                   f" query role's privileges; made for the run and dropped)",
         "connections": a.connections, "seconds": a.saturation_seconds,
         "repeats": a.repeats, "target": TARGET, "kinds": {},
     }

@@ -57,6 +57,12 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
     for kind, row in checks.items():
         assert row["rps"] > 0 and row["errors"] == 0 and row["ours_vs_unchecked"] > 0, kind
 
+    rls = r["row_security"]["kinds"]
+    assert set(rls) == {"list", "get", "history"}
+    for kind, row in rls.items():
+        assert row["with"]["rps"] > 0 and row["without"]["rps"] > 0, kind
+        assert row["with"]["errors"] == 0 and row["without"]["errors"] == 0, kind
+
     replay = r["replay"]
     assert replay["events"] >= 20_000
     assert replay["events_per_s"] > 0 and replay["ceiling_rows_per_s"] > 0
@@ -65,13 +71,17 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
     assert {t["figure"] for t in r["targets"]} >= {"errors", "replay (events/s)"}
     assert r["errors_total"] == 0, json.dumps(r, indent=1)[-4000:]
 
-    # its databases are dropped
+    # its databases are dropped, and the login role it made to bypass row-level security
     with psycopg.connect(pg_server.url) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s",
             (r["data"]["database"] + "%",),
         ).fetchall()
+        bypass = r["row_security"]["without"].split(" as ", 1)[1].split(" ", 1)[0]
+        assert bypass.startswith("bench_query_bypassrls_")
+        role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone()
     assert left == []
+    assert role is None
 
 
 def run_small(module: str, pg_url: str) -> subprocess.CompletedProcess[str]:
