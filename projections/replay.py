@@ -304,8 +304,7 @@ async def _replay(
 def peak_rss(fold: float | None = None) -> dict[str, float]:
     """{"replay": this process's peak RSS, "fold": the fold process's (`fold`, read
     before it was stopped)}, in MB, by `peak_rss_mb` (VmHWM). Without /proc, ru_maxrss:
-    this process's, and its largest reaped child's (both include the RSS of whatever
-    started them, which Linux carries across exec)."""
+    this process's, and its largest reaped child's."""
     own = peak_rss_mb()
     return {
         "replay": own if own is not None else round(
