@@ -125,7 +125,8 @@ def event_templates() -> dict[str, str]:
         for event in [*first.collect_events(), *second.collect_events()[1:]]:
             stored = app.mapper.to_stored_event(event)
             state = stored.state.decode()
-            templates[stored.topic] = re.sub(r'"_data_":"[^"]+"', '"_data_":"@@TS@@"', state, 1)
+            templates[stored.topic] = re.sub(r'"_data_":"[^"]+"', '"_data_":"@@TS@@"', state,
+                                             count=1)
     finally:
         app.close()
     assert set(templates) == set(EVENT_TOPICS), templates
