@@ -34,8 +34,6 @@ from shared import aio
 
 QUERY_ROLE = "taskservice_query"  # taskctl.dbinit.QUERY_ROLE (the bench may not import taskctl)
 BYPASS_ROLE = "bench_query_bypassrls"  # the prefix: each run makes its own, then drops it
-
-
 TARGET = 0.9
 
 
@@ -144,6 +142,7 @@ def _measure(bench: Any, servers: dict[str, Any], bypass: str) -> dict[str, Any]
         "with": f"taskctl query-api as {QUERY_ROLE} (the policies apply)",
         "without": f"bench.rls_bypassed (no user set) as {bypass} (BYPASSRLS, the"
                    f" query role's privileges; made for the run and dropped)",
+        "bypass_role": bypass,
         "connections": a.connections, "seconds": a.saturation_seconds,
         "repeats": a.repeats, "target": TARGET, "kinds": {},
     }

@@ -77,7 +77,7 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
             "SELECT datname FROM pg_database WHERE datname LIKE %s",
             (r["data"]["database"] + "%",),
         ).fetchall()
-        bypass = r["row_security"]["without"].split(" as ", 1)[1].split(" ", 1)[0]
+        bypass = r["row_security"]["bypass_role"]
         assert bypass.startswith("bench_query_bypassrls_")
         role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone()
     assert left == []
