@@ -169,6 +169,14 @@ class HandlerFailed(Exception):
             f" topic={topic}: {cause}"
         )
 
+    @classmethod
+    def again(cls, position: int, message: str) -> HandlerFailed:
+        """The same failure, raised by another process (a replay's second loader)."""
+        failure = cls.__new__(cls)
+        Exception.__init__(failure, message)
+        failure.position = position
+        return failure
+
 
 def _decode(rows: Sequence[asyncpg.Record]) -> list[TaskEvent]:
     events = []
@@ -445,12 +453,18 @@ async def apply_until_caught_up(
 
 
 # The replay's load: every event up to a position ($1, $2), task by task (the events'
-# primary key), read with a server-side cursor of one read-only transaction.
+# primary key), read with a server-side cursor of one read-only transaction; with a
+# `TaskRange`, only the tasks from $3 (inclusive) to $4 (exclusive), either end open.
 SELECT_EVENTS_BY_TASK = (
     "SELECT notification_id, originator_id, originator_version, topic, state, tx_id"
     f" FROM {EVENTS_TABLE} WHERE (tx_id, notification_id) <= ($1::text::xid8, $2::bigint)"
+    " AND ($3::uuid IS NULL OR originator_id >= $3::uuid)"
+    " AND ($4::uuid IS NULL OR originator_id < $4::uuid)"
     " ORDER BY originator_id, originator_version"
 )
+# Tasks from `lo` (inclusive) to `hi` (exclusive) by id; None: that end is open.
+TaskRange = tuple[UUID | None, UUID | None]
+EVERY_TASK: TaskRange = (None, None)
 # ... read by a sort, not by the key's index: an index scan fetches the events' pages in
 # random order (3x slower than the sort on the 2-core VM when it was busy, and no faster
 # when it was quiet). The sort spills past `work_mem` to temporary files: the server's
@@ -470,12 +484,16 @@ async def load_by_task(
     *,
     batch_size: int = BATCH_SIZE,
     after_batch: AfterBatch | None = None,
+    tasks: TaskRange = EVERY_TASK,
+    checkpoint: bool = True,
 ) -> None:
-    """Apply every event up to `upto` (all committed) to the fresh tables `t`, task by
-    task: pages of `batch_size` events from a cursor on `read` (sorted by the server,
-    `SORTED_READ`; the next page is fetched
+    """Apply every event up to `upto` (all committed) of the tasks in `tasks` to the
+    fresh tables `t`, task by task: pages of `batch_size` events from a cursor on `read`
+    (sorted by the server, `SORTED_READ`; the next page is fetched
     while one is folded), each folded by `apply_events` into `sink` (whose COPYs run on
-    its own connection), then the checkpoint at `upto`, on `conn`. A task's events come
+    its own connection), then (`checkpoint`) the checkpoint at `upto`, on `conn`. Loads
+    of disjoint ranges may run at once, on connections of their own: their rows are
+    disjoint, and the counts are added up (`user_stats`, in the users' order). A task's events come
     in version order, which is their order in the log; the tables end as the runner's
     steps in the log's order leave them (one task's rows never depend on another's, and
     the counts are sums). Memory: a few pages, whatever the size of the store. The read
@@ -483,7 +501,8 @@ async def load_by_task(
     (`SAFE_BOUND`)."""
     async with read.transaction(isolation="repeatable_read", readonly=True):
         await read.execute(SORTED_READ)
-        cursor = await read.cursor(SELECT_EVENTS_BY_TASK, str(upto.tx_id), upto.notification_id)
+        cursor = await read.cursor(SELECT_EVENTS_BY_TASK, str(upto.tx_id), upto.notification_id,
+                                   *tasks)
         fetching: asyncio.Future[list[asyncpg.Record]] = asyncio.ensure_future(
             cursor.fetch(batch_size))
         try:
@@ -504,7 +523,12 @@ async def load_by_task(
             fetching.cancel()
             sink.abandon()
             raise
-    await conn.execute(SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *upto)
+    if checkpoint:
+        await save_checkpoint(conn, t, upto)
+
+
+async def save_checkpoint(conn: asyncpg.Connection, t: Tables, position: Position) -> None:
+    await conn.execute(SAVE_CHECKPOINT.format(checkpoints=t.checkpoints), PROJECTION, *position)
 
 
 # -- the live process ------------------------------------------------------------------

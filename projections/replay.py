@@ -8,9 +8,11 @@ live ones, then switch the query side over in one transaction.
    (`projections.projector.load_by_task`: the same handlers, fed task by task from a
    server-side cursor in the events' key order, into its `BulkRows` sink, which COPYs
    each page's rows and finished tasks while the next page is folded; then their own
-   checkpoint row). The live projector and the query API keep using the live tables.
+   checkpoint row). A large store's load is split by task id over processes, one per
+   core (`projections.loader`): this one loads the first range, a child each other one.
+   The live projector and the query API keep using the live tables.
    Meanwhile a child process (`verify.FoldProcess`) folds the same events
-   independently, on the other core, task by task too.
+   independently, task by task too, reading them on its own.
 2. Add the keys and the indexes (each table's on a connection of its own, at once:
    `build_keys_and_indexes`), catch up again in the log's order, and check the tables against
    the independent fold (`projections.verify`), advanced to the same checkpoint:
@@ -23,14 +25,14 @@ live ones, then switch the query side over in one transaction.
 
 Every step iterates the read models of `projections.manifest`.
 
-Memory: neither this process nor the fold's holds more than a few pages of events, their
-tasks' states and one summary per user, whatever the size of the store (README, "Replay",
+Memory: neither this process nor a loader's nor the fold's holds more than a few pages of
+events, their tasks' states and one summary per user, whatever the size of the store (README, "Replay",
 states the measured bound).
 
 Readers name the tables (`read_tasks`...), so a query sees the old tables or the new
 ones, both complete, never a mix. Killed at any point before the switch commits, the
-live tables are untouched and the next run starts clean (the fold process dies with
-the replay).
+live tables are untouched and the next run starts clean (the fold and loader processes
+die with the replay).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ from projections.projector import (
     ensure_checkpoint,
     load_by_task,
     safe_bound,
+    save_checkpoint,
 )
+from projections.loader import LoadProcess, loaders_for, split
 from projections.verify import FoldProcess, compare, summarise
 from shared.catalog import (
     ADVANCED_CHANNEL,
@@ -149,13 +153,24 @@ class ReplayCounter:
     total: int = 0
     done: int = 0
     on_progress: Callable[[int, int], None] | None = None
+    # Events applied by other processes (a parallel load's `LoadProcess`es) so far.
+    elsewhere: Callable[[], int] | None = None
 
     async def add(self, _: Position, count: int, __: float) -> None:
         """An `after_batch` of the runner."""
         self.done += count
-        REPLAY_EVENTS.labels(PROJECTION).set(self.done)
+        self.report()
+
+    def report(self) -> None:
+        done = self.done + (self.elsewhere() if self.elsewhere is not None else 0)
+        REPLAY_EVENTS.labels(PROJECTION).set(done)
         if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
+            self.on_progress(done, self.total)
+
+    def absorb(self, count: int) -> None:
+        """The other processes are done: `count` events were theirs."""
+        self.elsewhere = None
+        self.done += count
 
 
 @dataclass
@@ -169,9 +184,10 @@ class Result:
     switched: bool
     in_place: bool
     phases: dict[str, float] = field(default_factory=dict)
-    # Peak resident memory (MB, `peak_rss`): this process's so far, and the fold
-    # process's when the run ended it.
+    # Peak resident memory (MB, `peak_rss`): this process's so far, the fold process's
+    # when the run ended it, and a second loader's ("load") when the load had one.
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    loaders: int = 1  # processes that loaded the events (`projections.loader`)
 
 
 async def replay(
@@ -182,12 +198,16 @@ async def replay(
     in_place: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     lock_wait: float = LOCK_WAIT,
+    loaders: int | None = None,
 ) -> Result:
     """Rebuild `projection` and switch to it (or rebuild the live tables `in_place`).
-    Raises `VerificationFailed` (nothing switched) or `ReplayBusy` (another replay still
-    held the projection after `lock_wait` seconds)."""
+    `loaders`: processes that load the events (default: by the store's size and the
+    cores, `projections.loader.loaders_for`). Raises `VerificationFailed` (nothing
+    switched) or `ReplayBusy` (another replay still held the projection after
+    `lock_wait` seconds)."""
     with _without_cyclic_gc():
-        return await _replay(dsn, projection, batch_size, in_place, on_progress, lock_wait)
+        return await _replay(dsn, projection, batch_size, in_place, on_progress, lock_wait,
+                             loaders)
 
 
 @contextmanager
@@ -211,6 +231,7 @@ async def _replay(
     in_place: bool,
     on_progress: Callable[[int, int], None] | None,
     lock_wait: float,
+    loaders: int | None,
 ) -> Result:
     live = PROJECTIONS[projection]
     started = time.perf_counter()
@@ -226,6 +247,7 @@ async def _replay(
     fold: FoldProcess | None = None
     folding: asyncio.Future[None] | None = None
     fold_peak: float | None = None
+    peaks: dict[str, float] = {}
     try:
         await _take_replay_lock(conn, projection, lock_wait)
         await conn.execute(VERSIONS_DDL)
@@ -255,7 +277,9 @@ async def _replay(
         if in_place:  # the live projector may write these tables too
             await _drain(conn, target, batch_size, progress)
         else:
-            await _load(dsn, conn, target, upto, batch_size, progress)
+            if loaders is None:
+                loaders = loaders_for(progress.total)
+            loaders = await _load(dsn, conn, target, upto, batch_size, progress, loaders, peaks)
         phases["load"] = time.perf_counter() - mark
         if not in_place:
             mark = time.perf_counter()
@@ -298,7 +322,8 @@ async def _replay(
     seconds = time.perf_counter() - started
     return Result(projection, None if in_place else version, progress.done, seconds,
                   progress.done / seconds if seconds else 0.0, rows, True, in_place,
-                  {k: round(v, 3) for k, v in phases.items()}, peak_rss(fold_peak))
+                  {k: round(v, 3) for k, v in phases.items()}, {**peak_rss(fold_peak), **peaks},
+                  1 if in_place else loaders or 1)
 
 
 def peak_rss(fold: float | None = None) -> dict[str, float]:
@@ -347,20 +372,48 @@ async def _load(
     upto: Position,
     batch_size: int,
     progress: ReplayCounter,
-) -> None:
-    """Every event up to `upto` into the fresh tables `t`, task by task: read on one
-    connection, COPYed on another, the checkpoint on `conn`."""
-    settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
-    read = await asyncpg.connect(dsn, server_settings=settings)
+    loaders: int,
+    peaks: dict[str, float],
+) -> int:
+    """Every event up to `upto` into the fresh tables `t`, task by task, split into
+    `loaders` ranges of tasks (`projections.loader.split`): this process loads the
+    first (read on one connection, COPYed on another), a `LoadProcess` each other one;
+    then the checkpoint, on `conn`. How many processes loaded; their peak RSS into
+    `peaks` ("load")."""
+    ranges = await split(conn, progress.total, loaders)
+    others = [LoadProcess(dsn, t, upto, tasks, batch_size) for tasks in ranges[1:]]
+    loading = [asyncio.ensure_future(other.wait()) for other in others]
+    progress.elsewhere = lambda: sum(other.done for other in others)
     try:
-        writer = await asyncpg.connect(dsn, server_settings=settings)
+        settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
+        read = await asyncpg.connect(dsn, server_settings=settings)
         try:
-            await load_by_task(read, conn, t, upto, BulkRows(writer), batch_size=batch_size,
-                               after_batch=progress.add)
+            writer = await asyncpg.connect(dsn, server_settings=settings)
+            try:
+                await load_by_task(read, conn, t, upto, BulkRows(writer),
+                                   batch_size=batch_size, after_batch=progress.add,
+                                   tasks=ranges[0], checkpoint=False)
+            finally:
+                writer.terminate() if writer.is_in_transaction() else await writer.close()
         finally:
-            writer.terminate() if writer.is_in_transaction() else await writer.close()
+            read.terminate() if read.is_in_transaction() else await read.close()
+        while loading and not all(f.done() for f in loading):  # the others', reported
+            await asyncio.wait(loading, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
+            progress.report()
+        await asyncio.gather(*loading)
+        progress.absorb(sum(other.done for other in others))
+        for other in others:
+            peak = other.peak_rss_mb()
+            if peak is not None:
+                peaks["load"] = max(peaks.get("load", 0.0), peak)
     finally:
-        read.terminate() if read.is_in_transaction() else await read.close()
+        progress.elsewhere = None
+        for future in loading:
+            future.cancel()
+        for other in others:
+            other.close()
+    await save_checkpoint(conn, t, upto)
+    return len(ranges)
 
 
 async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:

@@ -93,7 +93,9 @@ class Rows:
 
     async def write(self, conn: asyncpg.Connection, t: Tables) -> None:
         if self.sums:
-            users = list(self.sums)
+            # In the users' order: two loads of a replay may add to the same users at once,
+            # and rows locked in one order never deadlock.
+            users = sorted(self.sums)
             await conn.execute(
                 ADD_COUNTS.format(stats=t.stats),
                 users,

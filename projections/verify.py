@@ -21,13 +21,8 @@ added up, so its memory does not grow with the store.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
-import multiprocessing
-import os
-import signal
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -39,7 +34,7 @@ import orjson
 
 from projections.checkpoints import AFTER, EVENT_KEY, EVENT_ORDER, EVENTS_UP_TO, args
 from projections.manifest import READ_MODELS
-from projections.progress import peak_rss_mb
+from projections.child import Child, ChildFailed
 from projections.task_list import DOC_SQL
 from shared.catalog import EVENTS_TABLE, Tables
 from shared.datakeys import KeyRing, ring_for
@@ -548,40 +543,22 @@ def compare(expected: dict[str, Summary], actual: dict[str, Summary]) -> dict[st
 APPLICATION_NAME = "taskservice-replay-fold"
 
 
-class FoldProcessFailed(RuntimeError):
+class FoldProcessFailed(ChildFailed):
     """The fold process failed (its database connection, say) or died."""
 
 
 class FoldProcess:
-    """A `Fold` in a child process, driven from the replay's event loop: `advance` folds
-    up to a position (concurrently with whatever the caller does meanwhile), `check`
-    folds up to a position and returns the expected summaries. The child holds the
-    fold's state between calls, one call at a time, in order; it dies with its parent
-    (SIGKILL on Linux, else at its next read of the pipe) and ignores Ctrl-C (the
-    parent stops it)."""
+    """A `TaskFold` in a child process (`projections.child.Child`), driven from the
+    replay's event loop: `advance` folds up to a position (concurrently with whatever the
+    caller does meanwhile), `check` folds up to a position and returns the expected
+    summaries. The child holds the fold's state between calls."""
 
     def __init__(self, dsn: str) -> None:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process with a running loop
-        self._pipe, child = ctx.Pipe()
-        self._process = ctx.Process(
-            target=_serve, args=(dsn, child, os.getpid()), name="replay-fold", daemon=True
-        )
-        # Started with SIGINT ignored, which the child inherits across exec and Python
-        # keeps: a Ctrl-C to the whole process group while the child is still starting
-        # (before `_serve` runs) must not kill it either.
-        if threading.current_thread() is not threading.main_thread():  # no signals there
-            self._process.start()
-        else:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                self._process.start()
-            finally:
-                signal.signal(signal.SIGINT, previous)
-        child.close()
-        self._lock = asyncio.Lock()
+        self._child = Child(_handle, TaskFold, (dsn,), name="replay-fold",
+                            what="verification fold", failed=FoldProcessFailed)
 
     async def advance(self, upto: Position) -> None:
-        await self._call("advance", tuple(upto))
+        await self._child.call("advance", tuple(upto))
 
     async def check(
         self, upto: Position, users: Literal["all", "touched"], also: Iterable[str] = ()
@@ -589,82 +566,16 @@ class FoldProcess:
         """Fold up to `upto`; (the users checked, their expected summaries, problems).
         `users`: "all", or "touched": those whose events this call folded, plus `also`
         (None stands for every user)."""
-        reply = await self._call("check", tuple(upto), users, sorted(set(also)))
+        reply = await self._child.call("check", tuple(upto), users, sorted(set(also)))
         return reply  # type: ignore[no-any-return]
 
-    async def _call(self, *message: Any) -> Any:
-        async with self._lock:
-            try:  # a child that died between calls closed its end: send fails then
-                self._pipe.send(message)
-                await self._readable()
-                ok, value = self._pipe.recv()
-            except (EOFError, OSError) as e:
-                raise FoldProcessFailed(
-                    f"the verification fold process died (exit code {self._process.exitcode})"
-                ) from e
-        if not ok:
-            raise FoldProcessFailed(f"the verification fold failed: {value}")
-        return value
-
-    async def _readable(self) -> None:
-        loop = asyncio.get_running_loop()
-        fd = self._pipe.fileno()
-        while not self._pipe.poll():
-            ready = loop.create_future()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
-
     def peak_rss_mb(self) -> float | None:
-        """The child's peak resident memory so far (MB; `peak_rss_mb`), None if it is
-        gone or there is no /proc."""
-        return peak_rss_mb(self._process.pid) if self._process.is_alive() else None
+        """The child's peak resident memory so far (MB), None if it is gone."""
+        return self._child.peak_rss_mb()
 
     def close(self) -> None:
         """Stop the child now (it holds nothing but a read-only connection)."""
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(5)
-        self._pipe.close()
-
-
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when its parent dies. (Linux sends it when the parent's
-    *thread* that started the child ends: `FoldProcess` is started from the thread that
-    runs the replay's event loop, which lives as long as the replay.)"""
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the child still exits at its next read of the closed pipe
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _serve(dsn: str, pipe: Any, parent: int) -> None:
-    _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    gc.disable()  # the same reasoning as the replay's: many held objects, no cycles
-    fold = TaskFold()
-    while True:
-        try:
-            message = pipe.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            reply: Any = asyncio.run(_handle(dsn, fold, *message))
-        except Exception as e:  # handed to the parent, which raises it
-            reply = (False, f"{type(e).__name__}: {e}")
-        else:
-            reply = (True, reply)
-        try:
-            pipe.send(reply)
-        except OSError:
-            return
+        self._child.close()
 
 
 async def _handle(dsn: str, fold: TaskFold, command: str, upto: tuple[int, int],

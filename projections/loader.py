@@ -1,0 +1,132 @@
+"""The replay's load, split by task id over processes: each process loads the events of
+its own range of tasks (`projector.load_by_task` with a `TaskRange`, into its own
+`BulkRows` sink), so folding and encoding the rows, which is Python's work and takes one
+core per process, runs on every core.
+
+The replay's process loads the first range itself; each further range is loaded by a
+`LoadProcess`, a child that connects on its own, reads its tasks' events in one
+read-only transaction and COPYs their rows, and counts the events it has applied in
+memory the parent reads (the progress report's). Nobody writes the checkpoint but the
+replay, once every range is loaded.
+
+`split` picks the ranges' bounds from a sample of the events, so each range holds about
+as many events, whatever the task ids look like (random, time-ordered, or supplied by
+a client).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from projections.child import Child, ChildFailed
+from projections.projector import BulkRows, HandlerFailed, TaskRange, load_by_task
+from shared.catalog import EVENTS_TABLE, Tables
+from shared.errors import DATABASE_DOWN
+from shared.position import Position
+
+APPLICATION_NAME = "taskservice-replay-load"
+# Below this many events a second process costs more (its start, a second sort) than
+# it saves; at or above it, one loader per core up to `MAX_LOADERS`.
+PARALLEL_FROM = 200_000
+MAX_LOADERS = 2
+# The bounds come from about this many sampled events (`split`).
+SAMPLE_ROWS = 20_000
+
+# The range bounds: the task ids at even steps of the sampled events, in id order
+# ($1: the sample's percentage of the table's pages, $2: the fractions).
+SPLIT_POINTS = (
+    "SELECT percentile_disc($2::float8[]) WITHIN GROUP (ORDER BY originator_id)"
+    f" FROM {EVENTS_TABLE} TABLESAMPLE SYSTEM ($1)"
+)
+
+
+class LoadFailed(ChildFailed):
+    """A loader process failed or died."""
+
+
+def loaders_for(events: int, cpus: int | None = None) -> int:
+    """How many processes load a store of `events` events (`PARALLEL_FROM`)."""
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return 1 if events < PARALLEL_FROM else max(1, min(MAX_LOADERS, cpus))
+
+
+async def split(conn: asyncpg.Connection, events: int, parts: int) -> list[TaskRange]:
+    """`parts` ranges that cover every task id, each with about as many of the
+    `events` events; fewer (one) when the sample finds no distinct bounds."""
+    if parts <= 1 or events <= 0:
+        return [(None, None)]
+    percent = min(100.0, 100.0 * SAMPLE_ROWS / events)
+    bounds = await conn.fetchval(SPLIT_POINTS, percent, [n / parts for n in range(1, parts)])
+    cuts = sorted({b for b in bounds or () if b is not None})
+    ends: list[UUID | None] = [None, *cuts, None]
+    return list(zip(ends[:-1], ends[1:], strict=True))
+
+
+class LoadProcess:
+    """`load_by_task` of one `TaskRange` in a child process, started at once; `wait`
+    returns when it has loaded its range (and raises what stopped it: `HandlerFailed`
+    for an event it cannot apply, `ConnectionError` for a lost database, `LoadFailed`
+    otherwise). `done` is how many events it has applied so far."""
+
+    def __init__(self, dsn: str, t: Tables, upto: Position, tasks: TaskRange,
+                 batch_size: int) -> None:
+        self._done = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
+        self._child = Child(_load, _no_state, (dsn, t, tuple(upto), tasks, batch_size,
+                                               self._done),
+                            name="replay-load", what="second loader", failed=LoadFailed)
+
+    @property
+    def done(self) -> int:
+        return int(self._done.value)
+
+    async def wait(self) -> None:
+        outcome = await self._child.call("load")
+        if outcome is None:
+            return
+        kind, *what = outcome
+        if kind == "handler":
+            raise HandlerFailed.again(*what)
+        raise ConnectionError(f"the second loader lost the database: {what[0]}")
+
+    def peak_rss_mb(self) -> float | None:
+        return self._child.peak_rss_mb()
+
+    def close(self) -> None:
+        self._child.close()
+
+
+async def _load(dsn: str, t: Tables, upto: tuple[int, int], tasks: TaskRange,
+                batch_size: int, done: Any, _: None, command: str) -> Any:
+    """In the child: load `tasks`; None, or (kind, ...) of what stopped it."""
+    assert command == "load"
+    settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
+
+    async def count(_: Position, events: int, __: float) -> None:
+        done.value += events
+
+    conns: list[asyncpg.Connection] = []
+    try:
+        for _ in range(3):  # the events' cursor, the keys' reads, the COPYs
+            conns.append(await asyncpg.connect(dsn, server_settings=settings))
+        read, keys, writer = conns
+        await load_by_task(read, keys, t, Position(*upto), BulkRows(writer),
+                           batch_size=batch_size, after_batch=count, tasks=tasks,
+                           checkpoint=False)
+    except HandlerFailed as e:
+        return ("handler", e.position, str(e))
+    except DATABASE_DOWN as e:
+        return ("down", f"{type(e).__name__}: {e}")
+    finally:
+        for conn in conns:
+            conn.terminate()
+    return None
+
+
+def _no_state() -> None:
+    return None
+
