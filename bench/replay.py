@@ -108,7 +108,9 @@ def against_ceiling(replays: list[dict[str, Any]],
         **middle,
         "seconds": round(middle["seconds"], 2),
         "events_per_s": round(middle["events_per_s"]),
-        "peak_rss_mb": {k: max(p[k] for p in peaks) for k in peaks[0]} if peaks else None,
+        # Each process's largest (a small store's replay has no second loader: "load").
+        "peak_rss_mb": {k: max(p.get(k, 0.0) for p in peaks)
+                        for k in dict.fromkeys(k for p in peaks for k in p)} if peaks else None,
         "ceiling": CEILING,
         "ceiling_rows": ceilings[-1]["rows"],
         "ceiling_seconds": round(ceiling, 2),
