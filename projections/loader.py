@@ -25,6 +25,7 @@ import asyncpg
 
 from projections.child import Child, ChildFailed
 from projections.projector import BulkRows, HandlerFailed, TaskRange, load_by_task
+from projections.verify import Summary, TaskFold
 from shared.catalog import EVENTS_TABLE, Tables
 from shared.errors import DATABASE_DOWN
 from shared.position import Position
@@ -84,14 +85,14 @@ class LoadProcess:
     def done(self) -> int:
         return int(self._done.value)
 
-    async def wait(self) -> None:
-        outcome = await self._child.call("load")
-        if outcome is None:
-            return
-        kind, *what = outcome
+    async def wait(self) -> tuple[dict[str, Summary], list[str]]:
+        """Its verification fold's per-user summaries and problems (`TaskFold.observe`)."""
+        kind, *what = await self._child.call("load")
         if kind == "handler":
             raise HandlerFailed.again(*what)
-        raise ConnectionError(f"the second loader lost the database: {what[0]}")
+        if kind == "down":
+            raise ConnectionError(f"the second loader lost the database: {what[0]}")
+        return what[0], what[1]
 
     def peak_rss_mb(self) -> float | None:
         return self._child.peak_rss_mb()
@@ -102,7 +103,8 @@ class LoadProcess:
 
 async def _load(dsn: str, t: Tables, upto: tuple[int, int], tasks: TaskRange,
                 batch_size: int, done: Any, _: None, command: str) -> Any:
-    """In the child: load `tasks`; None, or (kind, ...) of what stopped it."""
+    """In the child: load `tasks`, folding them for the verification too; ("done",
+    the fold's summaries, its problems), or (kind, ...) of what stopped it."""
     assert command == "load"
     settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
 
@@ -114,9 +116,11 @@ async def _load(dsn: str, t: Tables, upto: tuple[int, int], tasks: TaskRange,
         for _ in range(3):  # the events' cursor, the keys' reads, the COPYs
             conns.append(await asyncpg.connect(dsn, server_settings=settings))
         read, keys, writer = conns
+        fold = TaskFold()
         await load_by_task(read, keys, t, Position(*upto), BulkRows(writer),
                            batch_size=batch_size, after_batch=count, tasks=tasks,
-                           checkpoint=False)
+                           checkpoint=False, observe=fold.observe)
+        fold.finish()
     except HandlerFailed as e:
         return ("handler", e.position, str(e))
     except DATABASE_DOWN as e:
@@ -124,7 +128,7 @@ async def _load(dsn: str, t: Tables, upto: tuple[int, int], tasks: TaskRange,
     finally:
         for conn in conns:
             conn.terminate()
-    return None
+    return ("done", fold.expected(), fold.problems)
 
 
 def _no_state() -> None:

@@ -486,6 +486,7 @@ async def load_by_task(
     after_batch: AfterBatch | None = None,
     tasks: TaskRange = EVERY_TASK,
     checkpoint: bool = True,
+    observe: Callable[[list[TaskEvent]], None] | None = None,
 ) -> None:
     """Apply every event up to `upto` (all committed) of the tasks in `tasks` to the
     fresh tables `t`, task by task: pages of `batch_size` events from a cursor on `read`
@@ -493,7 +494,9 @@ async def load_by_task(
     while one is folded), each folded by `apply_events` into `sink` (whose COPYs run on
     its own connection), then (`checkpoint`) the checkpoint at `upto`, on `conn`. Loads
     of disjoint ranges may run at once, on connections of their own: their rows are
-    disjoint, and the counts are added up (`user_stats`, in the users' order). A task's events come
+    disjoint, and the counts are added up (`user_stats`, in the users' order).
+    `observe` is handed each page's events as decoded and opened, before they are
+    applied (the replay's verification fold, `verify.TaskFold.observe`). A task's events come
     in version order, which is their order in the log; the tables end as the runner's
     steps in the log's order leave them (one task's rows never depend on another's, and
     the counts are sums). Memory: a few pages, whatever the size of the store. The read
@@ -513,7 +516,10 @@ async def load_by_task(
                     break
                 if len(rows) == batch_size:
                     fetching = asyncio.ensure_future(cursor.fetch(batch_size))
-                await apply_events(conn, await open_events(conn, _decode(rows)), t, sink)
+                events = await open_events(conn, _decode(rows))
+                if observe is not None:
+                    observe(events)
+                await apply_events(conn, events, t, sink)
                 if after_batch is not None:
                     await after_batch(upto, len(rows), time.perf_counter() - started)
                 if len(rows) < batch_size:

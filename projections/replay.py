@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import asyncpg
 
@@ -68,7 +68,14 @@ from projections.projector import (
     save_checkpoint,
 )
 from projections.loader import LoadProcess, loaders_for, split
-from projections.verify import FoldProcess, compare, summarise
+from projections.verify import (
+    FoldProcess,
+    Summary,
+    TaskFold,
+    add_summaries,
+    compare,
+    summarise,
+)
 from shared.catalog import (
     ADVANCED_CHANNEL,
     EVENTS_TABLE,
@@ -266,20 +273,23 @@ async def _replay(
             target = rebuild_tables(live, version)
             await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
-        # The independent fold starts now, in its own process, up to where the load
-        # gets (every event committed so far): it runs beside the load.
+        # The independent fold: up to where the load gets (every event committed so
+        # far), then on. It lives in a process of its own, and checks every later step.
         upto = await _reachable(conn)
         fold = FoldProcess(dsn)
-        folding = asyncio.ensure_future(fold.advance(upto))
+        if in_place:  # it folds the events itself, beside the drain
+            folding = asyncio.ensure_future(fold.advance(upto))
         phases["setup"] = time.perf_counter() - started
 
         mark = time.perf_counter()
         if in_place:  # the live projector may write these tables too
             await _drain(conn, target, batch_size, progress)
-        else:
+        else:  # each loader folds its tasks as it loads them; the fold goes on from there
             if loaders is None:
                 loaders = loaders_for(progress.total)
-            loaders = await _load(dsn, conn, target, upto, batch_size, progress, loaders, peaks)
+            loaders, totals, problems = await _load(dsn, conn, target, upto, batch_size,
+                                                    progress, loaders, peaks)
+            folding = asyncio.ensure_future(fold.seed(upto, totals, problems))
         phases["load"] = time.perf_counter() - mark
         if not in_place:
             mark = time.perf_counter()
@@ -374,16 +384,23 @@ async def _load(
     progress: ReplayCounter,
     loaders: int,
     peaks: dict[str, float],
-) -> int:
+) -> tuple[int, dict[str, Summary], list[str]]:
     """Every event up to `upto` into the fresh tables `t`, task by task, split into
     `loaders` ranges of tasks (`projections.loader.split`): this process loads the
     first (read on one connection, COPYed on another), a `LoadProcess` each other one;
-    then the checkpoint, on `conn`. How many processes loaded; their peak RSS into
-    `peaks` ("load")."""
+    then the checkpoint, on `conn`. Each loader hands the events it read, as the
+    runner decoded and opened them, to its own `verify.TaskFold` too (the fold's rules
+    are its own: it checks the handlers). As the loads share their reads with the fold,
+    the events they read are counted against the event store's count up to `upto`
+    (`VerificationFailed` if a range missed or repeated any). Returns how many
+    processes loaded, the folds' per-user summaries and problems; their peak RSS goes
+    into `peaks` ("load")."""
+    counting = asyncio.ensure_future(_events_up_to(dsn, upto))
     ranges = await split(conn, progress.total, loaders)
     others = [LoadProcess(dsn, t, upto, tasks, batch_size) for tasks in ranges[1:]]
     loading = [asyncio.ensure_future(other.wait()) for other in others]
     progress.elsewhere = lambda: sum(other.done for other in others)
+    folded = TaskFold()
     try:
         settings = {"application_name": APPLICATION_NAME, "synchronous_commit": "off"}
         read = await asyncpg.connect(dsn, server_settings=settings)
@@ -392,28 +409,47 @@ async def _load(
             try:
                 await load_by_task(read, conn, t, upto, BulkRows(writer),
                                    batch_size=batch_size, after_batch=progress.add,
-                                   tasks=ranges[0], checkpoint=False)
+                                   tasks=ranges[0], checkpoint=False, observe=folded.observe)
             finally:
                 writer.terminate() if writer.is_in_transaction() else await writer.close()
         finally:
             read.terminate() if read.is_in_transaction() else await read.close()
+        folded.finish()
         while loading and not all(f.done() for f in loading):  # the others', reported
             await asyncio.wait(loading, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
             progress.report()
-        await asyncio.gather(*loading)
+        replies = await asyncio.gather(*loading)
         progress.absorb(sum(other.done for other in others))
         for other in others:
             peak = other.peak_rss_mb()
             if peak is not None:
                 peaks["load"] = max(peaks.get("load", 0.0), peak)
+        stored = await counting
     finally:
         progress.elsewhere = None
-        for future in loading:
+        for future in (*loading, counting):
             future.cancel()
         for other in others:
             other.close()
+    if progress.done != stored:
+        raise VerificationFailed({}, [f"the load read {progress.done:,} events up to {upto};"
+                                      f" the event store holds {stored:,}"])
+    totals, problems = folded.expected(), list(folded.problems)
+    for more, theirs in replies:
+        add_summaries(totals, more)
+        problems.extend(theirs)
     await save_checkpoint(conn, t, upto)
-    return len(ranges)
+    return len(ranges), totals, problems
+
+
+async def _events_up_to(dsn: str, upto: Position) -> int:
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+    try:
+        return int(await conn.fetchval(
+            f"SELECT count(*) FROM {EVENTS_TABLE} WHERE {cp.EVENT_KEY}"
+            " <= ($1::text::xid8, $2::bigint)", *cp.args(upto)))
+    finally:
+        await conn.close()
 
 
 async def _drop_leftovers(conn: asyncpg.Connection, live: Tables) -> None:

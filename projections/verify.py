@@ -49,6 +49,7 @@ from shared.events import (
     REOPENED,
     TAGS_CHANGED,
     TITLE_CHANGED,
+    TaskEvent,
 )
 from shared.position import ZERO, Position
 
@@ -201,8 +202,11 @@ def _time(value: dict[str, str]) -> datetime:
     return datetime.fromisoformat(value["_data_"])
 
 
-def _due(value: dict[str, str] | None) -> datetime | None:
-    return None if value is None else _time(value)
+def _due(value: dict[str, str] | datetime | None) -> datetime | None:
+    """A due date: as stored (transcoded), or as `shared.events` decoded it."""
+    if value is None or value.__class__ is datetime:
+        return value  # type: ignore[return-value]
+    return _time(value)  # type: ignore[arg-type]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -243,13 +247,29 @@ class Fold:
         return count
 
     def fold(self, position: int, task_id: UUID, version: int, topic: str, state: bytes) -> None:
+        """Fold one stored event row: its JSON parsed here, its sealed fields opened."""
         data = _parse(state)
         if task_id in self.erased:
             return
         if self.ring is not None and not self.ring.open_data(data):
             self.erased.add(task_id)  # its creation, or (if that was erased) nothing later
             return
-        at = _time(data["timestamp"])
+        self._fold(position, task_id, version, topic, _time(data["timestamp"]), data["actor"],
+                   data["request_id"], data)
+
+    def fold_event(self, e: TaskEvent) -> None:
+        """Fold one event as the runner read it (`shared.events.decode_event`, its sealed
+        fields opened: the replay's load hands each page to its fold too)."""
+        if e.task_id in self.erased:
+            return
+        if e.erased:
+            self.erased.add(e.task_id)  # as `fold` does when the event does not open
+            return
+        self._fold(e.position, e.task_id, e.version, e.topic, e.timestamp, e.actor,
+                   e.request_id, e.data)
+
+    def _fold(self, position: int, task_id: UUID, version: int, topic: str, at: datetime,
+              actor: str, request_id: str, data: dict[str, Any]) -> None:
         task = self.tasks.get(task_id)
         changes: str  # the history row's changes, as jsonb::text (`_jsonb_text`) writes them
         if topic == CREATED:
@@ -312,7 +332,7 @@ class Fold:
             task.updated_at, task.version, task.position = at, version, position
         h = _hash_text("\x1f".join((
             task.owner, str(position), str(task_id), str(version), topic,
-            _canonical(data["actor"]), _canonical(data["request_id"]),
+            _canonical(actor), _canonical(request_id),
             str((at - EPOCH) // MICROSECOND), changes,
         )))
         sums = self.history.setdefault(task.owner, [0, 0])
@@ -394,6 +414,10 @@ class TaskFold:
     totals: dict[str, Summary] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    # `observe`'s page in hand, the task it ends with, and how many events it holds.
+    _page: Fold | None = None
+    _last: UUID | None = None
+    _in_page: int = 0
 
     async def advance(self, conn: asyncpg.Connection, upto: Position) -> int:
         """Fold every event after the last position up to `upto`; how many."""
@@ -417,8 +441,7 @@ class TaskFold:
                 for row in rows:
                     if row[1] != last:
                         if in_page >= PAGE:  # a page of whole tasks
-                            self._add(page, 1)
-                            self.problems.extend(page.problems)
+                            self._close(page)
                             in_page, page = 0, Fold(per_task=False, ring=ring)
                         last = row[1]
                     page.fold(*row)
@@ -426,9 +449,41 @@ class TaskFold:
                 total += len(rows)
                 if len(rows) < PAGE:
                     break
+        self._close(page)
+        return total
+
+    def observe(self, events: list[TaskEvent]) -> None:
+        """Fold a page of the replay's load (`projector.load_by_task`'s `observe`: events
+        task by task, as the runner decoded and opened them), a page of whole tasks at a
+        time as `_first` does; `seed` the `FoldProcess` with the totals once the load is
+        done (`finish` first)."""
+        page, last, in_page = self._page or Fold(per_task=False), self._last, self._in_page
+        for e in events:
+            if e.task_id != last:
+                if in_page >= PAGE:
+                    self._close(page)
+                    in_page, page = 0, Fold(per_task=False)
+                last = e.task_id
+            page.fold_event(e)
+            in_page += 1
+        self._page, self._last, self._in_page = page, last, in_page
+
+    def finish(self) -> None:
+        """Add the last page `observe` holds."""
+        if self._page is not None:
+            self._close(self._page)
+        self._page, self._last, self._in_page = None, None, 0
+
+    def seed(self, upto: Position, totals: dict[str, Summary], problems: list[str]) -> None:
+        """Start from these summaries of every event up to `upto` (the replay's loads
+        folded them); later advances fold what comes after."""
+        self.position, self.totals = upto, totals
+        self.problems = list(problems)
+        self.touched.clear()
+
+    def _close(self, page: Fold) -> None:
         self._add(page, 1)
         self.problems.extend(page.problems)
-        return total
 
     async def _since(self, conn: asyncpg.Connection, upto: Position) -> int:
         count, start = 0, self.position
@@ -456,13 +511,7 @@ class TaskFold:
     def _add(self, fold: Fold, sign: int) -> None:
         """Add (sign 1) or take away (-1) a page's summaries."""
         for user, s in fold.expected().items():
-            total = self.totals.setdefault(user, Summary())
-            total.tasks += sign * s.tasks
-            total.tasks_sum = (total.tasks_sum + sign * s.tasks_sum) & MASK
-            total.history += sign * s.history
-            total.history_sum = (total.history_sum + sign * s.history_sum) & MASK
-            total.stats = tuple(  # type: ignore[assignment]
-                a + sign * b for a, b in zip(total.stats, s.stats, strict=True))
+            _accumulate(self.totals.setdefault(user, Summary()), s, sign)
         if sign > 0:
             self.touched |= fold.touched
 
@@ -470,6 +519,22 @@ class TaskFold:
         if users is None:
             return {u: replace(s) for u, s in self.totals.items()}
         return {u: replace(self.totals.get(u, Summary())) for u in users}
+
+
+def add_summaries(into: dict[str, Summary], more: dict[str, Summary]) -> None:
+    """Add `more`'s per-user summaries to `into`'s (the loads' folds of disjoint tasks)."""
+    for user, s in more.items():
+        _accumulate(into.setdefault(user, Summary()), s)
+
+
+def _accumulate(total: Summary, s: Summary, sign: int = 1) -> None:
+    """Add (sign 1) or take away (-1) `s` from `total` (the sums modulo 2^64)."""
+    total.tasks += sign * s.tasks
+    total.tasks_sum = (total.tasks_sum + sign * s.tasks_sum) & MASK
+    total.history += sign * s.history
+    total.history_sum = (total.history_sum + sign * s.history_sum) & MASK
+    total.stats = tuple(  # type: ignore[assignment]
+        a + sign * b for a, b in zip(total.stats, s.stats, strict=True))
 
 
 def task_row_hash(
@@ -560,6 +625,11 @@ class FoldProcess:
     async def advance(self, upto: Position) -> None:
         await self._child.call("advance", tuple(upto))
 
+    async def seed(self, upto: Position, totals: dict[str, Summary], problems: list[str]
+                   ) -> None:
+        """Start from the replay's loads' folds up to `upto` (`TaskFold.seed`)."""
+        await self._child.call("seed", tuple(upto), totals, problems)
+
     async def check(
         self, upto: Position, users: Literal["all", "touched"], also: Iterable[str] = ()
     ) -> tuple[list[str] | None, dict[str, Summary], list[str]]:
@@ -579,7 +649,10 @@ class FoldProcess:
 
 
 async def _handle(dsn: str, fold: TaskFold, command: str, upto: tuple[int, int],
-                  users: str = "all", also: list[str] | None = None) -> Any:
+                  users: Any = "all", also: list[str] | None = None) -> Any:
+    if command == "seed":  # (upto, totals, problems)
+        fold.seed(Position(*upto), users, also or [])
+        return None
     fold.touched.clear()
     position = Position(*upto)
     if position > fold.position:
