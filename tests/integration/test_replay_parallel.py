@@ -5,6 +5,7 @@ tables."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import uuid
 from collections.abc import Iterator
@@ -15,10 +16,11 @@ import psycopg
 import pytest
 
 import projections.replay as replay_module
+from projections.manifest import READ_MODELS
 from projections.loader import PARALLEL_FROM, LoadFailed, loaders_for, split
 from projections.projector import HandlerFailed
 from projections.replay import replay
-from shared.catalog import EVENTS_TABLE
+from shared.catalog import EVENTS_TABLE, LIVE
 from tests.support import PostgresServer, new_user
 from tests.support.projection import (
     Writer,
@@ -149,3 +151,39 @@ async def test_a_second_loader_that_dies_fails_the_replay_and_the_next_run_works
     monkeypatch.setattr(replay_module, "load_by_task", load)
     result = await replay(own_db, loaders=2)
     assert result.version == 1 and snapshot(own_db) == live
+
+
+async def test_the_index_builds_stop_at_the_first_that_fails_and_build_the_rest_otherwise(
+    own_db: str,
+) -> None:
+    """`build_keys_and_indexes` hands its jobs to two sessions by their dependencies: a
+    failed key build fails the whole, at once (no session left waiting); without one,
+    every key, index and ANALYZE is there."""
+    t = replay_module.rebuild_tables(LIVE, 77)
+    conn = await asyncpg.connect(own_db)
+    try:
+        await replay_module._create_for_load(conn, t)
+        row = ("u", 1, uuid.uuid4(), 1, "TaskCreated", "u", "r", "2026-01-01T00:00:00Z", "{}")
+        insert = (f"INSERT INTO {t.history} VALUES ($1, $2, $3, $4, $5, $6, $7,"
+                  " $8::text::timestamptz, $9::jsonb)")
+        await conn.execute(insert, *row)
+        await conn.execute(insert, *row)  # the same (user_id, position): no primary key
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await asyncio.wait_for(replay_module.build_keys_and_indexes(own_db, t), 60)
+        t = replay_module.rebuild_tables(LIVE, 78)  # (a replay never builds twice)
+        await replay_module._create_for_load(conn, t)
+        await conn.execute(insert.replace(replay_module.rebuild_tables(LIVE, 77).history,
+                                          t.history), *row)
+        await replay_module.build_keys_and_indexes(own_db, t)
+        built = {r[0] for r in await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE tablename = ANY($1::text[])",
+            [t.tasks, t.history])}
+        expected = {f"{t.tasks}_pkey", f"{t.history}_pkey",
+                    *(s.split()[5] for m in READ_MODELS for s in m.indexes(t))}
+        assert built == expected
+        analyzed = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname = ANY($1::text[])"
+            " AND last_analyze IS NOT NULL", [t.tasks, t.history, t.stats])
+        assert analyzed == 3
+    finally:
+        await conn.close()
