@@ -69,25 +69,26 @@ async def split(conn: asyncpg.Connection, events: int, parts: int) -> list[TaskR
 
 
 class LoadProcess:
-    """`load_by_task` of one `TaskRange` in a child process, started at once; `wait`
-    returns when it has loaded its range (and raises what stopped it: `HandlerFailed`
-    for an event it cannot apply, `ConnectionError` for a lost database, `LoadFailed`
-    otherwise). `done` is how many events it has applied so far."""
+    """A child process that loads one `TaskRange` with `load_by_task`: started at once
+    (its start overlaps the replay's setup), told what to load by `load`, which returns
+    when it has (and raises what stopped it: `HandlerFailed` for an event it cannot
+    apply, `ConnectionError` for a lost database, `LoadFailed` otherwise). `done` is
+    how many events it has applied so far."""
 
-    def __init__(self, dsn: str, t: Tables, upto: Position, tasks: TaskRange,
-                 batch_size: int) -> None:
+    def __init__(self, dsn: str) -> None:
         self._done = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
-        self._child = Child(_load, _no_state, (dsn, t, tuple(upto), tasks, batch_size,
-                                               self._done),
-                            name="replay-load", what="second loader", failed=LoadFailed)
+        self._child = Child(_load, _no_state, (dsn, self._done), name="replay-load",
+                            what="second loader", failed=LoadFailed)
 
     @property
     def done(self) -> int:
         return int(self._done.value)
 
-    async def wait(self) -> tuple[dict[str, Summary], list[str]]:
-        """Its verification fold's per-user summaries and problems (`TaskFold.observe`)."""
-        kind, *what = await self._child.call("load")
+    async def load(self, t: Tables, upto: Position, tasks: TaskRange, batch_size: int
+                   ) -> tuple[dict[str, Summary], list[str]]:
+        """Load `tasks` up to `upto` into `t`; its verification fold's per-user
+        summaries and problems (`TaskFold.observe`)."""
+        kind, *what = await self._child.call("load", t, tuple(upto), tasks, batch_size)
         if kind == "handler":
             raise HandlerFailed.again(*what)
         if kind == "down":
@@ -101,8 +102,8 @@ class LoadProcess:
         self._child.close()
 
 
-async def _load(dsn: str, t: Tables, upto: tuple[int, int], tasks: TaskRange,
-                batch_size: int, done: Any, _: None, command: str) -> Any:
+async def _load(dsn: str, done: Any, _: None, command: str, t: Tables,
+                upto: tuple[int, int], tasks: TaskRange, batch_size: int) -> Any:
     """In the child: load `tasks`, folding them for the verification too; ("done",
     the fold's summaries, its problems), or (kind, ...) of what stopped it."""
     assert command == "load"

@@ -252,6 +252,7 @@ async def _replay(
         },
     )
     fold: FoldProcess | None = None
+    others: list[LoadProcess] = []
     folding: asyncio.Future[None] | None = None
     fold_peak: float | None = None
     peaks: dict[str, float] = {}
@@ -271,6 +272,9 @@ async def _replay(
             await _truncate_live(conn, live)
         else:
             target = rebuild_tables(live, version)
+            # The other loaders start now: their start overlaps the rest of the setup.
+            others = [LoadProcess(dsn) for _ in range(
+                (loaders if loaders is not None else loaders_for(progress.total)) - 1)]
             await _create_for_load(conn, target)
         await ensure_checkpoint(conn, target)
         # The independent fold: up to where the load gets (every event committed so
@@ -285,10 +289,8 @@ async def _replay(
         if in_place:  # the live projector may write these tables too
             await _drain(conn, target, batch_size, progress)
         else:  # each loader folds its tasks as it loads them; the fold goes on from there
-            if loaders is None:
-                loaders = loaders_for(progress.total)
             loaders, totals, problems = await _load(dsn, conn, target, upto, batch_size,
-                                                    progress, loaders, peaks)
+                                                    progress, others, peaks)
             folding = asyncio.ensure_future(fold.seed(upto, totals, problems))
         phases["load"] = time.perf_counter() - mark
         if not in_place:
@@ -328,6 +330,8 @@ async def _replay(
         if fold is not None:
             fold_peak = fold.peak_rss_mb()
             fold.close()
+        for other in others:  # (a load that failed early)
+            other.close()
         conn.terminate() if conn.is_in_transaction() else await conn.close()
     seconds = time.perf_counter() - started
     return Result(projection, None if in_place else version, progress.done, seconds,
@@ -382,12 +386,13 @@ async def _load(
     upto: Position,
     batch_size: int,
     progress: ReplayCounter,
-    loaders: int,
+    others: list[LoadProcess],
     peaks: dict[str, float],
 ) -> tuple[int, dict[str, Summary], list[str]]:
     """Every event up to `upto` into the fresh tables `t`, task by task, split into
-    `loaders` ranges of tasks (`projections.loader.split`): this process loads the
-    first (read on one connection, COPYed on another), a `LoadProcess` each other one;
+    one range of tasks (`projections.loader.split`) per loader: this process loads the
+    first (read on one connection, COPYed on another), each of `others` the next one
+    (those the split has no range for stop);
     then the checkpoint, on `conn`. Each loader hands the events it read, as the
     runner decoded and opened them, to its own `verify.TaskFold` too (the fold's rules
     are its own: it checks the handlers). As the loads share their reads with the fold,
@@ -396,9 +401,12 @@ async def _load(
     processes loaded, the folds' per-user summaries and problems; their peak RSS goes
     into `peaks` ("load")."""
     counting = asyncio.ensure_future(_events_up_to(dsn, upto))
-    ranges = await split(conn, progress.total, loaders)
-    others = [LoadProcess(dsn, t, upto, tasks, batch_size) for tasks in ranges[1:]]
-    loading = [asyncio.ensure_future(other.wait()) for other in others]
+    ranges = await split(conn, progress.total, 1 + len(others))
+    for spare in others[len(ranges) - 1:]:
+        spare.close()
+    others = others[:len(ranges) - 1]
+    loading = [asyncio.ensure_future(other.load(t, upto, tasks, batch_size))
+               for other, tasks in zip(others, ranges[1:], strict=True)]
     progress.elsewhere = lambda: sum(other.done for other in others)
     folded = TaskFold()
     try:
