@@ -27,6 +27,7 @@ def replay_main(
     as_json: bool,
     batch_size: int,
     lock_wait: float = 10.0,
+    loaders: int | None = None,
 ) -> int:
     names = projections or list(PROJECTIONS)
     unknown = [n for n in names if n not in PROJECTIONS]
@@ -40,7 +41,7 @@ def replay_main(
         try:
             result = asyncio.run(replay(dsn, projection=name, in_place=in_place,
                                         batch_size=batch_size, on_progress=report,
-                                        lock_wait=lock_wait))
+                                        lock_wait=lock_wait, loaders=loaders))
         except VerificationFailed as e:
             report.finish()
             print(f"taskctl replay: verification failed for {name}; the live tables are"

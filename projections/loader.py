@@ -4,10 +4,11 @@ its own range of tasks (`projector.load_by_task` with a `TaskRange`, into its ow
 core per process, runs on every core.
 
 The replay's process loads the first range itself; each further range is loaded by a
-`LoadProcess`, a child that connects on its own, reads its tasks' events in one
-read-only transaction and COPYs their rows, and counts the events it has applied in
-memory the parent reads (the progress report's). Nobody writes the checkpoint but the
-replay, once every range is loaded.
+`LoadProcess`, a child that connects on its own (3 connections), reads its tasks' events
+in one read-only transaction and COPYs their rows, and counts the events it has applied
+in memory the parent reads (the progress report's). Each loader also folds what it read
+for the verification (`verify.TaskFold.observe`) and hands back the per-user summaries.
+Nobody writes the checkpoint but the replay, once every range is loaded.
 
 `split` picks the ranges' bounds from a sample of the events, so each range holds about
 as many events, whatever the task ids look like (random, time-ordered, or supplied by
@@ -32,8 +33,11 @@ from shared.position import Position
 
 APPLICATION_NAME = "taskservice-replay-load"
 # Below this many events a second process costs more (its start, a second sort) than
-# it saves; at or above it, one loader per core up to `MAX_LOADERS`.
-PARALLEL_FROM = 200_000
+# it saves; at or above it, one loader per core up to `MAX_LOADERS` (`taskctl replay
+# --loaders` chooses). On the 2-core VM, whole replays with one loader and with two,
+# three of each: 50,000 events 1.10-1.15 s and 1.22-1.36 s; 100,000 events 1.93-2.02 s
+# and 1.78-1.85 s; 200,000 events 4.30-4.45 s and 3.47-3.55 s.
+PARALLEL_FROM = 100_000
 MAX_LOADERS = 2
 # The bounds come from about this many sampled events (`split`).
 SAMPLE_ROWS = 20_000
@@ -52,7 +56,9 @@ class LoadFailed(ChildFailed):
 
 def loaders_for(events: int, cpus: int | None = None) -> int:
     """How many processes load a store of `events` events (`PARALLEL_FROM`)."""
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    if cpus is None:  # the cores this process may run on (Linux), else all of them
+        usable = getattr(os, "sched_getaffinity", None)
+        cpus = len(usable(0)) if usable is not None else os.cpu_count() or 1
     return 1 if events < PARALLEL_FROM else max(1, min(MAX_LOADERS, cpus))
 
 

@@ -89,6 +89,7 @@ _POSITIVE_INT = _number(int, minimum=1)
 _PORT = _number(int, minimum=0, maximum=65535)
 _SECONDS = _number(float, minimum=0)
 _POSITIVE_SECONDS = _number(float, minimum=0, strict=True)
+_LOADERS = _number(int, minimum=1, maximum=16)
 
 
 def _serve(app_path: str, host: str, port: int, settings: Settings) -> None:
@@ -208,7 +209,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from projections.admin import replay_main
 
     sys.exit(replay_main(_database_url(), args.projection, in_place=args.in_place,
-                         as_json=args.json, batch_size=args.batch_size, lock_wait=args.wait))
+                         as_json=args.json, batch_size=args.batch_size, lock_wait=args.wait,
+                         loaders=args.loaders))
 
 
 def cmd_projections_status(args: argparse.Namespace) -> None:
@@ -318,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--wait", type=_SECONDS, default=10.0, metavar="SECONDS",
                         help="how long to wait for another replay of the projection (one"
                              " killed a moment ago, say) before giving up (default 10)")
+    replay.add_argument("--loaders", type=_LOADERS, default=None, metavar="N",
+                        help="processes that load the events, each with its own share of"
+                             " the tasks and 3 database connections (default: one per core,"
+                             " at most 2, from 100,000 events; 1 leaves the other cores to"
+                             " the services; not with --in-place)")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.set_defaults(func=cmd_replay)
 

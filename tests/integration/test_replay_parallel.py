@@ -6,7 +6,10 @@ tables."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -187,3 +190,22 @@ async def test_the_index_builds_stop_at_the_first_that_fails_and_build_the_rest_
         assert analyzed == 3
     finally:
         await conn.close()
+
+
+def test_cli_replay_takes_the_number_of_loaders(own_db: str) -> None:
+    some_of_everything(own_db)
+    asyncio.run(catch_up(own_db))
+    live = snapshot(own_db)
+    env = {"DATABASE_URL": own_db, "PATH": ""}
+
+    def taskctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "taskctl.cli", "replay", *args], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    done = taskctl("--loaders", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["loaders"] == 2 and summary["switched"]
+    assert snapshot(own_db) == live
+    refused = taskctl("--loaders", "0")
+    assert refused.returncode == 2 and "--loaders" in refused.stderr
