@@ -181,8 +181,9 @@ def render_md(r: dict[str, Any]) -> str:
         f" {run.get('rounds', 1)} rounds going from size to size in turn, each p95 the median"
         f" of the rounds'; {run.get('keyed_creates', 1000):,} keyed creates; projector"
         f" catch-up of {run.get('catch_up_events', 40000):,} appended events. Replay RSS"
-        " measured (the replay's and its fold's VmHWM, the larger, as `taskctl replay --json`"
-        " reports them; the tree's sum sampled from /proc).", "",
+        " measured (the VmHWM of each of its processes, the largest, as `taskctl replay"
+        " --json` reports them: the replay's, a second loader's from 100,000 events, the"
+        " fold's; the tree's sum sampled from /proc).", "",
         _md_table([h for _, h in COLUMNS], [[_cell(k, s.get(k)) for k, _ in COLUMNS]
                                             for s in steps]),
         "", "## Bytes on disk per table (pg_total_relation_size: heap, indexes, TOAST)", "",
