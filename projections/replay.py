@@ -10,12 +10,14 @@ live ones, then switch the query side over in one transaction.
    each page's rows and finished tasks while the next page is folded; then their own
    checkpoint row). A large store's load is split by task id over processes, one per
    core (`projections.loader`): this one loads the first range, a child each other one.
-   The live projector and the query API keep using the live tables.
-   Meanwhile a child process (`verify.FoldProcess`) folds the same events
-   independently, task by task too, reading them on its own.
-2. Add the keys and the indexes (each table's on a connection of its own, at once:
-   `build_keys_and_indexes`), catch up again in the log's order, and check the tables against
-   the independent fold (`projections.verify`), advanced to the same checkpoint:
+   The live projector and the query API keep using the live tables. Each loader also
+   hands the events it read to a fold of its own (`verify.TaskFold`: the README's
+   rules, not the handlers); the events they read are counted against the store's.
+   Their summaries seed a child process (`verify.FoldProcess`) that folds every later
+   event itself.
+2. Add the keys and the indexes (two sessions, each build as soon as its table's key
+   is: `build_keys_and_indexes`), catch up again in the log's order, and check the
+   tables against the fold, advanced to the same checkpoint:
    per-user row counts and checksums, the tables' side summed by the server. A
    difference aborts, names the users, and leaves the live tables alone.
 3. Switch, in one transaction: lock the live checkpoint row (the live projector's next

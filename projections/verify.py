@@ -3,19 +3,23 @@
 Deliberately not the projector's code: it derives each read model's rows from the
 README's rules, so a bug in a handler shows up as a difference instead of being
 repeated (a new read model gets its expected rows here, by hand, and its entry in
-`TABLE_SUMMARIES`). It takes the topics from `shared.events` but parses the stored
-JSON with orjson itself, without the transcoding hook of `shared.events.read_state`:
-this fold is the replay's check and must keep up with the load. Rows are compared per user as counts plus an
+`TABLE_SUMMARIES`). It takes the topics from `shared.events`; reading the stored rows
+itself (`Fold.fold`), it parses their JSON with orjson, without the transcoding hook of
+`shared.events.read_state`. Rows are compared per user as counts plus an
 order-independent checksum (the sum of a 64-bit hash of each row's canonical text),
 so neither side has to hold a table in memory or sort it. The tables' side is computed
 by PostgreSQL (`summarise`: the same canonical text and hash, in SQL), so the replay can
 fold the events in Python while the server sums the tables.
 
-The replay runs the fold in a process of its own (`FoldProcess`), started with the load:
-it folds the log on the second core while the runner loads the tables, so checking
-costs little more than the server's sums once the load is done. There the fold is a
-`TaskFold`: task by task, a `Fold` of a page of tasks at a time whose per-user sums are
-added up, so its memory does not grow with the store.
+In the replay the fold is a `TaskFold`: task by task, a `Fold` of a page of tasks at a
+time whose per-user sums are added up, so its memory does not grow with the store. Each
+of the replay's loaders feeds one the events it has read, decoded and opened
+(`TaskFold.observe`, `Fold.fold_event`: the same rules on the runner's decoding, so the
+log is read and decoded once); their summaries seed a `FoldProcess`, a `TaskFold` in a
+process of its own, which reads and folds every later event itself (the catch-up and
+the switch). The replay counts the events its loaders read against the event store's
+count, the one thing the shared read would otherwise leave unchecked. `taskctl replay
+--in-place` and the audit read the log with `Fold.fold`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -59,7 +63,6 @@ PAGE = 10_000
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
 NULL = "\x01"
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -78,7 +81,7 @@ def _hash_text(text: str) -> int:
 
 
 def _micros_since_epoch(at: datetime) -> int:
-    """`(at - EPOCH) // MICROSECOND`, without the division of two timedeltas."""
+    """Whole microseconds from the epoch to `at` (from the timedelta's fields)."""
     d = at - EPOCH
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
