@@ -21,7 +21,14 @@ from projections.replay import ReplayBusy, VerificationFailed, replay
 from projections.verify import FoldProcessFailed
 from shared.catalog import LIVE
 from tests.support import PostgresServer, new_user
-from tests.support.projection import Writer, before_verify, catch_up, fresh_database, snapshot
+from tests.support.projection import (
+    Writer,
+    before_verify,
+    catch_up,
+    every_event_type,
+    fresh_database,
+    snapshot,
+)
 
 
 @pytest.fixture
@@ -35,22 +42,6 @@ def tables(url: str) -> set[str]:
     with psycopg.connect(url) as conn:
         return {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()}
-
-
-def every_event_type(writer: Writer) -> list[str]:
-    """Several users, every event type, deletions included."""
-    writer.bulk(users=3, tasks_per_user=12)
-    users = [new_user() for _ in range(3)]
-    for n, user in enumerate(users):
-        a = writer.create(user, f"alpha {n}", "first")
-        b = writer.create(user, f"beta {n}")
-        writer.change(user, a, title=f"alpha {n}, renamed", description=None)
-        writer.change(user, a, completed=True)
-        writer.change(user, b, completed=True)
-        writer.change(user, b, completed=False)
-        writer.change(user, b, description="later")
-        writer.delete(user, b)
-    return users
 
 
 def run_taskctl(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -24,10 +24,11 @@ from projections.loader import PARALLEL_FROM, LoadFailed, loaders_for, split
 from projections.projector import HandlerFailed
 from projections.replay import replay
 from shared.catalog import EVENTS_TABLE, LIVE
-from tests.support import PostgresServer, new_user
+from tests.support import PostgresServer
 from tests.support.projection import (
     Writer,
     catch_up,
+    every_event_type,
     fresh_database,
     insert_raw_event,
     snapshot,
@@ -46,16 +47,7 @@ def some_of_everything(url: str) -> None:
     kind of change."""
     writer = Writer(url)
     try:
-        writer.bulk(users=4, tasks_per_user=40)
-        for n in range(3):
-            user = new_user()
-            a = writer.create(user, f"alpha {n}", "first")
-            b = writer.create(user, f"beta {n}")
-            writer.change(user, a, title=f"alpha {n}, renamed", description=None)
-            writer.change(user, a, completed=True)
-            writer.change(user, b, completed=True)
-            writer.change(user, b, completed=False)
-            writer.delete(user, b)
+        every_event_type(writer, users=4, tasks_per_user=40)
     finally:
         writer.close()
 

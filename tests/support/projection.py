@@ -181,3 +181,20 @@ def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout}s: {check}")
         time.sleep(0.1)
+
+
+def every_event_type(writer: Writer, *, users: int = 3, tasks_per_user: int = 12) -> list[str]:
+    """`users` x `tasks_per_user` bulk tasks, then three more users with every event
+    type, deletions included; those three users."""
+    writer.bulk(users=users, tasks_per_user=tasks_per_user)
+    made = [new_user() for _ in range(3)]
+    for n, user in enumerate(made):
+        a = writer.create(user, f"alpha {n}", "first")
+        b = writer.create(user, f"beta {n}")
+        writer.change(user, a, title=f"alpha {n}, renamed", description=None)
+        writer.change(user, a, completed=True)
+        writer.change(user, b, completed=True)
+        writer.change(user, b, completed=False)
+        writer.change(user, b, description="later")
+        writer.delete(user, b)
+    return made
