@@ -55,3 +55,15 @@ async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
     yield task
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def own_db(pg_server: PostgresServer) -> Iterator[str]:
+    """A database of the test's own, initialised like production
+    (`tests.support.projection.fresh_database`), dropped after it. (Several older modules
+    still define the same fixture themselves; theirs take precedence in them.)"""
+    from tests.support.projection import fresh_database
+
+    url = fresh_database(pg_server)
+    yield url
+    pg_server.drop_database(url)

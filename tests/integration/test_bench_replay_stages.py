@@ -4,28 +4,18 @@ events, times every stage of the load over all of them, and writes nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from bench import replay_stages
 from shared.catalog import EVENTS_TABLE
-from tests.support import PostgresServer
 from tests.support.projection import (
     Writer,
     catch_up,
     every_event_type,
-    fresh_database,
     snapshot,
 )
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def test_every_stage_is_timed_over_every_event_and_nothing_is_written(

@@ -11,7 +11,6 @@ import multiprocessing
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -19,27 +18,18 @@ import psycopg
 import pytest
 
 import projections.replay as replay_module
-from projections.manifest import READ_MODELS
 from projections.loader import PARALLEL_FROM, LoadFailed, loaders_for, split
+from projections.manifest import READ_MODELS
 from projections.projector import HandlerFailed
 from projections.replay import replay
 from shared.catalog import EVENTS_TABLE, LIVE
-from tests.support import PostgresServer
 from tests.support.projection import (
     Writer,
     catch_up,
     every_event_type,
-    fresh_database,
     insert_raw_event,
     snapshot,
 )
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def some_of_everything(url: str) -> None:
