@@ -53,11 +53,7 @@ class KeptRows(BulkRows):
         self.pages: list[tuple[tuple[Any, ...], list[task_list.TaskState]]] = []
 
     async def write(self, conn: asyncpg.Connection, t: Tables, rows: tuple[Any, ...]) -> None:
-        still = self.held.pop(self.open, None) if self.open is not None else None
-        done, self.held = list(self.held.values()), {}
-        if still is not None:
-            self.held[self.open] = still  # type: ignore[index]
-        self.pages.append((rows, done))
+        self.pages.append((rows, self.complete()))
 
 
 async def measure(url: str, events: int, repeats: int) -> dict[str, Any]:
@@ -70,7 +66,7 @@ async def measure(url: str, events: int, repeats: int) -> dict[str, Any]:
                                        UPTO.notification_id, None, None)
             rows = await cursor.fetch(events)
         pages = [rows[i:i + BATCH_SIZE] for i in range(0, len(rows), BATCH_SIZE)]
-        decoded = [_decode(p) for p in pages]
+        decoded: list[list[Any]] = []  # decoded again before each timed opening
         opened = [await open_events(conn, _decode(p)) for p in pages]
         sink = KeptRows()
         for page in opened:

@@ -306,12 +306,17 @@ class BulkRows:
 
     async def write(self, conn: asyncpg.Connection, t: Tables, rows: tuple[Any, ...]) -> None:
         """Start COPYing the page's rows and its complete tasks (after the previous page)."""
+        done = self.complete()
+        await self._wait()
+        self._writing = asyncio.ensure_future(self._copy(t, rows, done))
+
+    def complete(self) -> list[TaskState]:
+        """The page's complete tasks, forgotten; the one it ends with is kept."""
         still = self.held.pop(self.open, None) if self.open is not None else None
         done, self.held = list(self.held.values()), {}
         if still is not None:
             self.held[self.open] = still  # type: ignore[index]
-        await self._wait()
-        self._writing = asyncio.ensure_future(self._copy(t, rows, done))
+        return done
 
     async def _copy(self, t: Tables, rows: tuple[Any, ...], done: list[TaskState]) -> None:
         for batch in rows:
