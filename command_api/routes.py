@@ -68,7 +68,7 @@ from shared.errors import (
 )
 from shared.etag import IfMatch, etag
 from shared.events import Task
-from shared.http import Envelope, request_id, validation_details
+from shared.http import Envelope, render_with_handlers, request_id, validation_details
 from shared.openapi import DataEnvelope, TaskOut, error_responses
 from shared.position import PositionCodec
 
@@ -479,23 +479,8 @@ class CommandDispatcher:
         try:
             response = await handle(route, request)
         except Exception as exc:
-            response = await self._render(request, exc)
+            response = await render_with_handlers(self.fastapi, request, exc)
         await response(scope, receive, send)
-
-    async def _render(self, request: Request, exc: Exception) -> Response:
-        """`exc` as the app's exception handlers render it (looked up by class as
-        Starlette looks them up); re-raised when only the catch-all would take it
-        (RequestContext then logs it and answers 500)."""
-        handlers = self.fastapi.exception_handlers
-        for cls in type(exc).__mro__:
-            if cls is Exception:
-                break
-            handler = handlers.get(cls)
-            if handler is not None:
-                response = await handler(request, exc)
-                assert isinstance(response, Response)
-                return response
-        raise exc
 
 
 _WRITES = frozenset(route.method for route in ROUTES)

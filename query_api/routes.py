@@ -37,7 +37,7 @@ from shared.events import (
     normal_tags,
     parse_due_date,
 )
-from shared.http import Envelope
+from shared.http import Envelope, render_with_handlers
 from shared.openapi import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut, error_responses
 from shared.position import BadPosition, Position, PositionCodec
 
@@ -451,22 +451,8 @@ class ReadDispatcher:
                 try:
                     response = await serve(request, user, task)
                 except Exception as exc:
-                    response = await self._render(request, exc)
+                    response = await render_with_handlers(self.fastapi, request, exc)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    async def _render(self, request: Request, exc: Exception) -> Response:
-        """`exc` as the app's exception handlers render it (looked up by class, as
-        Starlette looks them up); re-raised when only the catch-all would take it
-        (RequestContext then logs it and answers 500), as `command_api.routes` does."""
-        handlers = self.fastapi.exception_handlers
-        for cls in type(exc).__mro__:
-            if cls is Exception:
-                break
-            handler = handlers.get(cls)
-            if handler is not None:
-                response = await handler(request, exc)
-                assert isinstance(response, Response)
-                return response
-        raise exc

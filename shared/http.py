@@ -153,6 +153,24 @@ def install_error_handlers(
         return render_error(ApiError())
 
 
+async def render_with_handlers(app: FastAPI, request: Request, exc: Exception) -> Response:
+    """`exc` as `app`'s exception handlers render it, looked up by class as Starlette
+    looks them up: for the dispatchers that serve hot routes without Starlette's
+    routing (`command_api.routes.CommandDispatcher`, `query_api.routes.ReadDispatcher`).
+    Re-raised when only the catch-all would take it (`RequestContext` then logs it and
+    answers 500)."""
+    handlers = app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            break
+        handler = handlers.get(cls)
+        if handler is not None:
+            response = await handler(request, exc)
+            assert isinstance(response, Response)
+            return response
+    raise exc
+
+
 class RequestContext:
     """Pure ASGI middleware: request id in and out, trailing slash folded away without
     a redirect, and request bodies capped before any route reads them."""
