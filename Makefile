@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 
 .PHONY: run test test-unit test-integration test-e2e lint install lock clean
 
@@ -32,10 +33,18 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
+# ruff with the rules of pyproject.toml ([tool.ruff]); the CI runs it before the tests.
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+
 # Re-pin every dependency after changing pyproject.toml.
 lock:
 	rm -rf /tmp/taskservice-lock && $(PYTHON) -m venv /tmp/taskservice-lock
-	/tmp/taskservice-lock/bin/pip install --quiet '.[test]'
+	/tmp/taskservice-lock/bin/pip install --quiet '.[test,lint]'
 	/tmp/taskservice-lock/bin/pip freeze --exclude taskservice > constraints.txt
 
 clean:

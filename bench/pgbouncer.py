@@ -29,7 +29,6 @@ import random
 import secrets
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -160,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"| configuration | create req/s | create p50 / p95 ms | get req/s | get p50 / p95 ms"
-              f" | server connections |\n|---|---|---|---|---|---|")
+        print("| configuration | create req/s | create p50 / p95 ms | get req/s | get p50 / p95 ms"
+              " | server connections |\n|---|---|---|---|---|---|")
         for label in ("direct", "pgbouncer"):
             r = results[label]
             assert isinstance(r, dict)

@@ -177,8 +177,8 @@ def serve_variant(prog: str, app_path: str) -> None:
     comparison with them is of the apps alone. Settings from the environment."""
     import argparse
 
-    from shared.settings import Settings
     from shared.serving import serve
+    from shared.settings import Settings
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--host", default="127.0.0.1")

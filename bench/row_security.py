@@ -73,7 +73,6 @@ def drop_role(url: str, role: str) -> None:
 
 def measure(bench: Any) -> dict[str, Any]:
     """Start both query APIs beside the run's servers, measure, stop them."""
-    a = bench.args
     bypass = make_bypass_role(bench.url)
     servers: dict[str, Any] = {}
     try:

@@ -76,8 +76,8 @@ from shared.catalog import (
     CHECKPOINTS_TABLE,
     EVENTS_TABLE,
     IDEMPOTENCY_TABLE,
-    OWN_POSITIONS_TABLE,
     LIVE,
+    OWN_POSITIONS_TABLE,
 )
 from shared.events import decode_event
 from shared.settings import Settings

@@ -19,11 +19,11 @@ from command_api.store import PostgresEventStore
 from shared.apidoc import install_docs
 from shared.auth import Authenticator
 from shared.cors import install_cors
+from shared.datakeys import MasterKeyError
 from shared.errors import DATABASE_DOWN, ServiceUnavailable
 from shared.health import health_router
 from shared.http import RequestContext, install_error_handlers
 from shared.observability import Observe, metrics_router
-from shared.datakeys import MasterKeyError
 from shared.position import MissingKey, PositionCodec
 from shared.settings import Settings, SettingsError
 

@@ -52,6 +52,7 @@ from typing import Literal, NamedTuple
 import asyncpg
 
 from projections import checkpoints as cp
+from projections.loader import LoadProcess, loaders_for, split
 from projections.manifest import (
     PROJECTIONS,
     READ_MODELS,
@@ -69,7 +70,6 @@ from projections.projector import (
     safe_bound,
     save_checkpoint,
 )
-from projections.loader import LoadProcess, loaders_for, split
 from projections.verify import (
     FoldProcess,
     Summary,

@@ -38,8 +38,8 @@ import asyncpg
 import orjson
 
 from projections.checkpoints import AFTER, EVENT_KEY, EVENT_ORDER, EVENTS_UP_TO, args
-from projections.manifest import READ_MODELS
 from projections.child import Child, ChildFailed
+from projections.manifest import READ_MODELS
 from projections.task_list import DOC_SQL
 from shared.catalog import EVENTS_TABLE, Tables
 from shared.datakeys import KeyRing, ring_for

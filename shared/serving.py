@@ -237,7 +237,7 @@ if HttpToolsProtocol is not None:
             self._header_timer = self._body_timer = None
 
         def _peer(self) -> str:
-            return "%s:%d" % self.client if self.client else "a client"
+            return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
 
         @staticmethod
         def _client_request_id(scope: dict[str, Any]) -> str | None:

@@ -224,10 +224,10 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
     from shared import aio
     from shared.auth import mint_token
     from shared.observability import configure_logging
+    from shared.serving import uvicorn_options
     from shared.settings import SettingsError
     from taskctl.dbinit import init_database
     from taskctl.embedded import EmbeddedPostgres, EmbeddedPostgresError
-    from shared.serving import uvicorn_options
 
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     sock = bind_port(host, port)

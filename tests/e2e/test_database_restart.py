@@ -36,9 +36,9 @@ import httpx
 import psycopg
 import pytest
 
+from shared.position import Position
 from taskctl.dbinit import create_read_tables
 from taskctl.embedded import EmbeddedPostgres
-from shared.position import Position
 from tests.support import TEST_SECRET, bearer, new_user
 from tests.support.projection import (
     REBUILD,

@@ -22,6 +22,7 @@ import pytest
 
 from shared import apidoc
 from shared.settings import Settings
+from taskctl.dbinit import PASSWORD_VARIABLES, ROLES
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.compose import (
     gateway_conf,
@@ -29,7 +30,6 @@ from tests.support.compose import (
     nginx_for_test,
     service_environment,
 )
-from taskctl.dbinit import PASSWORD_VARIABLES, ROLES
 from tests.support.process import Proc, free_port, require_binary
 
 pytestmark = pytest.mark.slow

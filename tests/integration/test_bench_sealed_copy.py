@@ -11,7 +11,7 @@ import psycopg
 from bench.data import seed_replay_events
 from bench.sealed_copy import sealed_twin
 from shared.catalog import EVENTS_TABLE
-from shared.datakeys import SEALED_PREFIX, _RINGS
+from shared.datakeys import _RINGS, SEALED_PREFIX
 from tests.support import PostgresServer
 from tests.support.projection import catch_up, fresh_database, settings_for, snapshot
 

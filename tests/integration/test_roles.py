@@ -33,7 +33,6 @@ from projections.projector import safe_bound
 from projections.replay import replay
 from shared import catalog
 from shared.catalog import EVENTS_TABLE, LIVE
-from tests.support.query import codec_for
 from shared.settings import Settings
 from taskctl.dbinit import (
     COMMAND_ROLE,
@@ -47,6 +46,7 @@ from taskctl.dbinit import (
 )
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
 from tests.support.projection import Writer, catch_up
+from tests.support.query import codec_for
 
 APPEND_ONLY = "append-only"  # the trigger's message: the roles must be stopped before it
 
