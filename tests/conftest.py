@@ -60,8 +60,9 @@ async def projector(database_url: str) -> AsyncIterator[asyncio.Task[None]]:
 @pytest.fixture
 def own_db(pg_server: PostgresServer) -> Iterator[str]:
     """A database of the test's own, initialised like production
-    (`tests.support.projection.fresh_database`), dropped after it. (Several older modules
-    still define the same fixture themselves; theirs take precedence in them.)"""
+    (`tests.support.projection.fresh_database`), dropped after it. A module whose
+    database needs more (module scope, events written first, its own name) defines an
+    `own_db` of its own, which takes precedence there."""
     from tests.support.projection import fresh_database
 
     url = fresh_database(pg_server)

@@ -19,22 +19,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
 import psycopg
-import pytest
 
 from shared.position import ZERO
 from taskctl.dbinit import create_read_tables
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support import TEST_SECRET, new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
     catch_up,
     checkpoint,
-    fresh_database,
     max_position,
     snapshot,
     wait_until,
@@ -43,13 +40,6 @@ from tests.support.projection import (
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "20240607"))
 WRITE_SECONDS = float(os.environ.get("CHAOS_SECONDS", "8"))
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 class Projector:

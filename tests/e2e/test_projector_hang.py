@@ -28,14 +28,13 @@ import pytest
 from projections.projector import APPLICATION_NAME
 from shared.catalog import EVENTS_TABLE, LEASES_TABLE, LIVE, PROJECTION
 from taskctl.dbinit import PROJECTOR_ROLE, create_read_tables
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support import TEST_SECRET, new_user
 from tests.support.process import Proc, free_port
 from tests.support.projection import (
     REBUILD,
     Writer,
     catch_up,
     checkpoint,
-    fresh_database,
     max_position,
     snapshot,
     wait_until,
@@ -90,13 +89,6 @@ class Projector:
         if self.proc.proc.poll() is None:
             os.kill(self.pid, signal.SIGCONT)
         return self.proc.stop()
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 @pytest.fixture

@@ -19,13 +19,12 @@ from projections.projector import APPLICATION_NAME
 from shared.events import Task
 from shared.position import ZERO
 from taskctl.dbinit import create_read_tables
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support import TEST_SECRET, new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
     catch_up,
     checkpoint,
-    fresh_database,
     insert_raw_event,
     max_position,
     snapshot,
@@ -34,13 +33,6 @@ from tests.support.projection import (
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 class Projector:

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,18 +15,10 @@ import pytest
 
 from shared.catalog import EVENTS_TABLE
 from shared.position import ZERO
-from tests.support import PostgresServer
 from tests.support.process import Proc, free_port
-from tests.support.projection import Writer, checkpoint, fresh_database, max_position, wait_until
+from tests.support.projection import Writer, checkpoint, max_position, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def counts(url: str) -> tuple[int, int]:

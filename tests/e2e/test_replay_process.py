@@ -10,22 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from tests.support import PostgresServer
-from tests.support.projection import Writer, catch_up, fresh_database, snapshot
+from tests.support.projection import Writer, catch_up, snapshot
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def start_replay(url: str, *args: str, new_session: bool = False) -> subprocess.Popen[str]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import psycopg
@@ -20,18 +19,11 @@ from query_api.app import create_app as create_query_app
 from shared.catalog import EVENTS_TABLE
 from shared.settings import Settings
 from taskctl.dbinit import TransactionCounterBehind, init_database
-from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
-from tests.support.projection import Writer, catch_up, fresh_database
+from tests.support import TEST_SECRET, bearer, new_user
+from tests.support.projection import Writer, catch_up
 from tests.support.query import codec_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def query_settings(url: str, **overrides: object) -> Settings:

@@ -18,13 +18,12 @@ from projections.projector import HandlerFailed
 from shared.catalog import EVENTS_TABLE
 from shared.events import Task
 from shared.position import ZERO
-from tests.support import PostgresServer, new_user
+from tests.support import new_user
 from tests.support.projection import (
     REBUILD,
     Writer,
     catch_up,
     checkpoint,
-    fresh_database,
     insert_raw_event,
     max_position,
     snapshot,
@@ -36,13 +35,6 @@ def writer(database_url: str) -> Iterator[Writer]:
     w = Writer(database_url)
     yield w
     w.close()
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def rows(url: str, sql: str, *args: object) -> list[tuple]:

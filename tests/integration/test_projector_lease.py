@@ -29,13 +29,12 @@ from shared.catalog import LEASES_TABLE, LIVE, PROJECTION, projector_lock
 from shared.position import ZERO
 from shared.settings import Settings, SettingsError
 from taskctl.dbinit import PROJECTOR_ROLE, init_database
-from tests.support import TEST_SECRET, PostgresServer, new_user
+from tests.support import TEST_SECRET, new_user
 from tests.support.projection import (
     Writer,
     catch_up,
     checkpoint,
     eventually,
-    fresh_database,
     max_position,
     settings_for,
     snapshot,
@@ -50,13 +49,6 @@ def as_role(url: str, role: str) -> str:
     parts = urlsplit(url)
     netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 @pytest.fixture

@@ -15,22 +15,14 @@ import pytest
 from projections import projector
 from shared.events import Task
 from shared.position import ZERO
-from tests.support import PostgresServer, new_user
+from tests.support import new_user
 from tests.support.projection import (
     Writer,
     checkpoint,
     eventually,
-    fresh_database,
     insert_raw_event,
     max_position,
 )
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 @pytest.fixture

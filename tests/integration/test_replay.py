@@ -10,7 +10,6 @@ import multiprocessing
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import asyncpg
 import psycopg
@@ -20,22 +19,14 @@ from projections.projector import TRY_LOCK, run
 from projections.replay import ReplayBusy, VerificationFailed, replay
 from projections.verify import FoldProcessFailed
 from shared.catalog import LIVE
-from tests.support import PostgresServer, new_user
+from tests.support import new_user
 from tests.support.projection import (
     Writer,
     before_verify,
     catch_up,
     every_event_type,
-    fresh_database,
     snapshot,
 )
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def tables(url: str) -> set[str]:

@@ -5,26 +5,17 @@ replay reports its peak memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from projections.projector import BulkRows, ensure_checkpoint, load_by_task
 from projections.replay import _create_for_load, _reachable, rebuild_tables, replay
 from projections.verify import Fold, TaskFold, summarise
 from shared.catalog import LIVE, Tables
 from shared.position import ZERO
-from tests.support import PostgresServer, new_user
-from tests.support.projection import Writer, catch_up, fresh_database, snapshot
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
+from tests.support import new_user
+from tests.support.projection import Writer, catch_up, snapshot
 
 
 def some_history(writer: Writer) -> list[str]:

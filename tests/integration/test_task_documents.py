@@ -5,7 +5,6 @@ a replay refuses a rebuild whose documents do not match their rows."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from uuid import uuid4
 
@@ -20,12 +19,11 @@ from projections.task_list import DOC_SQL, TaskState, document
 from shared.documents import task_json
 from shared.events import Task
 from taskctl.dbinit import init_database
-from tests.support import PostgresServer, new_user
+from tests.support import new_user
 from tests.support.projection import (
     Writer,
     before_verify,
     catch_up,
-    fresh_database,
     settings_for,
     snapshot,
 )
@@ -39,13 +37,6 @@ INSTANTS = [
     datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     datetime(2026, 3, 29, 2, 30, tzinfo=timezone(timedelta(hours=2))),  # not UTC in Python
 ]
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def states() -> list[TaskState]:

@@ -27,11 +27,10 @@ from query_api.app import create_app
 from shared.catalog import IDEMPOTENCY_TABLE
 from shared.settings import Settings
 from taskctl.dbinit import init_database
-from tests.support import PostgresServer, bearer, new_user
+from tests.support import bearer, new_user
 from tests.support.projection import (
     Writer,
     catch_up,
-    fresh_database,
     insert_raw_event,
     settings_for,
     snapshot,
@@ -47,13 +46,6 @@ CHANGE_FIELDS = "title, description, completed, priority, tags, due_date"
 def query_client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
-
-
-@pytest.fixture
-def own_db(pg_server: PostgresServer) -> Iterator[str]:
-    url = fresh_database(pg_server)
-    yield url
-    pg_server.drop_database(url)
 
 
 def send(client: TestClient, method: str, path: str, user: str, body: Any = None,
