@@ -28,6 +28,7 @@ from uuid import UUID
 import psycopg
 
 from bench import ceiling_app
+from bench.stats import CpuSplit
 from shared.catalog import EVENTS_TABLE
 from shared.events import EVENT_TOPICS, Task, decode_event
 from shared.eventstore import TaskStore, store_env
@@ -247,8 +248,9 @@ def copy_ceiling(url: str, repeats: int) -> dict[str, Any]:
     `synchronous_commit = off` as the replay's) into fresh tables made as the replay
     makes them (`projections.manifest.load_ddl`), then given the same keys and indexes,
     built the same way (`projections.replay.build_keys_and_indexes`: its sessions at
-    once, the replay's settings). Timed: the COPYs and the builds. Returns the
-    rows, the median repetition's seconds (`copy`, `keys_and_indexes`, `seconds`) and
+    once, the replay's settings). Timed: the COPYs and the builds, with the CPU they take
+    (`cpu`: `bench.stats.CpuSplit`, this process's and PostgreSQL's). Returns the rows,
+    the median repetition's seconds (`copy`, `keys_and_indexes`, `seconds`) and CPU, and
     every repetition's (`runs`)."""
     from projections.manifest import READ_MODELS, load_ddl, table_names
     from projections.replay import build_keys_and_indexes
@@ -273,18 +275,19 @@ def copy_ceiling(url: str, repeats: int) -> dict[str, Any]:
                 conn.execute(f"DROP TABLE IF EXISTS {name}")
             for statement in load_ddl(bare):
                 conn.execute(statement)
-            started = time.perf_counter()
-            for live, new in zip(table_names(LIVE), table_names(bare), strict=True):
-                f = dumps[live]
-                f.seek(0)
-                with conn.cursor().copy(f"COPY {new} FROM STDIN (FORMAT binary)") as copy:
-                    while chunk := f.read(1 << 20):
-                        copy.write(chunk)
-            copied = time.perf_counter()
-            asyncio.run(build_keys_and_indexes(url, bare))
-            done = time.perf_counter()
+            with CpuSplit(self_too=True) as cpu:
+                started = time.perf_counter()
+                for live, new in zip(table_names(LIVE), table_names(bare), strict=True):
+                    f = dumps[live]
+                    f.seek(0)
+                    with conn.cursor().copy(f"COPY {new} FROM STDIN (FORMAT binary)") as copy:
+                        while chunk := f.read(1 << 20):
+                            copy.write(chunk)
+                copied = time.perf_counter()
+                asyncio.run(build_keys_and_indexes(url, bare))
+                done = time.perf_counter()
             runs.append({"copy": copied - started, "keys_and_indexes": done - copied,
-                         "seconds": done - started})
+                         "seconds": done - started, "cpu": cpu.result})
         for name in [*table_names(bare), bare.checkpoints]:
             conn.execute(f"DROP TABLE IF EXISTS {name}")
     return {"rows": rows, **sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2],

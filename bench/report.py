@@ -234,6 +234,21 @@ def tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], str
               _mark(rp["events_per_s"] >= REPLAY_EVENTS_PER_S)]],
             f"Via {rp['via']}. Ceiling: {rp['ceiling']}.",
         ))
+        split = [(name, c) for name, c in (("replay", rp.get("cpu")),
+                                            ("ceiling", rp.get("ceiling_cpu"))) if c]
+        if split:
+            out.append((
+                "Replay: where the time goes (CPU seconds, the median replay and the median"
+                " ceiling)",
+                ["run", "wall s", "ours CPU-s", "PostgreSQL CPU-s", "machine busy", "cores"],
+                [[name, _f(c["wall_s"], 2), _f(c["ours_cpu_s"], 2), _f(c["postgres_cpu_s"], 2),
+                  f"{_f(c['busy_pct'])}%", _f(c["cores"])] for name, c in split],
+                "bench.stats.CpuSplit. Ours: the replay's processes (`taskctl replay`, its"
+                " loader and fold processes), for the ceiling the harness's own client."
+                " PostgreSQL: every postgres process of the machine (/proc, every 0.1 s)."
+                " With the machine busy throughout, the wall time is about (ours +"
+                " PostgreSQL) / cores.",
+            ))
         sealing = rp.get("sealing")
         if sealing:
             out.append((

@@ -107,3 +107,98 @@ class CpuMeter:
         total1, idle1 = _machine_cpu()
         busy = (total1 - total0) - (idle1 - idle0)
         self.result["machine_busy_pct"] = round(100 * busy / max(total1 - total0, 1e-9), 1)
+
+
+def _postgres_cpu() -> dict[int, float]:
+    """{pid: CPU seconds} of every process on the machine named `postgres` (the server,
+    its backends and parallel workers; Linux /proc)."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(") ")
+        if name == "postgres":
+            fields = rest.split()
+            out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+class CpuSplit:
+    """The CPU seconds a phase takes, split by who spent them. `ours`: this process's
+    children that ended and were waited for meanwhile, with every descendant they waited
+    for (RUSAGE_CHILDREN: a `taskctl replay` run and its loader and fold processes), and
+    with `self_too` this process's own CPU as well (a ceiling run in-process).
+    `postgres`: every process named postgres on the machine, read from /proc every
+    `interval` s by a thread (a process started meanwhile counts from zero; one that
+    ends counts to its last reading, so up to `interval` s of its CPU can go unseen).
+    `busy`: the whole machine's busy CPU seconds, out of `wall` x `cores`. The sampling
+    thread's own CPU is left out of `ours` and `busy`. `result` after the block."""
+
+    def __init__(self, *, self_too: bool = False, interval: float = 0.1) -> None:
+        self.self_too = self_too
+        self.interval = interval
+        self.result: dict[str, float] = {}
+
+    def _ours(self) -> float:
+        import resource
+
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = children.ru_utime + children.ru_stime
+        if self.self_too:
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            cpu += own.ru_utime + own.ru_stime
+        return cpu
+
+    def _sample(self) -> None:
+        started = time.thread_time()
+        while True:
+            for pid, cpu in _postgres_cpu().items():
+                self._first.setdefault(pid, 0.0 if self._ready else cpu)
+                self._last[pid] = cpu
+            self._ready = True
+            self._sampled.set()
+            if self._stop.wait(self.interval):
+                break
+        for pid, cpu in _postgres_cpu().items():
+            self._first.setdefault(pid, 0.0)
+            self._last[pid] = cpu
+        self._sampler_cpu = time.thread_time() - started
+
+    def __enter__(self) -> CpuSplit:
+        import threading
+
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._ready = False
+        self._sampler_cpu = 0.0
+        self._stop, self._sampled = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cpu-split", daemon=True)
+        self._thread.start()
+        self._sampled.wait()  # the processes already running: counted from here
+        self._wall = time.perf_counter()
+        self._ours0 = self._ours()
+        self._machine0 = _machine_cpu()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall = time.perf_counter() - self._wall
+        ours = self._ours() - self._ours0
+        total1, idle1 = _machine_cpu()
+        self._stop.set()
+        self._thread.join()
+        total0, idle0 = self._machine0
+        busy = (total1 - total0) - (idle1 - idle0) - self._sampler_cpu
+        postgres = sum(self._last[pid] - self._first[pid] for pid in self._last)
+        if self.self_too:
+            ours -= self._sampler_cpu
+        self.result = {
+            "wall_s": round(wall, 2), "ours_cpu_s": round(ours, 2),
+            "postgres_cpu_s": round(postgres, 2), "busy_cpu_s": round(busy, 2),
+            "cores": os.cpu_count() or 1,
+            "busy_pct": round(100 * busy / max(total1 - total0, 1e-9), 1),
+        }

@@ -67,6 +67,10 @@ def test_quick_benchmark_reports_every_figure_beside_its_ceiling_without_errors(
     assert replay["events"] >= 20_000
     assert replay["events_per_s"] > 0 and replay["ceiling_rows_per_s"] > 0
     assert replay["ratio"] is not None
+    # Where its time went: the replay's processes and PostgreSQL's, and the ceiling's.
+    for cpu in (replay["cpu"], replay["ceiling_cpu"]):
+        assert cpu["postgres_cpu_s"] > 0 and cpu["busy_cpu_s"] > 0
+    assert replay["cpu"]["ours_cpu_s"] > 0  # taskctl replay ran in a process of its own
 
     assert {t["figure"] for t in r["targets"]} >= {"errors", "replay (events/s)"}
     assert r["errors_total"] == 0, json.dumps(r, indent=1)[-4000:]
