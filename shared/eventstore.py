@@ -9,13 +9,14 @@ so the library reads what we write and we read what it writes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import Mapper
+from eventsourcing.persistence import InterfaceError, Mapper, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.utils import get_topic
+from eventsourcing.utils import get_topic, retry
 from psycopg.sql import SQL, Identifier
 
 from shared.catalog import EVENTS_TABLE, IDEMPOTENCY_TABLE, OWN_POSITIONS_TABLE
@@ -75,6 +76,33 @@ class TaskRecorder(PostgresApplicationRecorder):
                 index=Identifier(f"{self.events_table_name}_tx_order_idx"), events=events
             )
         )
+
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The library's insert, except past `PIPELINE_BYTES` of event state: then the
+        same statements one after the other, outside psycopg's pipeline mode, in one
+        transaction (`_insert_unpipelined`)."""
+        if sum(len(e.state) for e in stored_events) <= PIPELINE_BYTES:
+            return super().insert_events(stored_events, **kwargs)
+        return self._insert_unpipelined(stored_events, **kwargs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)  # as the library's
+    def _insert_unpipelined(self, stored_events: Sequence[StoredEvent], **kwargs: Any
+                            ) -> Sequence[int] | None:
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
+
+# The library inserts a save's events in one statement, sent in psycopg's pipeline mode.
+# psycopg (3.3.9) flushes a pipelined statement once, then waits for its results: a
+# statement larger than the socket takes at once (a Unix socket's send buffer, about
+# 200 KB on Linux) is never sent in full, and the save waits for ever (the server in
+# ClientRead, the client in `Pipeline.sync`). Saves of more event state than this go
+# without the pipeline (a round trip more per statement, nothing else changes).
+PIPELINE_BYTES = 64 * 1024
 
 
 class TaskStore(Application[UUID]):
