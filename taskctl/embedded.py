@@ -96,8 +96,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 class EmbeddedPostgres:
-    def __init__(self, datadir: Path) -> None:
+    """A PostgreSQL server of our own in `datadir`, on a Unix socket only (the dev
+    service), or with `tcp_port` on 127.0.0.1 too (the tests: their helpers and fault
+    proxies speak TCP, as the CI's server does). Trust authentication either way."""
+
+    def __init__(self, datadir: Path, *, tcp_port: int | None = None) -> None:
         self.datadir = Path(datadir).resolve()
+        self.tcp_port = tcp_port
         self.pgdata = self.datadir / "pgdata"
         self.owner_file = self.datadir / "owner.pid"
         self.log_file = self.datadir / "postgres.log"
@@ -161,7 +166,9 @@ class EmbeddedPostgres:
             except subprocess.CalledProcessError as e:
                 raise EmbeddedPostgresError(f"initdb failed: {e.stderr.strip()}") from e
 
-        if len(str(self.datadir / ".s.PGSQL.5432")) <= SOCKET_PATH_MAX:
+        port = self.tcp_port or 5432
+        listen = "127.0.0.1" if self.tcp_port else ""
+        if len(str(self.datadir / f".s.PGSQL.{port}")) <= SOCKET_PATH_MAX:
             self._sockdir, self._temp_sockdir = self.datadir, False
         else:
             self._sockdir, self._temp_sockdir = Path(tempfile.mkdtemp(prefix="taskpg-")), True
@@ -169,7 +176,7 @@ class EmbeddedPostgres:
         try:
             self._run(
                 "pg_ctl", "-D", self.pgdata, "-w", "-t", START_TIMEOUT, "-l", self.log_file,
-                "-o", f"-k '{self._sockdir}' -c listen_addresses='' -p 5432", "start",
+                "-o", f"-k '{self._sockdir}' -c listen_addresses='{listen}' -p {port}", "start",
             )
         except subprocess.CalledProcessError as e:
             self._remove_sockdir()
@@ -178,7 +185,8 @@ class EmbeddedPostgres:
                 f" see {self.log_file}"
             ) from e
         self.owner_file.write_text(f"{os.getpid()}\n")
-        self.url = f"postgresql://postgres@/postgres?host={self._sockdir}"
+        self.url = (f"postgresql://postgres@127.0.0.1:{port}/postgres" if self.tcp_port
+                    else f"postgresql://postgres@/postgres?host={self._sockdir}")
         return self.url
 
     def server_pid(self) -> int | None:

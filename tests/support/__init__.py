@@ -40,7 +40,8 @@ def _local_server() -> str | None:
 class PostgresServer:
     """DATABASE_URL if set, else the machine's server on 127.0.0.1:5432, else (or with
     TASKSERVICE_TEST_PG=embedded) an embedded one (`taskctl.embedded`; as root it runs
-    as an unprivileged user) in a temporary folder that `stop` removes."""
+    as an unprivileged user) on a free port of 127.0.0.1, in a temporary folder that
+    `stop` removes."""
 
     def __init__(self) -> None:
         self.embedded = None
@@ -51,7 +52,11 @@ class PostgresServer:
             from taskctl.embedded import EmbeddedPostgres
 
             self._folder = Path(tempfile.mkdtemp(prefix="taskservice-test-pg-"))
-            self.embedded = EmbeddedPostgres(self._folder / "postgres")
+            # On 127.0.0.1 as well as its socket: the tests' URL helpers and fault
+            # proxies (blackholes, a pooler, a gateway's services) speak TCP.
+            from tests.support.process import free_port
+
+            self.embedded = EmbeddedPostgres(self._folder / "postgres", tcp_port=free_port())
             try:
                 url = self.embedded.start()
             except BaseException:
