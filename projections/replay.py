@@ -707,7 +707,9 @@ async def _copy_row_security(conn: asyncpg.Connection, live: str, new: str) -> N
 
 
 async def _rename(conn: asyncpg.Connection, old: str, new: str) -> None:
-    """Rename a table and the indexes named after it (primary key included)."""
+    """Rename a table, the indexes named after it (primary key included) and its other
+    constraints named after it (checks; from PostgreSQL 18 also its NOT NULLs, which
+    it names `<table>_<column>_not_null`)."""
     for r in await conn.fetch(
         "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1",
         old,
@@ -715,4 +717,12 @@ async def _rename(conn: asyncpg.Connection, old: str, new: str) -> None:
         name = r["indexname"]
         if name.startswith(old):
             await conn.execute(f"ALTER INDEX {name} RENAME TO {new}{name[len(old):]}")
+    for r in await conn.fetch(  # an index's constraint went with its index, above
+        "SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass AND conindid = 0",
+        old,
+    ):
+        name = r["conname"]
+        if name.startswith(old):
+            await conn.execute(
+                f"ALTER TABLE {old} RENAME CONSTRAINT {name} TO {new}{name[len(old):]}")
     await conn.execute(f"ALTER TABLE {old} RENAME TO {new}")

@@ -404,3 +404,25 @@ def test_the_load_tables_with_their_keys_and_indexes_are_the_db_init_tables(own_
         for statement in [*load_ddl(target), *keys_and_indexes(target)]:
             conn.execute(statement)
         assert shape(conn, table_names(target)) == shape(conn, table_names(LIVE))
+
+
+async def test_the_switch_renames_a_tables_constraints_with_it(own_db: str) -> None:
+    """`_rename` (the switch's): the indexes and the other constraints named after the
+    table (a check here; PostgreSQL 18 also names NOT NULLs so) take the new name."""
+    from projections.replay import _rename
+
+    conn = await asyncpg.connect(own_db)
+    try:
+        await conn.execute(
+            "CREATE TABLE rebuild_shape_1 (x int NOT NULL, y int,"
+            " CONSTRAINT rebuild_shape_1_pkey PRIMARY KEY (x),"
+            " CONSTRAINT rebuild_shape_1_y_check CHECK (y > 0))")
+        await conn.execute("CREATE INDEX rebuild_shape_1_y_idx ON rebuild_shape_1 (y)")
+        await _rename(conn, "rebuild_shape_1", "read_shape")
+        names = {r[0] for r in await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'read_shape'::regclass"
+            " UNION SELECT indexname FROM pg_indexes WHERE tablename = 'read_shape'")}
+    finally:
+        await conn.close()
+    assert {"read_shape_pkey", "read_shape_y_check", "read_shape_y_idx"} <= names
+    assert not [n for n in names if n.startswith("rebuild_")]
