@@ -25,6 +25,15 @@ from shared.settings import Settings, postgres_params
 APPLICATION_NAME = "Tasks"
 
 
+# The library inserts a save's events in one statement, sent in psycopg's pipeline mode.
+# psycopg (3.3.9) flushes a pipelined statement once, then waits for its results: a
+# statement larger than the socket takes at once (a Unix socket's send buffer, about
+# 200 KB on Linux) is never sent in full, and the save waits for ever (the server in
+# ClientRead, the client in `Pipeline.sync`). Saves of more event state than this go
+# without the pipeline (a round trip more per statement, nothing else changes).
+PIPELINE_BYTES = 64 * 1024
+
+
 class TaskRecorder(PostgresApplicationRecorder):
     """The stock recorder's tables, plus the transaction-id order, the idempotency
     table and each user's latest position."""
@@ -77,7 +86,6 @@ class TaskRecorder(PostgresApplicationRecorder):
             )
         )
 
-
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -94,15 +102,6 @@ class TaskRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
             self._insert_stored_events(curs, stored_events, **kwargs)
             return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
-
-
-# The library inserts a save's events in one statement, sent in psycopg's pipeline mode.
-# psycopg (3.3.9) flushes a pipelined statement once, then waits for its results: a
-# statement larger than the socket takes at once (a Unix socket's send buffer, about
-# 200 KB on Linux) is never sent in full, and the save waits for ever (the server in
-# ClientRead, the client in `Pipeline.sync`). Saves of more event state than this go
-# without the pipeline (a round trip more per statement, nothing else changes).
-PIPELINE_BYTES = 64 * 1024
 
 
 class TaskStore(Application[UUID]):
