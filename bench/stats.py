@@ -67,11 +67,17 @@ def ratio(ours: float | None, ceiling: float | None) -> float | None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_cpu(stat: str) -> tuple[str, float]:
+    """(command name, CPU seconds: utime + stime) of a /proc/<pid>/stat line."""
+    name, _, rest = stat.partition(" (")[2].rpartition(") ")
+    fields = rest.split()
+    return name, (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def _proc_cpu(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+            return _stat_cpu(f.read())[1]
     except (OSError, IndexError, ValueError):
         return None
 
@@ -118,13 +124,11 @@ def _postgres_cpu() -> dict[int, float]:
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
+                name, cpu = _stat_cpu(f.read())
+        except (OSError, IndexError, ValueError):
             continue
-        name, _, rest = stat.partition(" (")[2].rpartition(") ")
         if name == "postgres":
-            fields = rest.split()
-            out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+            out[int(entry.name)] = cpu
     return out
 
 
@@ -158,15 +162,13 @@ class CpuSplit:
         started = time.thread_time()
         while True:
             for pid, cpu in _postgres_cpu().items():
-                self._first.setdefault(pid, 0.0 if self._ready else cpu)
+                # The first reading's processes count from there, later ones from zero.
+                self._first.setdefault(pid, 0.0 if self._sampled.is_set() else cpu)
                 self._last[pid] = cpu
-            self._ready = True
-            self._sampled.set()
-            if self._stop.wait(self.interval):
+            if self._stop.is_set():  # that was the reading after the block ended
                 break
-        for pid, cpu in _postgres_cpu().items():
-            self._first.setdefault(pid, 0.0)
-            self._last[pid] = cpu
+            self._sampled.set()
+            self._stop.wait(self.interval)
         self._sampler_cpu = time.thread_time() - started
 
     def __enter__(self) -> CpuSplit:
@@ -174,7 +176,6 @@ class CpuSplit:
 
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
-        self._ready = False
         self._sampler_cpu = 0.0
         self._stop, self._sampled = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._sample, name="cpu-split", daemon=True)
