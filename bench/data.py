@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import psycopg
@@ -32,13 +31,9 @@ from bench.stats import CpuSplit
 from shared.catalog import EVENTS_TABLE
 from shared.events import EVENT_TOPICS, Task, decode_event
 from shared.eventstore import TaskStore, store_env
-from shared.settings import Settings
+from shared.settings import Settings, database_url, postgres_params
 
 SEED_REQUEST_ID = "bench-seed"
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 class Databases:
@@ -52,10 +47,10 @@ class Databases:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
-        return with_database(self.admin_url, name)
+        return database_url(self.admin_url, dbname=name)
 
     def drop(self, url: str) -> None:
-        name = urlsplit(url).path.lstrip("/")
+        name = postgres_params(url)["dbname"]
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if name in self.created:
@@ -63,7 +58,7 @@ class Databases:
 
     def drop_all(self) -> None:
         for name in list(self.created):
-            self.drop(with_database(self.admin_url, name))
+            self.drop(database_url(self.admin_url, dbname=name))
 
     def server_version(self) -> str:
         with psycopg.connect(self.admin_url) as conn:

@@ -38,17 +38,12 @@ from bench.http import Request, closed_loop
 from bench.procs import Processes, db_init, free_port, master_key, split_cpus, taskctl
 from bench.stats import latency_summary
 from shared.auth import mint_token
+from shared.settings import database_url
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 USERS = 50
 DATABASE_SETTINGS = {"statement_timeout": "1500ms", "idle_in_transaction_session_timeout": "10s",
                      "jit": "off"}
-
-
-def with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def server_connections(url: str, database: str) -> int:
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"taskservice_bench_pgb_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(args.pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    direct = with_database(args.pg_url, name)
+    direct = database_url(args.pg_url, dbname=name)
     results: dict[str, object] = {"pool_size": args.pool_size, "connections": args.connections,
                                   "seconds": args.seconds}
     log_dir = Path(tempfile.mkdtemp(prefix="taskservice-bench-pgb-"))

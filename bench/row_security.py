@@ -22,7 +22,6 @@ import secrets
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -31,17 +30,11 @@ from bench.procs import free_port, taskctl
 from bench.stats import CpuMeter, latency_summary, median, ratio
 from bench.workload import QUERY_KINDS, OurRequests
 from shared import aio
+from shared.settings import database_url
 
 QUERY_ROLE = "taskservice_query"  # taskctl.dbinit.QUERY_ROLE (the bench may not import taskctl)
 BYPASS_ROLE = "bench_query_bypassrls"  # the prefix: each run makes its own, then drops it
 TARGET = 0.9
-
-
-def as_role(url: str, role: str) -> str:
-    """`url` connected as `role` (no password: the benchmark's server trusts 127.0.0.1)."""
-    parts = urlsplit(url)
-    netloc = f"{role}@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def make_bypass_role(url: str) -> str:
@@ -83,7 +76,7 @@ def measure(bench: Any) -> dict[str, Any]:
             port = free_port()
             servers[name] = bench.servers[name] = bench.procs.start(
                 name, [*argv, "--host", "127.0.0.1", "--port", str(port)], port=port,
-                env={"DATABASE_URL": as_role(bench.url, role)})
+                env={"DATABASE_URL": database_url(bench.url, user=role)})
         for proc in servers.values():
             bench.procs.wait_healthy(proc)
         return _measure(bench, servers, bypass)

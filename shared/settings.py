@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -373,6 +373,24 @@ class Settings(BaseModel):
 
 
 SETTING_NAMES = frozenset(name.upper() for name in Settings.model_fields)
+
+
+def database_url(url: str, *, dbname: str | None = None, user: str | None = None) -> str:
+    """`url` naming another database and/or another user (without a password then),
+    every other part kept, in each form libpq takes: the host in the authority, a Unix
+    socket's directory in `?host=` (the authority empty, or only a user), the database
+    or user in the query (which is dropped for the one replaced)."""
+    parts = urlsplit(url)
+    replaced = ({"dbname"} if dbname is not None else set()) | (
+        {"user", "password"} if user is not None else set())
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k not in replaced]
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{quote(user, safe='')}@{netloc.rpartition('@')[2]}"
+    path = parts.path if dbname is None else "/" + quote(dbname, safe="")
+    tail = f"?{urlencode(query, safe='/')}" if query else ""
+    return f"{parts.scheme}://{netloc}{path}{tail}"
 
 
 def postgres_params(url: str) -> dict[str, str]:

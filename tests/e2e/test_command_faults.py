@@ -28,7 +28,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.settings import Settings
+from shared.settings import Settings, database_url
 from taskctl.dbinit import init_database
 from tests.support import (
     TEST_SECRET,
@@ -36,7 +36,6 @@ from tests.support import (
     bearer,
     database_name,
     new_user,
-    with_database,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,7 +293,7 @@ def test_starts_without_its_database_and_becomes_ready_once_it_exists(
     pg_server: PostgresServer, tmp_path: Path
 ):
     name = f"taskservice_test_late_{uuid.uuid4().hex[:10]}"
-    url = with_database(pg_server.url, name)
+    url = database_url(pg_server.url, dbname=name)
     service = start_service(url, tmp_path)
     try:
         user = new_user()

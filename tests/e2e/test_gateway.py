@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -23,7 +23,7 @@ import pytest
 from shared import apidoc
 from shared.settings import Settings
 from taskctl.dbinit import PASSWORD_VARIABLES, ROLES
-from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support import TEST_SECRET, PostgresServer, as_role, bearer, new_user
 from tests.support.compose import (
     gateway_conf,
     load_compose,
@@ -59,9 +59,7 @@ def process_env(service: dict, database_url: str, **extra: str) -> dict[str, str
     assert "@postgres:5432/" in env["DATABASE_URL"]  # the compose host, mapped below
     user = urlsplit(env["DATABASE_URL"]).username
     if user in ROLES:  # as compose connects it; init as the test server's owner
-        parts = urlsplit(database_url)
-        netloc = f"{user}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        env["DATABASE_URL"] = urlunsplit(parts._replace(netloc=netloc))
+        env["DATABASE_URL"] = as_role(database_url, user)
     else:
         env["DATABASE_URL"] = database_url
     for variable in PASSWORD_VARIABLES.values():

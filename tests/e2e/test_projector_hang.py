@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -28,7 +27,7 @@ import pytest
 from projections.projector import APPLICATION_NAME
 from shared.catalog import EVENTS_TABLE, LEASES_TABLE, LIVE, PROJECTION
 from taskctl.dbinit import PROJECTOR_ROLE, create_read_tables
-from tests.support import TEST_SECRET, new_user
+from tests.support import TEST_SECRET, as_role, new_user
 from tests.support.process import Proc, free_port
 from tests.support.projection import (
     REBUILD,
@@ -46,11 +45,6 @@ LEASE, HEARTBEAT = 3.0, 0.5
 BOUND = LEASE + HEARTBEAT + 1.0  # projections.lease: a takeover within lease + heartbeat + 1 s
 SLACK = 2.0  # a busy 2-core machine
 
-
-def as_role(url: str, role: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Projector:

@@ -13,11 +13,9 @@ embedded server's URL is one already); a server elsewhere is reached as configur
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import psycopg
 import pytest
@@ -26,25 +24,10 @@ from eventsourcing.persistence import IntegrityError
 from shared.catalog import EVENTS_TABLE
 from shared.events import Task
 from shared.eventstore import PIPELINE_BYTES
-from tests.support import PostgresServer, library_store, new_user
+from tests.support import PostgresServer, library_store, new_user, unix_socket_url
 from tests.support.projection import fresh_database, settings_for
 
 TIMEOUT = 60.0
-
-
-def unix_socket_url(url: str) -> str:
-    """`url` through the server's Unix socket when that socket is on this machine."""
-    parts = urlsplit(url)
-    if "host=/" in parts.query:
-        return url
-    with psycopg.connect(url) as conn:
-        folders = str(conn.execute("SHOW unix_socket_directories").fetchone()[0])
-        port = int(conn.execute("SHOW port").fetchone()[0])
-    for folder in (f.strip() for f in folders.split(",")):
-        if folder and os.path.exists(os.path.join(folder, f".s.PGSQL.{port}")):
-            user = quote(parts.username or "postgres")
-            return f"postgresql://{user}@{parts.path}?host={quote(folder)}&port={port}"
-    return url
 
 
 @pytest.fixture

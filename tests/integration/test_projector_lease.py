@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psycopg
@@ -29,7 +28,7 @@ from shared.catalog import LEASES_TABLE, LIVE, PROJECTION, projector_lock
 from shared.position import ZERO
 from shared.settings import Settings, SettingsError
 from taskctl.dbinit import PROJECTOR_ROLE, init_database
-from tests.support import TEST_SECRET, new_user
+from tests.support import TEST_SECRET, as_role, new_user
 from tests.support.projection import (
     Writer,
     catch_up,
@@ -43,12 +42,6 @@ from tests.support.projection import (
 FAST = LeaseTimes(lease=1.0, heartbeat=0.2)
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def as_role(url: str, role: str) -> str:
-    """The same database as `role` (no password: the test server trusts 127.0.0.1)."""
-    parts = urlsplit(url)
-    netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @pytest.fixture

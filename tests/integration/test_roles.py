@@ -19,7 +19,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import fields
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psycopg
@@ -44,20 +43,12 @@ from taskctl.dbinit import (
     grants,
     init_database,
 )
-from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support import TEST_SECRET, PostgresServer, as_role, bearer, new_user
 from tests.support.projection import Writer, catch_up
 from tests.support.query import codec_for
 
 APPEND_ONLY = "append-only"  # the trigger's message: the roles must be stopped before it
 
-
-def as_role(url: str, role: str) -> str:
-    """The same database, connected as `role` (no password: the test server trusts
-    127.0.0.1; production gives each role its own, docs/operations.md)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{role}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def settings_for(url: str, **extra: object) -> Settings:

@@ -35,8 +35,8 @@ from shared.catalog import EVENTS_TABLE, LIVE
 from shared.position import ZERO
 from shared.row_security import STREAM_ROLE, USER_POLICY, USER_SETTING
 from taskctl.dbinit import PROJECTOR_ROLE, QUERY_ROLE, grants, init_database, row_policies
-from tests.integration.test_roles import PRIVILEGES, as_role, held_on, settings_for
-from tests.support import PostgresServer, bearer, new_user
+from tests.integration.test_roles import PRIVILEGES, held_on, settings_for
+from tests.support import PostgresServer, as_role, bearer, new_user
 from tests.support.live import serve
 from tests.support.projection import Writer, catch_up
 from tests.support.query import codec_for

@@ -8,13 +8,13 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import psycopg
 
 from shared.auth import mint_token
 from shared.eventstore import TaskStore, store_env
-from shared.settings import Settings
+from shared.settings import Settings, database_url, postgres_params
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
@@ -68,7 +68,7 @@ class PostgresServer:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return with_database(self.url, name)
+        return database_url(self.url, dbname=name)
 
     def drop_database(self, url: str) -> None:
         name = database_name(url)
@@ -85,12 +85,13 @@ class PostgresServer:
 
 
 def database_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
+    return postgres_params(url)["dbname"]
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+def as_role(url: str, role: str) -> str:
+    """The same database, connected as `role` (no password: the test server trusts its
+    clients; production gives each role its own, docs/operations.md)."""
+    return database_url(url, user=role)
 
 
 def new_user() -> str:
@@ -106,3 +107,18 @@ def library_store(settings: Settings) -> TaskStore:
     """The eventsourcing application on the test database: the library's own writer and
     readers, for tests that write events without the command API or read as the library."""
     return TaskStore(env=store_env(settings))
+
+
+def unix_socket_url(url: str) -> str:
+    """`url` through the server's Unix socket when that socket is on this machine."""
+    parts = urlsplit(url)
+    if "host=/" in parts.query:
+        return url
+    with psycopg.connect(url) as conn:
+        folders = str(conn.execute("SHOW unix_socket_directories").fetchone()[0])
+        port = int(conn.execute("SHOW port").fetchone()[0])
+    for folder in (f.strip() for f in folders.split(",")):
+        if folder and os.path.exists(os.path.join(folder, f".s.PGSQL.{port}")):
+            user = quote(parts.username or "postgres")
+            return f"postgresql://{user}@{parts.path}?host={quote(folder)}&port={port}"
+    return url
