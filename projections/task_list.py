@@ -103,7 +103,7 @@ DOC_SQL = (
 
 TABLE = "tasks"  # the `Tables` field that names this model's table
 # The statements that read it (query_api cannot import this package).
-QUERIES = "query_api.queries: list_tasks, get_task, owned_by_someone_else"
+QUERIES = "query_api.queries: list_tasks, get_task, why_missing"
 
 # The fields added later (also what `tables()` adds to a table made before them).
 _ADDED_COLUMNS = (

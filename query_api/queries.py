@@ -1,12 +1,12 @@
 """The read-model queries. Each read is a `Query` (SQL and arguments) that
 `query_api.reader.Reader` runs in one statement with the read tables' checkpoint; small
 functions here turn its rows into typed values. `read_position`, `lag_seconds` and
-`owned_by_someone_else` run on a connection of their own.
+`why_missing` run on a connection of their own.
 
 Every query that returns user data filters by the token's user first
-(`WHERE user_id = $1 ...`); the only query that looks past the user is
-`owned_by_someone_else`, which answers yes or no so a route can tell 403 from 404,
-and returns nothing of the other user's row. Beneath the filters, row-level security
+(`WHERE user_id = $1 ...`); the only query that looks past the user is `why_missing`,
+which answers whether the task is another user's (yes or no, so a route can tell 403
+from 404) and where its latest event is in the log, and returns nothing else of it. Beneath the filters, row-level security
 shows the query API's role only the rows of the statement's user
 (`shared.row_security`, set by `query_api.reader`). The rows are written by the read
 models listed in `projections/manifest.py` (one module each).
@@ -248,11 +248,36 @@ def get_task(user_id: str, task_id: UUID) -> Query:
     )
 
 
-async def owned_by_someone_else(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> bool:
-    """Whether a live task with this id belongs to another user (403, not 404): asked of
-    a function of the tables' owner (`taskctl db init`), since the query role's
-    row-level security shows it no other user's row (`shared.row_security`)."""
-    return bool(await conn.fetchval(f"SELECT {OWNED_ELSEWHERE_FUNCTION}($1, $2)", user_id, task_id))
+@dataclass(frozen=True)
+class Missing:
+    """Why a read found no task of the user's with an id."""
+
+    elsewhere: bool  # a live task with this id belongs to another user (403, not 404)
+    # The position of the task's latest event in the event store (None: no event has
+    # that id): the read tables may not hold it yet when another user wrote it.
+    latest: Position | None
+
+
+# The task's latest event ($n: its id), by the event store's primary key.
+_TASK_LATEST = (
+    f"SELECT tx_id::text, notification_id FROM {catalog.EVENTS_TABLE}"
+    " WHERE originator_id = ${n} ORDER BY originator_version DESC LIMIT 1"
+)
+TASK_LATEST = _TASK_LATEST.format(n=1)
+WHY_MISSING = (
+    f"SELECT {OWNED_ELSEWHERE_FUNCTION}($1, $2), e.tx_id, e.notification_id"
+    f" FROM (SELECT) one LEFT JOIN LATERAL ({_TASK_LATEST.format(n=2)}) e ON true"
+)
+
+
+async def why_missing(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> Missing:
+    """`Missing` for the task: whether it is another user's, asked of a function of the
+    tables' owner (`taskctl db init`), since the query role's row-level security shows
+    it no other user's row (`shared.row_security`); and its latest event's position
+    (one primary-key lookup), in the same snapshot."""
+    elsewhere, tx_id, notification_id = await conn.fetchrow(WHY_MISSING, user_id, task_id)
+    latest = None if tx_id is None else Position(int(tx_id), notification_id)
+    return Missing(bool(elsewhere), latest)
 
 
 def task_history(user_id: str, task_id: UUID) -> Query:

@@ -12,12 +12,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
+from uuid import UUID
 
 import asyncpg
 
-from query_api.queries import Query, position_from, position_sql
+from query_api import queries
+from query_api.queries import Missing, Query, position_from, position_sql
 from query_api.watch import PositionWatch
 from shared.catalog import OWN_POSITIONS_TABLE
 from shared.errors import DATABASE_DOWN
@@ -101,31 +103,37 @@ class Reader:
         return Reader(self.pool, self.watch, self.wait_timeout, self.acquire_timeout,
                       user_id=user_id, own_positions=self.own_positions, codec=self.codec)
 
-    async def read_row(self, wanted: Position | None, query: Query) -> Read[asyncpg.Record]:
+    def deadline(self) -> float:
+        """When a read starting now must have answered (`wait_timeout` from now, on the
+        event loop's clock): pass it to a second read that must keep the first's bound."""
+        return asyncio.get_running_loop().time() + self.wait_timeout
+
+    async def read_row(self, wanted: Position | None, query: Query, *,
+                       deadline: float | None = None) -> Read[asyncpg.Record]:
         """`query`'s row (its columns all NULL when it has none) with the checkpoint,
-        both from one statement."""
-        row, position, stale = await self._joined(wanted, query, "fetchrow")
+        both from one statement; any wait over by `deadline` (default: `deadline()`)."""
+        row, position, stale = await self._joined(wanted, query, "fetchrow", deadline)
         return Read(row, position, stale, self.codec.encode(position))
 
     async def read_rows(
-        self, wanted: Position | None, query: Query
+        self, wanted: Position | None, query: Query, *, deadline: float | None = None
     ) -> Read[list[tuple[Any, ...]]]:
         """`query`'s rows (each its own columns only, in `query.order`) with the
-        checkpoint, both from one statement."""
-        records, position, stale = await self._joined(wanted, query, "fetch")
+        checkpoint, both from one statement; any wait over by `deadline`."""
+        records, position, stale = await self._joined(wanted, query, "fetch", deadline)
         # Without rows, the join's one row has NULL for every column of the query's.
         rows = [tuple(r)[_LEAD:] for r in records if r[_LEAD] is not None]
         return Read(rows, position, stale, self.codec.encode(position))
 
     async def _joined(
-        self, wanted: Position | None, query: Query, method: str
+        self, wanted: Position | None, query: Query, method: str, deadline: float | None
     ) -> tuple[Any, Position, bool]:
         """Wait for `wanted` if asked, run the statement; if the user's own latest write
         is past the checkpoint, wait for it and run the statement again. The result,
         the checkpoint it reflects, and whether that is short of what it must reflect."""
-        deadline = asyncio.get_running_loop().time() + self.wait_timeout
+        deadline = self.deadline() if deadline is None else deadline
         if wanted is not None:
-            await self.watch.wait_for(wanted, self.wait_timeout)
+            await self.watch.wait_for(wanted, self._left(deadline))
         own: Position | None = None
         in_statement = self.user_id is not None
         if self.user_id is not None and self.own_positions is not None:
@@ -169,6 +177,22 @@ class Reader:
                 _STATEMENTS[key] = sql
         async with self.connection() as conn:
             return await getattr(conn, method)(sql, *args)
+
+    async def why_missing(self, task_id: UUID) -> Missing:
+        """Why this user's read found no task `task_id` (`queries.why_missing`). On a
+        replica the task's latest event comes from the primary, as the user's own
+        position does (the replica's copy lags); while the primary is away, the
+        replica's."""
+        assert self.user_id is not None
+        user_id = self.user_id
+        why = await self.run(lambda conn: queries.why_missing(conn, user_id, task_id))
+        if self.own_positions is not None:
+            try:
+                row = await self.own_positions.fetchrow(queries.TASK_LATEST, task_id)
+            except PrimaryAway:
+                return why
+            why = replace(why, latest=None if row is None else Position(int(row[0]), row[1]))
+        return why
 
     async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`operation(conn)` on a pooled connection, outside any snapshot."""

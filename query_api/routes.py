@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
-import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import Response
@@ -24,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from query_api import queries
 from query_api.cursor import BadCursor, CursorCodec
 from query_api.queries import Sort, Status
-from query_api.reader import Reader
+from query_api.reader import Read, Reader
 from shared.auth import CurrentUser
 from shared.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from shared.etag import etag
@@ -40,6 +39,8 @@ from shared.events import (
 from shared.http import Envelope, render_with_handlers
 from shared.openapi import HistoryEntryOut, ReadEnvelope, StatsOut, TaskOut, error_responses
 from shared.position import BadPosition, Position, PositionCodec
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/api", tags=["queries"])
 
@@ -213,13 +214,28 @@ def _own(path_user_id: str, user_id: str) -> None:
         raise Forbidden("You do not have access to this user's tasks")
 
 
-async def _not_yours(conn: asyncpg.Connection, user_id: str, task_id: UUID) -> ApiError:
-    if await queries.owned_by_someone_else(conn, user_id, task_id):
-        return Forbidden("You do not have access to this task")
-    return NotFound("Task not found")
+async def _settled(
+    reads: Reader, read: Read[T], wanted: Position | None, task_id: UUID,
+    again: Callable[[Position], Awaitable[Read[T]]], missing: Callable[[Read[T]], bool],
+) -> Read[T]:
+    """`read` found no task `task_id` of the user's: the same read (`again`, waiting for
+    a position) once the read tables hold the task's latest event, if they did not yet
+    (another user's write, which a read does not wait for: their task is then a 403 at
+    once, not a 404 until the projector passes it). Raises the 403 or the 404 if the
+    task is still missing; the read's time bound covers both reads."""
+    why = await reads.why_missing(task_id)
+    if why.latest is not None and read.position < why.latest:
+        read = await again(why.latest if wanted is None else max(wanted, why.latest))
+        if not missing(read):
+            return read
+        why = await reads.why_missing(task_id)
+    error: ApiError = (Forbidden("You do not have access to this task") if why.elsewhere
+                       else NotFound("Task not found"))
+    raise error.with_meta(**read.meta())
 
 
-async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFilter) -> Response:
+async def _task_list(reads: Reader, wanted: Position | None, user_id: str, f: TaskFilter
+                     ) -> Response:
     read = await reads.read_row(
         wanted,
         queries.list_tasks(
@@ -232,14 +248,17 @@ async def _task_list(reads: Reader, wanted: int | None, user_id: str, f: TaskFil
     return Envelope(orjson.Fragment(page.json), total=page.total, **read.meta())
 
 
-async def _one_task(reads: Reader, wanted: int | None, user_id: str, task_id: UUID) -> Response:
-    read = await reads.read_row(wanted, queries.get_task(user_id, task_id))
-    doc = read.result["doc"]
-    if doc is None:
-        error = await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
-        raise error.with_meta(**read.meta())
+async def _one_task(reads: Reader, wanted: Position | None, user_id: str, task_id: UUID
+                    ) -> Response:
+    query, deadline = queries.get_task(user_id, task_id), reads.deadline()
+    read = await reads.read_row(wanted, query, deadline=deadline)
+    if read.result["doc"] is None:
+        read = await _settled(reads, read, wanted, task_id,
+                              lambda at: reads.read_row(at, query, deadline=deadline),
+                              lambda r: r.result["doc"] is None)
     return Envelope(
-        orjson.Fragment(doc), headers={"ETag": etag(read.result["version"])}, **read.meta()
+        orjson.Fragment(read.result["doc"]), headers={"ETag": etag(read.result["version"])},
+        **read.meta(),
     )
 
 
@@ -264,10 +283,12 @@ async def get_task(task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wa
 async def get_task_history(
     task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted
 ) -> Response:
-    read = await reads.read_rows(wanted, queries.task_history(user_id, task_id))
+    query, deadline = queries.task_history(user_id, task_id), reads.deadline()
+    read = await reads.read_rows(wanted, query, deadline=deadline)
     if not read.result:
-        error = await reads.run(lambda conn: _not_yours(conn, user_id, task_id))
-        raise error.with_meta(**read.meta())
+        read = await _settled(reads, read, wanted, task_id,
+                              lambda at: reads.read_rows(at, query, deadline=deadline),
+                              lambda r: not r.result)
     return Envelope([r.view() for r in queries.history_rows(read.result)], **read.meta())
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -184,3 +185,72 @@ def test_on_a_replica_the_users_position_comes_from_the_primary(
             assert other.json()["meta"]["stale"] is False
     finally:
         pg_server.drop_database(replica)
+
+
+# -- another user's task ---------------------------------------------------------------
+# A read waits for its own user's writes only; a task another user just created is not in
+# the read tables yet. Missing is then answered from the event store: the task's latest
+# event, which the read waits for before it calls the task missing, so another user's
+# fresh task is a 403 at once (as the command side's is), never a 404 first.
+
+
+async def test_another_users_task_is_403_the_moment_its_create_is_acknowledged(
+    command_client: TestClient, settings: Settings, projector: asyncio.Task[None]
+):
+    owner, other = new_user(), new_user()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as queries:
+
+        def probe(path: str) -> None:
+            response = queries.get(path, headers=bearer(other))
+            assert_error(response, 403, "FORBIDDEN")
+            assert response.json()["meta"]["stale"] is False
+
+        def round_trip(i: int) -> None:
+            task = write(command_client, "POST", "/api/tasks", owner, {"title": f"o {i}"})[0]
+            probe(f"/api/tasks/{task['id']}")
+            probe(f"/api/{other}/tasks/{task['id']}")
+            probe(f"/api/tasks/{task['id']}/history")
+
+        for i in range(50):
+            await asyncio.to_thread(round_trip, i)
+    assert not projector.done()
+
+
+async def test_a_missing_task_waits_only_for_events_the_store_has(
+    command_client: TestClient, query_client: TestClient, database_url: str
+):
+    owner, other = new_user(), new_user()
+    await catch_up(database_url)
+    gone, _ = create(command_client, owner, "deleted, projected")
+    write(command_client, "DELETE", f"/api/tasks/{gone['id']}", owner)
+    await catch_up(database_url)
+    fresh, _ = create(command_client, owner, "not projected yet")
+
+    def timed(path: str, user: str) -> tuple[float, object]:
+        started = time.monotonic()
+        response = query_client.get(path, headers=bearer(user))
+        return time.monotonic() - started, response
+
+    # Never written, or deleted and projected: 404 with no wait, although the projector
+    # is stopped and behind.
+    for task_id in (str(uuid.uuid4()), gone["id"]):
+        for path in (f"/api/tasks/{task_id}", f"/api/tasks/{task_id}/history"):
+            waited, response = timed(path, other)
+            assert_error(response, 404, "NOT_FOUND")
+            assert response.json()["meta"]["stale"] is False
+            assert waited < WAIT
+    # The owner's deleted task keeps its history.
+    assert query_client.get(f"/api/tasks/{gone['id']}/history",
+                            headers=bearer(owner)).status_code == 200
+
+    # Written but not projected: the read waits for it, within READ_WAIT_TIMEOUT in all,
+    # then says it could not tell (stale), as a read of one's own writes does.
+    waited, response = timed(f"/api/tasks/{fresh['id']}", other)
+    assert_error(response, 404, "NOT_FOUND")
+    assert response.json()["meta"]["stale"] is True
+    assert WAIT <= waited < WAIT + 5
+
+    await catch_up(database_url)
+    waited, response = timed(f"/api/tasks/{fresh['id']}", other)
+    assert_error(response, 403, "FORBIDDEN")
+    assert response.json()["meta"]["stale"] is False and waited < WAIT

@@ -227,7 +227,7 @@ async def test_a_pooled_connection_carries_no_session_state_from_one_read_to_the
         await mine.read_rows(None, queries.task_history(tasks.me, task))
         await mine.read_rows(None, queries.activity_feed(tasks.me))
         await mine.read_row(None, queries.user_stats(tasks.me))
-        await mine.run(lambda conn: queries.owned_by_someone_else(conn, tasks.other, task))
+        await mine.run(lambda conn: queries.why_missing(conn, tasks.other, task))
         async with reader.for_streams([tasks.me, tasks.other]) as conn:
             await conn.fetch(f"SELECT {SESSION_STATE.removeprefix('SELECT ')}")
         async with reader.connection() as conn:

@@ -9,6 +9,8 @@ position (`query_api.reader.OwnPositions`). Proves, on the replica:
 - read-your-own-writes with no header: a read sent right after a command reflects it
   (the replica did not have it yet: checked directly), having waited for the replica;
 - `X-Min-Position`: another user's read waits for the position it names;
+- another user's task is a 403 as soon as its create is acknowledged: its latest event,
+  looked up on the primary, is waited for on the replica;
 - a hot standby delivers no NOTIFY: the position watch does not LISTEN
   (`watch.listening` False) and re-checks on a timer, and waits still end promptly;
 - every list, task, task history, feed and stats answer equals the user's events up
@@ -217,6 +219,24 @@ async def test_x_min_position_waits_for_another_users_write_on_the_replica(
     assert decode(waited_for["meta"]["position"]) >= position
     assert waited_for["data"] == {"total": 0, "completed": 0, "pending": 0}
     assert quick < slow < READ_WAIT, (quick, slow)
+    assert not projector.done()
+
+
+async def test_another_users_fresh_task_is_403_on_the_replica_too(
+    pair: ReplicaSet, projector: asyncio.Task[None], commands: TestClient, queries: TestClient
+):
+    owner, other = new_user(), new_user()
+    for i in range(3):
+        task, _ = await off_loop(command, commands, "POST", "/api/tasks", owner,
+                                 {"title": f"someone else's {i}"})
+        assert task is not None
+        assert not await off_loop(on_replica, pair, task["id"])  # not there yet
+        started = time.monotonic()
+        response = await off_loop(queries.get, f"/api/tasks/{task['id']}", headers=bearer(other))
+        waited = time.monotonic() - started
+        assert response.status_code == 403, response.text
+        assert response.json()["meta"]["stale"] is False
+        assert waited < READ_WAIT, waited
     assert not projector.done()
 
 
