@@ -313,6 +313,15 @@ def test_lowercase_bearer_scheme_is_accepted(jwks_client: TestClient, keys: Keys
     assert response.status_code == 201
 
 
+def test_iat_in_the_future_is_accepted(jwks_client: TestClient, keys: Keys) -> None:
+    """`iat` is informational (RFC 7519, README "Auth"): a key server whose clock runs
+    ahead of ours mints tokens "issued" in our future, and they must work at once. PyJWT
+    would refuse them (ImmatureSignatureError) unless told not to."""
+    ahead = int(time.time()) + 3000
+    response = create(jwks_client, auth(keys.ed.token(claims(iat=ahead, exp=ahead + 300))))
+    assert response.status_code == 201, response.text
+
+
 # -- rejected requests: 401 in the envelope, one of three messages --------------------
 
 
