@@ -3,9 +3,11 @@
 `tsc --strict` twice (with Node's types, and as a browser project with DOM types) and
 run under Node against
 the live one-origin app with minted tokens: create (with a token refreshed after a 401),
-an Idempotency-Key replayed, list, PATCH with If-Match and a stale one's 412, PUT,
+an Idempotency-Key replayed, priority, tags and a due date with the list's filters, list,
+PATCH with If-Match and a stale one's 412, PUT (and what it resets),
 /complete toggled and set, get, a 422's detail and details, DELETE's 204, the 404 after
-it, and a token refused twice signing the user out."""
+it, and a token refused twice signing the user out. Then its 503 retries, against a
+server that answers 503 on cue."""
 
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ import os
 import re
 import secrets
 import subprocess
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -61,6 +67,15 @@ async function main() {
   const keyed = await api.create({ title: "Keyed" }, "guide-key-1");
   const replayed = await api.create({ title: "Keyed" }, "guide-key-1");
   out.replayed = [keyed.id === replayed.id, keyed.version === replayed.version];
+  const tagged = await api.create({ title: "Tagged", priority: "high", tags: ["Work ", "home"],
+                                    due_date: "2026-05-01" });
+  out.tagged = [tagged.priority, tagged.tags, tagged.due_date];
+  const both = await api.list({ tag: ["work", "home"], priority: "high", sort: "-due_date" });
+  const neither = await api.list({ tag: ["work", "elsewhere"] });
+  out.filtered = [both.tasks.map((t) => t.title), neither.total];
+  const wiped = await api.replace(tagged.id, { title: "Tagged, replaced" });
+  out.wiped = [wiped.priority, wiped.tags, wiped.due_date];
+  await api.remove(tagged.id);
   const list = await api.list({ status: "pending", sort: "title" });
   out.listed = [list.tasks.map((t) => t.title), list.total];
   const updated = await api.update(created.id, { title: "Renamed" }, { ifMatch: etag(created) });
@@ -139,6 +154,9 @@ def test_the_guides_fetch_wrapper_works_against_the_live_service(
     assert out["asked"] == [False, True]  # the expired token's 401, then a fresh one
     assert out["created"]["title"] == "From the guide" and out["created"]["user_id"] == user
     assert out["replayed"] == [True, True]  # the same key: applied once
+    assert out["tagged"] == ["high", ["work", "home"], "2026-05-01T00:00:00+00:00"]
+    assert out["filtered"] == [["Tagged"], 0]  # `tag` repeated: both tags required
+    assert out["wiped"] == ["medium", [], None]  # PUT: what is left out, its default
     assert out["listed"] == [["From the guide", "Keyed"], 2]
     assert out["updated"] == ["Renamed", "first", 2]
     stale = out["stale"]
@@ -159,6 +177,96 @@ def test_the_guides_fetch_wrapper_works_against_the_live_service(
     assert out["unauthorized"]["status"] == 401
     assert out["unauthorized"]["detail"] == "Token expired"
     assert out["signedOut"] == 1
+
+
+RETRY_DRIVER = r"""
+import { ApiError, createTasksApi } from "./tasks-api.js";
+
+const api = createTasksApi(process.env.API_BASE as string, async () => "a-token");
+const out: Record<string, unknown> = {};
+async function status(call: Promise<unknown>) {
+  try {
+    await call;
+    return "ok";
+  } catch (e) {
+    if (!(e instanceof ApiError)) throw e;
+    return [e.status, e.message];
+  }
+}
+out.list = (await api.list()).total;  // 503 twice, then the list
+out.created = (await api.create({ title: "Keyed" }, "key-1")).title;  // 503, then created
+out.update = await status(api.update("t1", { title: "unkeyed" }));  // 503: not sent again
+out.get = await status(api.get("t2"));  // 503 three times: the last one thrown
+console.log(JSON.stringify(out));
+"""
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """503 with `Retry-After: 0` for the first `plan[(method, path)]` requests of each,
+    then an answer; every request counted in `seen`."""
+
+    plan: ClassVar[dict[tuple[str, str], int]] = {
+        ("GET", "/api/tasks"): 2, ("POST", "/api/tasks"): 1,
+        ("PATCH", "/api/tasks/t1"): 99, ("GET", "/api/tasks/t2"): 99}
+    seen: ClassVar[Counter[tuple[str, str]]] = Counter()
+
+    def _answer(self) -> None:
+        key = (self.command, self.path)
+        self.seen[key] += 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        meta = {"timestamp": "2026-01-01T00:00:00Z", "request_id": "r"}
+        if self.seen[key] <= self.plan.get(key, 0):
+            status, headers = 503, {"Retry-After": "0"}
+            body = {"error": {"code": "SERVICE_UNAVAILABLE", "message": "Database unavailable"},
+                    "detail": "Database unavailable", "meta": meta}
+        elif self.command == "POST":
+            status, headers, body = 201, {}, {"data": {"title": "Keyed"}, "meta": meta}
+        else:
+            status, headers, body = 200, {}, {"data": [], "meta": {**meta, "total": 0}}
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {**headers, "Content-Type": "application/json",
+                            "Content-Length": str(len(raw))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(raw)
+
+    do_GET = do_POST = do_PATCH = _answer
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_the_guides_fetch_wrapper_sends_reads_and_keyed_commands_again_after_a_503(
+    tmp_path: Path
+):
+    modules = node_modules()
+    (tmp_path / "node_modules").symlink_to(modules)
+    (tmp_path / "package.json").write_text('{"type": "module"}\n')
+    (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG))
+    (tmp_path / "tasks-api.ts").write_text(guide_block("tasks-api.ts"))
+    (tmp_path / "main.ts").write_text(RETRY_DRIVER)
+    checked = subprocess.run([node(), str(modules / "typescript" / "bin" / "tsc"), "-p", "."],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    _Unavailable.seen.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ran = subprocess.run(
+            [node(), "out/main.js"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "API_BASE": f"http://127.0.0.1:{server.server_address[1]}"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    out = json.loads(ran.stdout)
+    assert out == {"list": 0, "created": "Keyed", "update": [503, "Database unavailable"],
+                   "get": [503, "Database unavailable"]}
+    assert _Unavailable.seen == {("GET", "/api/tasks"): 3, ("POST", "/api/tasks"): 2,
+                                 ("PATCH", "/api/tasks/t1"): 1, ("GET", "/api/tasks/t2"): 3}
 
 
 AUTH_SERVER = r"""
