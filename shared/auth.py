@@ -374,7 +374,9 @@ class Authenticator:
                     "algorithm",
                     "an HS256 token, but BETTER_AUTH_SECRET is not set, so HS256 is off. Better"
                     " Auth's jwt() plugin never signs HS256 (it signs with its JWKS keys);"
-                    " HS256 tokens come from `taskctl token`")
+                    " HS256 tokens come from `taskctl token`, or are Better Auth's session"
+                    " cookie cache (`session_data`, signed with Better Auth's own secret),"
+                    " which is no API token: send the jwt() plugin's token instead")
             key = self.secret
             passed("algorithm", "HS256 with BETTER_AUTH_SECRET")
         elif alg in ASYMMETRIC_ALGORITHMS:

@@ -108,7 +108,9 @@ class SessionTokens:
         if document is None:
             return Session(None, -math.inf, keep, "Better Auth's get-session knows no"
                                                   " session for this token (signed out, expired"
-                                                  " or not its token)")
+                                                  " or not its token; or the Better Auth server"
+                                                  " lacks the bearer() plugin, without which"
+                                                  " get-session ignores Authorization)")
         user = document.get("user") if isinstance(document, dict) else None
         user_id = user.get("id") if isinstance(user, dict) else None
         if not isinstance(user_id, str):

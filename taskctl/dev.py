@@ -269,7 +269,8 @@ def run_dev(host: str, port: int, datadir: Path) -> None:
                          " is set); unset it to get demo tokens.")
             if problem:
                 lines.append(f"WARNING: {jwks} is not reachable ({problem}): every request"
-                             " with a token will get 401 until it is.")
+                             " with a token will get 503 SERVICE_UNAVAILABLE (with"
+                             " Retry-After) until it is.")
         print("\n".join(lines), flush=True)
         config = uvicorn.Config(
             create_dev_app(settings),

@@ -19,6 +19,7 @@ import pytest
 from shared.settings import Settings
 from taskctl.dbinit import init_database
 from tests.support import TEST_SECRET, PostgresServer, bearer, new_user
+from tests.support.signing import claims, new_key
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,11 +270,18 @@ def test_an_unreachable_better_auth_url_is_said_not_silent(workdir: Path):
     closed = free_port()  # nothing listens there
     dev = EmbeddedDev(workdir, BETTER_AUTH_URL=f"http://127.0.0.1:{closed}")
     dev.wait_healthy()
-    dev.proc.send_signal(signal.SIGTERM)
+    try:  # what the banner says a request with a token gets, it gets
+        token = new_key().token(claims())
+        answer = httpx.get(f"{dev.base}/api/tasks", headers={"Authorization": f"Bearer {token}"},
+                           timeout=30)
+        assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    finally:
+        dev.proc.send_signal(signal.SIGTERM)
     assert dev.wait() == 0
     out = dev.log.read_text()
     assert "TOKEN=" not in out and "No demo tokens" in out, out
     assert f"http://127.0.0.1:{closed}/api/auth/jwks is not reachable" in out, out
+    assert "will get 503 SERVICE_UNAVAILABLE" in out and "401" not in out.split("WARNING")[1], out
 
 
 def test_the_cli_finds_the_dev_service_with_no_environment(workdir: Path):
