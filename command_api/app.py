@@ -133,7 +133,7 @@ def create_app(
     app.state.authenticator = Authenticator(settings)
     app.state.open_executor = side.open
     app.state.command_side = side
-    install_error_handlers(app, unavailable=DATABASE_DOWN)
+    install_error_handlers(app, unavailable=DATABASE_DOWN, names=("command API", "query API"))
     app.add_middleware(routes.CommandDispatcher, fastapi=app)  # innermost: inside Observe
     app.add_middleware(Observe, service="command-api")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)

@@ -209,7 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.open_reader = side.open
     app.state.read_side = side
     app.state.streams = streams
-    install_error_handlers(app, unavailable=DATABASE_DOWN)
+    install_error_handlers(app, unavailable=DATABASE_DOWN, names=("query API", "command API"))
     app.add_middleware(routes.ReadDispatcher, fastapi=app)  # innermost: after HeadAsGet
     app.add_middleware(HeadAsGet)
     app.add_middleware(Observe, service="query-api")

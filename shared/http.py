@@ -109,10 +109,12 @@ def validation_details(errors: Any) -> dict[str, str]:
 
 
 def install_error_handlers(
-    app: FastAPI, unavailable: tuple[type[BaseException], ...] = ()
+    app: FastAPI, unavailable: tuple[type[BaseException], ...] = (), *,
+    names: tuple[str, str] | None = None,
 ) -> None:
     """Render every error in the ``{error, meta}`` envelope; no handler turns a
-    failure into a success, and nothing unexpected leaks beyond INTERNAL_ERROR."""
+    failure into a success, and nothing unexpected leaks beyond INTERNAL_ERROR.
+    `names`: (this API, the other API), for a 405 of a method only the other serves."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
@@ -124,16 +126,24 @@ def install_error_handlers(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        elsewhere = None
         if exc.status_code in (404, 405):
             # A path of the service, a method neither API has on it: 405, and `Allow`
             # names the methods of both APIs (this process knows only its own).
             allowed = allowed_methods(request.scope["path"])
             if allowed and request.method not in allowed:
                 return render_error(MethodNotAllowed(headers={"Allow": ", ".join(allowed)}))
+            if allowed and names is not None:
+                # The other API's method: a request sent straight to this API's port (the
+                # gateway and `taskctl dev` route by method). The status is this
+                # process's (404, or 405 with its own `Allow`); the message says where.
+                elsewhere = (f"{request.method} {request.scope['path']} is served by the"
+                             f" {names[1]}, not this {names[0]}: send requests through the"
+                             " gateway (or taskctl dev), which routes each method to its API")
         if exc.status_code == 404:
-            return render_error(NotFound("Route not found"))
+            return render_error(NotFound(elsewhere or "Route not found"))
         if exc.status_code == 405:
-            return render_error(MethodNotAllowed(headers=dict(exc.headers or {})))
+            return render_error(MethodNotAllowed(elsewhere, headers=dict(exc.headers or {})))
         if exc.status_code == 400:
             return render_error(
                 ValidationFailed("Malformed request body", details={"body": "Malformed body"})

@@ -127,6 +127,28 @@ def test_a_405_names_the_methods_of_both_apis(clients: dict[str, TestClient], ap
             assert_error(response, 405, "METHOD_NOT_ALLOWED")
 
 
+@pytest.mark.parametrize(("app", "method", "path", "served_by"), [
+    ("command", "GET", "/api/tasks", "query API"),
+    ("command", "GET", "/api/stats", "query API"),
+    ("query", "POST", "/api/tasks", "command API"),
+    ("query", "DELETE", "/api/tasks/0b6f1c2e-5d4a-4e3b-9c8d-7a6b5c4d3e2f", "command API"),
+])
+def test_a_method_of_the_other_api_sent_to_one_apis_port_says_where_it_goes(
+    clients: dict[str, TestClient], app: str, method: str, path: str, served_by: str
+):
+    """A request that bypassed the gateway: this process's own answer (405 with the
+    methods it serves, or 404 for a path it has none of), with a message naming the API
+    that serves the method."""
+    response = clients[app].request(method, path, headers=bearer(new_user()))
+    if "Allow" in response.headers:
+        error = assert_error(response, 405, "METHOD_NOT_ALLOWED")
+        assert method not in response.headers["Allow"].split(", ")
+    else:
+        error = assert_error(response, 404, "NOT_FOUND")
+    assert f"{method} {path} is served by the {served_by}" in error["message"]
+    assert response.status_code == (404 if path == "/api/stats" else 405)
+
+
 @pytest.mark.parametrize("app", ["dev", "command", "query"])
 def test_a_path_no_api_has_is_404(clients: dict[str, TestClient], app: str):
     for method in ("GET", "POST", "PATCH"):
