@@ -12,7 +12,8 @@ route) hand every request to `handle`, which answers in this order:
 3. the event store (503 while it is unavailable);
 4. the path's task id and the body, validated together (422, per field);
 5. the path's user (403 unless it is the caller);
-6. the Idempotency-Key's form (422);
+6. the Idempotency-Key's form, and an If-Match that names nothing (empty: 422, where
+   one naming only ETags not ours is the 412 of a changed task);
 7. the command, run by the executor; its refusals map to errors in `ERRORS`.
 
 An Idempotency-Key's fingerprint is the sha256 of [method, path without a trailing
@@ -351,11 +352,13 @@ async def handle(route: CommandRoute, request: Request) -> Response:
     command = route.to_command(task_id, body)
     key = headers.idempotency_key
     keyed = None if key is None else _idempotency_key(request, route, key, body)
+    expected = IfMatch.parse(headers.if_match)
+    if expected is not None and expected.empty:
+        raise ValidationFailed("Empty If-Match", details={
+            "If-Match": 'empty: send the task\'s ETag (such as "v3"), or leave the header out'})
     stamp = Stamp(user_id, request_id(request))
     try:
-        outcome = await executor.run(
-            command, stamp, expected=IfMatch.parse(headers.if_match), key=keyed
-        )
+        outcome = await executor.run(command, stamp, expected=expected, key=keyed)
     except _REFUSALS as e:
         raise ERRORS[type(e)](e) from None
     return render(route, outcome, state.command_side.codec)
@@ -367,8 +370,9 @@ _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
 
 IfMatchHeader = Annotated[
     str | None,
-    Header(alias="If-Match", description='an ETag such as "v3", a list of them, or *'),
-    WithJsonSchema({"type": "string"}),
+    Header(alias="If-Match", description='an ETag such as "v3", a list of them, or *'
+                                         " (not empty: 422)"),
+    WithJsonSchema({"type": "string", "pattern": "[^\\s,]"}),  # names something
 ]
 IdempotencyKeyHeader = Annotated[
     str | None,

@@ -18,6 +18,7 @@ from shared.eventstore import TaskStore
 from shared.settings import Settings
 from tests.support import bearer, library_store, new_user
 from tests.support.commands import LoopThread
+from tests.support.query import assert_error
 from tests.support.sealing import opened
 
 
@@ -103,6 +104,13 @@ def test_a_stale_if_match_is_412_and_changes_nothing(command_client: TestClient,
     assert stale_delete.status_code == 412
     garbage = command_client.patch(path, json={"title": "x"}, headers={**bearer(user), "If-Match": "nonsense"})
     assert garbage.status_code == 412
+    # An If-Match naming nothing (an unset ETag variable): malformed, not a conflict.
+    for empty in ("", "  ", ", ,"):
+        for method, body in (("PATCH", {"title": "x"}), ("DELETE", None), ("PUT", {"title": "x"})):
+            refused = command_client.request(method, path, json=body,
+                                             headers={**bearer(user), "If-Match": empty})
+            error = assert_error(refused, 422, "VALIDATION_ERROR")
+            assert error["message"] == "Empty If-Match" and "If-Match" in error["details"]
     assert [e.originator_version for e in stored_events(store, task["id"])] == [1, 2]
 
     weak = command_client.patch(path, json={"title": "v3"}, headers={**bearer(user), "If-Match": 'W/"v2"'})
