@@ -74,7 +74,7 @@ from shared.auth import CurrentUser
 from shared.errors import DATABASE_DOWN, ApiError, Forbidden, ServiceUnavailable, ValidationFailed
 from shared.events import DELETED, owner_sql
 from shared.http import Envelope
-from shared.openapi import DataEnvelope, error_responses
+from shared.openapi import DataEnvelope, DateTime, error_responses
 from shared.position import ZERO, Position, PositionCodec
 from shared.settings import Settings
 
@@ -685,7 +685,7 @@ async def stream_user_tasks(path_user_id: str, request: Request, ticket: Ticket 
 
 class TicketOut(BaseModel):
     ticket: str = Field(description="Pass as `?ticket=` to the stream, once, before it expires")
-    expires_at: str = Field(description="ISO 8601, UTC")
+    expires_at: DateTime = Field(description="ISO 8601, UTC")
     expires_in: float = Field(description="Seconds from now")
 
 

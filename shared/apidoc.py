@@ -59,6 +59,29 @@ _TASK_EXAMPLE = {
 }
 
 
+# Response headers (README): every answer's request id; a task's version on an answer
+# that carries one; the position of a command's last event on every command success.
+_REQUEST_ID_HEADER = {
+    "description": "The request's id (the client's sane X-Request-ID, else one made);"
+                   " equal to meta.request_id",
+    "schema": {"type": "string"}}
+_ETAG_HEADER = {
+    "description": 'The task\'s version, "v<version>": send it back as If-Match',
+    "schema": {"type": "string", "pattern": '^"v[0-9]+"$'}}
+_POSITION_HEADER = {
+    "description": "The event-store position of the command's last event (sealed, opaque;"
+                   " also meta.position, and on 204): another user's read waits for it as"
+                   " X-Min-Position",
+    "schema": {"type": "string"}}
+_RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before sending the request again",
+    "schema": {"type": "integer", "minimum": 0}}
+# Keywords FastAPI puts beside `anyOf: [{type: string}, {type: null}]` (an optional
+# parameter's), where generators that read one branch at a time lose them (orval's zod
+# output calls `.enum()` on a union and does not compile): moved into the string branch.
+_BRANCH_KEYWORDS = ("enum", "pattern", "minLength", "maxLength", "format")
+
+
 class DocumentError(ValueError):
     """The two documents cannot be merged: they disagree on a route or a schema."""
 
@@ -83,8 +106,10 @@ def merge(command: dict[str, Any], query: dict[str, Any], *, version: str) -> di
             if name in schemas and schemas[name] != schema:
                 raise DocumentError(f"the schema {name} differs between the APIs")
             schemas[name] = copy.deepcopy(schema)
-    for op in (op for ops in paths.values() for op in ops.values()):
-        _document(op)
+    commands = {(p, m) for p, ops in command["paths"].items() for m in ops}
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            _document(op, command=(path, method) in commands and path not in _BOTH)
     if "TaskOut" in schemas:
         schemas["TaskOut"]["examples"] = [_TASK_EXAMPLE]
     for name in ("CreateTask", "ReplaceTask"):
@@ -127,11 +152,32 @@ _OLD_PHRASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _document(op: dict[str, Any]) -> None:
+def _document(op: dict[str, Any], *, command: bool) -> None:
     responses = op.get("responses", {})
-    if "401" in responses:
-        op["security"] = [{SECURITY_SCHEME: []}]
+    # No 401, no token needed (health, ready): said, not left to a global default.
+    op["security"] = [{SECURITY_SCHEME: []}] if "401" in responses else []
+    for parameter in op.get("parameters", []):
+        _into_the_branch(parameter.get("schema", {}))
+    body = op.get("requestBody")
+    if body is not None:
+        content = body.get("content", {}).get("application/json", {})
+        branches = content.get("schema", {}).get("anyOf", [])
+        if len(branches) == 2 and {"type": "null"} in branches:
+            # An optional body (`/complete`: none toggles): the model, `required: false`,
+            # rather than "the model or JSON null", which some generators cannot send.
+            content["schema"] = next(b for b in branches if b != {"type": "null"})
+            body["required"] = False
     for status, response in responses.items():
+        headers = response.setdefault("headers", {})
+        headers["X-Request-ID"] = _REQUEST_ID_HEADER
+        if status == "503":
+            headers["Retry-After"] = _RETRY_AFTER_HEADER
+        if status.startswith("2"):
+            schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref", "").endswith("Envelope_TaskOut_"):
+                headers["ETag"] = _ETAG_HEADER
+            if command:
+                headers["X-Position"] = _POSITION_HEADER
         if status.isdigit() and response.get("description") in _OLD_PHRASES.get(status, ()):
             # FastAPI takes the phrase from the running Python's http.HTTPStatus, which
             # renamed 413 and 422 in 3.13 (RFC 9110): one document on every Python.
@@ -145,6 +191,14 @@ def _document(op: dict[str, Any]) -> None:
         if details is not None:
             error["details"] = details
         content["example"] = {"error": error, "detail": message, "meta": _META_EXAMPLE}
+
+
+def _into_the_branch(schema: dict[str, Any]) -> None:
+    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1 and branches[0].get("type") == "string":
+        for keyword in _BRANCH_KEYWORDS:
+            if keyword in schema:
+                branches[0][keyword] = schema.pop(keyword)
 
 
 def render(document: dict[str, Any]) -> str:

@@ -3,36 +3,39 @@ built by `shared.http`'s envelopes and `shared.documents`)."""
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from shared.events import Priority
 
 T = TypeVar("T")
+# Strings as they are sent, with the format a generated client may parse them by.
+DateTime = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+Uuid = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
 
 
 class TaskOut(BaseModel):
-    id: str
-    user_id: str
+    id: Uuid
+    user_id: str  # the token's `sub`, opaque (Better Auth's ids are not UUIDs)
     title: str
     description: str | None
     completed: bool
     priority: Priority
     tags: list[str]
-    due_date: str | None = Field(description="ISO 8601, in UTC; null: no due date")
-    created_at: str
-    updated_at: str
+    due_date: DateTime | None = Field(description="ISO 8601, in UTC; null: no due date")
+    created_at: DateTime
+    updated_at: DateTime
     version: int
 
 
 class HistoryEntryOut(BaseModel):
-    task_id: str
+    task_id: Uuid
     version: int
     type: str
     actor: str
     request_id: str
-    occurred_at: str
+    occurred_at: DateTime
     changes: dict[str, Any]
 
 
@@ -43,7 +46,7 @@ class StatsOut(BaseModel):
 
 
 class Meta(BaseModel):
-    timestamp: str
+    timestamp: DateTime
     request_id: str
     position: str | None = None
     total: int | None = None
