@@ -358,6 +358,39 @@ async def get_user_task(
     return await _one_task(reads, wanted, user_id, task_id)
 
 
+@router.get(
+    "/{path_user_id}/tasks/{task_id}/history",
+    response_model=ReadEnvelope[list[HistoryEntryOut]],
+    responses=ReadResponses,
+)
+async def get_user_task_history(
+    path_user_id: str, task_id: UUID, user_id: CurrentUser, reads: Reads, wanted: Wanted
+) -> Response:
+    _own(path_user_id, user_id)
+    return await get_task_history(task_id, user_id, reads, wanted)
+
+
+@router.get(
+    "/{path_user_id}/history",
+    response_model=ReadEnvelope[list[HistoryEntryOut]],
+    responses=ReadResponses,
+)
+async def get_user_activity_feed(
+    path_user_id: str, user_id: CurrentUser, reads: Reads, wanted: Wanted, f: Feed
+) -> Response:
+    _own(path_user_id, user_id)
+    return await get_activity_feed(user_id, reads, wanted, f)
+
+
+@router.get("/{path_user_id}/stats", response_model=ReadEnvelope[StatsOut],
+            responses=ReadResponses)
+async def get_user_stats(
+    path_user_id: str, user_id: CurrentUser, reads: Reads, wanted: Wanted
+) -> Response:
+    _own(path_user_id, user_id)
+    return await get_stats(user_id, reads, wanted)
+
+
 # -- the hot reads, served without FastAPI's routing and dependency solving -------------
 
 _NO_FILTER = TaskFilter()  # a query without a query string: the defaults (read only)

@@ -1,6 +1,6 @@
 """Both contracts, `/api/tasks/{id}` and `/api/{user_id}/tasks/{id}`, offer the same
 operations: PUT (replace), PATCH (change) and PATCH `.../complete` (toggle, or set with
-a body). And a 405's `Allow` names every method the path has across BOTH APIs, whether
+a body), and every read (list, task, its history, the feed, stats). And a 405's `Allow` names every method the path has across BOTH APIs, whether
 one process serves both (taskctl dev) or each serves its own (split behind a gateway)."""
 
 from __future__ import annotations
@@ -77,6 +77,31 @@ def test_both_contracts_offer_the_same_operations(clients: dict[str, TestClient]
     assert [f and f["title"] for _, f in short][:4] == ["first", "replaced", "replaced", "again"]
     assert short[1][1]["description"] is None and short[2][1]["description"] == "kept"
     assert [f and f["completed"] for _, f in short][3:8] == [True, False, True, True, False]
+
+
+def test_both_contracts_offer_the_same_reads(clients: dict[str, TestClient]):
+    """Every query route of /api/... has its /api/{user_id}/... twin answering the same
+    data, and 403 for a path user who is not the caller (the README's "both contracts
+    offer the same operations")."""
+    client = clients["dev"]
+    me, other = new_user(), new_user()
+    task = client.post("/api/tasks", json={"title": "read twice"}, headers=bearer(me)).json()
+    tid = task["data"]["id"]
+    client.patch(f"/api/tasks/{tid}/complete", headers=bearer(me))
+    document = client.get("/openapi.json").json()
+    reads = sorted(p.removeprefix("/api") for p, ops in document["paths"].items()
+                   if "get" in ops and p.startswith("/api/") and "{path_user_id}" not in p
+                   and p not in ("/api/health", "/api/ready") and not p.endswith("/stream"))
+    assert reads == ["/history", "/stats", "/tasks", "/tasks/{task_id}",
+                     "/tasks/{task_id}/history"]
+    for route in reads:
+        path = route.replace("{task_id}", tid)
+        short = client.get(f"/api{path}", headers=bearer(me))
+        long = client.get(f"/api/{me}{path}", headers=bearer(me))
+        assert short.status_code == long.status_code == 200, (route, long.text)
+        assert short.json()["data"] == long.json()["data"], route
+        assert f"/api/{{path_user_id}}{route}" in document["paths"], route
+        assert_error(client.get(f"/api/{other}{path}", headers=bearer(me)), 403, "FORBIDDEN")
 
 
 def test_the_user_route_checks_the_path_user_on_every_operation(
