@@ -39,7 +39,7 @@ _ERROR_EXAMPLES: dict[str, tuple[str, str, Any]] = {
     "412": ("PRECONDITION_FAILED", "The task has changed since the given ETag",
             {"current_version": 3}),
     "413": ("PAYLOAD_TOO_LARGE", "Request body exceeds 65536 bytes", None),
-    "422": ("VALIDATION_ERROR", "Validation failed", {"title": "Value error, must not be empty"}),
+    "422": ("VALIDATION_ERROR", "Validation failed", {"title": "must not be empty"}),
     "503": ("SERVICE_UNAVAILABLE", "Database unavailable, try again shortly", None),
 }
 _META_EXAMPLE = {"timestamp": "2026-01-02T03:04:05.678901+00:00",

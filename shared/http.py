@@ -104,6 +104,8 @@ def validation_details(errors: Any) -> dict[str, str]:
             message = "Unknown field"
         else:
             message = str(err.get("msg", "Invalid value"))
+            if err.get("type") == "value_error":  # our validators' own text, shown as is
+                message = message.removeprefix("Value error, ")
         details.setdefault(name, message)
     return details
 

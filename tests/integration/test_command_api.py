@@ -98,6 +98,21 @@ def test_lone_surrogates_are_422_not_500(command_client: TestClient, raw: bytes,
     assert field in error["details"]
 
 
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"title": "   "}, "title", "must not be empty"),
+    ({"title": "t" * 256}, "title", "must be at most 255 characters"),
+    ({"title": "ok", "due_date": 1700000000}, "due_date",
+     "must be a string (an ISO 8601 date-time or a date) or null"),
+])
+def test_a_fields_message_is_the_rule_it_broke_without_pydantics_prefix(
+    command_client: TestClient, body: dict, field: str, message: str
+):
+    """A form shows `details[field]` to its user: "must not be empty", not pydantic's
+    "Value error, must not be empty"."""
+    response = command_client.post("/api/tasks", json=body, headers=bearer(new_user()))
+    assert assert_error(response, 422, "VALIDATION_ERROR")["details"][field] == message
+
+
 def test_accepts_the_longest_title_and_description(command_client: TestClient):
     task = create(command_client, new_user(), "t" * 255, description="d" * 2000)
     assert len(task["title"]) == 255 and len(task["description"]) == 2000
