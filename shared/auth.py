@@ -75,6 +75,7 @@ REASONS = (
     "issuer",  # iss is not JWT_ISSUER
     "audience",  # aud does not name JWT_AUDIENCE
     "claims",  # exp missing, a time claim not a number, sub unusable
+    "token_type",  # a signed token of Better Auth's that is no API token (its cookie cache)
     "session",  # AUTH_SESSION_TOKENS: Better Auth's get-session knows no such session
     "session_unavailable",  # AUTH_SESSION_TOKENS: get-session cannot be asked: 503
 )
@@ -415,6 +416,12 @@ class Authenticator:
         except jwt.PyJWTError as e:
             raise Refused("malformed", f"the token cannot be decoded ({e})") from None
         passed("signature", "verifies")
+        if _session_cache(header, claims):
+            raise Refused("token_type", "Better Auth's session cookie cache (typ"
+                                        f" {_shown(header.get('typ'))}, aud"
+                                        f" {_shown(claims.get('aud'))}), not an API token:"
+                                        " send the jwt() plugin's token (authClient.token(),"
+                                        " GET /api/auth/token or the set-auth-jwt header)")
         sub = self._check_claims(claims, passed)
         exp = numeric_date(claims["exp"])
         assert exp is not None
@@ -492,6 +499,19 @@ class Authenticator:
                                     " characters)")
         passed("subject", f"user {sub!r}")
         return sub
+
+
+# What Better Auth writes into the JWT of its session cookie cache (`session_data`, with
+# `session.cookieCache.strategy: "jwt"`; with `jwt({sessionCookieCache: true})` it is
+# signed with the jwt() plugin's own keys, so it verifies like an API token).
+SESSION_CACHE_AUDIENCE = "better-auth:session-cache"
+
+
+def _session_cache(header: dict[str, Any], claims: dict[str, Any]) -> bool:
+    typ, aud = header.get("typ"), claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    return ((isinstance(typ, str) and "session-cache" in typ.lower())
+            or SESSION_CACHE_AUDIENCE in audiences)
 
 
 def usable_subject(sub: Any) -> bool:

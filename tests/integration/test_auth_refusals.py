@@ -93,13 +93,20 @@ def cases(server: KeyServer) -> list[tuple[str, str | None, str, str]]:
          "no sub claim"),
         ("claims", f"Bearer {KEY.token(good(**ok, exp='tomorrow'))}", INVALID,
          "exp is 'tomorrow', not a number"),
+        # Better Auth's session cookie cache, signed with the published key (its
+        # jwt({sessionCookieCache: true})): refused before the audience is even looked at.
+        ("token_type", "Bearer " + KEY.token(good(iss=base, aud="better-auth:session-cache"),
+                                             typ="better-auth.session-cache+jwt"),
+         INVALID, "Better Auth's session cookie cache"),
+        ("token_type", f"Bearer {KEY.token(good(iss=base, aud=[base, 'better-auth:session-cache']))}",
+         INVALID, "not an API token"),
     ]
 
 
 CASE_IDS = ["no-header", "basic-scheme", "too-large", "not-a-jwt", "hs256-without-secret",
             "alg-none", "alg-not-the-keys", "unknown-kid", "bad-signature", "expired",
             "not-yet-valid", "wrong-issuer", "no-issuer", "wrong-audience", "no-sub",
-            "text-exp"]
+            "text-exp", "session-cache-typ", "session-cache-aud"]
 
 
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
