@@ -308,6 +308,18 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_better_auth_url(self) -> Settings:
+        # The key set's own URL in BETTER_AUTH_URL would be fetched as ".../jwks/jwks": a
+        # 404 for ever, every token a 503. Said at start-up, with the setting to use.
+        url = (self.better_auth_url or "").rstrip("/")
+        if url and not self.jwks_url and urlsplit(url).path.endswith("/jwks"):
+            raise ValueError(
+                f"BETTER_AUTH_URL={self.better_auth_url} is the key set's URL: set it to Better"
+                " Auth's base URL (its keys are read from {BETTER_AUTH_URL}/api/auth/jwks), or"
+                " set JWKS_URL to the key set's URL instead")
+        return self
+
+    @model_validator(mode="after")
     def _check_session_tokens(self) -> Settings:
         if self.auth_session_tokens != "off" and not self.better_auth_url:
             raise ValueError(

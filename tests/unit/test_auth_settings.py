@@ -112,6 +112,19 @@ def test_the_jwks_url_is_read_from_better_auth_url_as_better_auth_reads_its_base
     assert better_auth_base(settings) == "https://" + jwks.split("/")[2]
 
 
+@pytest.mark.parametrize("url", ["https://auth.example.com/api/auth/jwks",
+                                 "https://auth.example.com/api/auth/jwks/"])
+def test_the_key_sets_own_url_in_better_auth_url_is_refused_with_the_setting_to_use(
+    url: str,
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"BETTER_AUTH_URL": url})
+    assert "is the key set's URL" in str(refused.value) and "JWKS_URL" in str(refused.value)
+    # With JWKS_URL set the keys come from there; BETTER_AUTH_URL is not used for them.
+    settings = Settings.from_env({"BETTER_AUTH_URL": url, "JWKS_URL": url})
+    assert settings.effective_jwks_url == url
+
+
 def test_the_start_up_advice_names_both_settings_and_their_value() -> None:
     authenticator = Authenticator(Settings(environment="test",
                                            better_auth_url="https://Auth.example.com/"))
