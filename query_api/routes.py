@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 from uuid import UUID
 
 import orjson
@@ -47,14 +49,24 @@ router = APIRouter(prefix="/api", tags=["queries"])
 ReadResponses: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 422, 503)
 
 
-_QUERY_NAMES: dict[int, frozenset[str]] = {}
+_QUERY_NAMES: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
 
-def _query_names(route: Any) -> frozenset[str]:
-    """The query parameter names `route` declares (a query model's fields included)."""
+def _a_list(annotation: Any) -> bool:
+    """Whether a parameter of this type takes repeated values (`tag=a&tag=b`)."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin in (Union, UnionType) and any(_a_list(a) for a in get_args(annotation))
+
+
+def _query_names(route: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameter names `route` declares (a query model's fields included), and
+    those of them that may be repeated."""
     names = _QUERY_NAMES.get(id(route))
     if names is None:
         found: set[str] = set()
+        lists: set[str] = set()
         pending = [route.dependant]
         while pending:  # the route's own parameters and its dependencies'
             dependant = pending.pop()
@@ -62,10 +74,15 @@ def _query_names(route: Any) -> frozenset[str]:
             for param in dependant.query_params:
                 annotation = param.field_info.annotation
                 if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                    found.update(f.alias or n for n, f in annotation.model_fields.items())
+                    for n, f in annotation.model_fields.items():
+                        found.add(f.alias or n)
+                        if _a_list(f.annotation):
+                            lists.add(f.alias or n)
                 else:
                     found.add(param.alias)
-        names = _QUERY_NAMES[id(route)] = frozenset(found)
+                    if _a_list(annotation):
+                        lists.add(param.alias)
+        names = _QUERY_NAMES[id(route)] = (frozenset(found), frozenset(lists))
     return names
 
 
@@ -76,14 +93,20 @@ async def reader(request: Request, user_id: CurrentUser) -> Reader:
     ignores it."""
     route = request.scope.get("route")
     if route is not None and request.query_params:
-        accepted = _query_names(route)
-        unknown = sorted(set(request.query_params.keys()) - accepted)
+        accepted, lists = _query_names(route)
+        given = Counter(name for name, _ in request.query_params.multi_items())
+        unknown = sorted(set(given) - accepted)
         if unknown:
             listed = ", ".join(sorted(accepted)) or "none"
             raise ValidationFailed(
                 "Unknown query parameter", details={
                     name[:64]: f"unknown query parameter; accepted: {listed}"
                     for name in unknown[:10]})
+        # `limit=1&limit=2`: which one was meant? Said, not guessed (the last one won).
+        repeated = sorted(name for name, n in given.items() if n > 1 and name not in lists)
+        if repeated:
+            raise ValidationFailed("Repeated query parameter", details={
+                name: "given more than once; it takes one value" for name in repeated})
     return (await request.app.state.open_reader()).for_user(user_id)
 
 

@@ -383,3 +383,24 @@ def test_an_unknown_query_parameter_name_is_a_422_naming_the_accepted_ones(
     assert "accepted: " in body["error"]["details"][unknown]
     assert "min_position" in body["error"]["details"][unknown]
     assert body["detail"] == "Unknown query parameter"
+
+
+@pytest.mark.parametrize("path, query, repeated", [
+    ("/api/tasks", "limit=1&limit=2", ["limit"]),
+    ("/api/tasks", "q=milk&q=eggs&status=all&status=pending", ["q", "status"]),
+    ("/api/history", "type=TaskCreated&type=TaskDeleted", ["type"]),
+    ("/api/stats", "min_position=a&min_position=b", ["min_position"]),
+])
+def test_a_single_valued_parameter_given_twice_is_a_422_naming_it(
+        query_client, path, query, repeated):
+    response = query_client.get(f"{path}?{query}", headers=bearer(new_user()))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"] == "Repeated query parameter"
+    assert sorted(body["error"]["details"]) == repeated
+
+
+def test_tag_may_be_repeated(query_client):
+    response = query_client.get("/api/tasks?tag=work&tag=home&limit=5",
+                                headers=bearer(new_user()))
+    assert response.status_code == 200, response.text
