@@ -92,10 +92,12 @@ class CommandSide:
 
 
 def create_app(
-    settings: Settings | None = None, *, store: StoreFactory | None = None
+    settings: Settings | None = None, *, store: StoreFactory | None = None,
+    authenticator: Authenticator | None = None,
 ) -> FastAPI:
     """The command API. `store` opens its event store (default: `PostgresEventStore`
-    on `settings`); the benchmark passes its own."""
+    on `settings`); the benchmark passes its own. `authenticator`: one shared with the
+    query API when both run in one process (`taskctl dev`), so both see one key set."""
     settings = settings or Settings.from_env()
     if settings.environment == "production" and not settings.data_master_key and store is None:
         raise SettingsError(
@@ -130,7 +132,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.authenticator = Authenticator(settings)
+    app.state.authenticator = authenticator or Authenticator(settings)
     app.state.open_executor = side.open
     app.state.command_side = side
     install_error_handlers(app, unavailable=DATABASE_DOWN, names=("command API", "query API"))

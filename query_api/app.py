@@ -180,7 +180,9 @@ async def _primary_lag(primary: OwnPositions, position: Position) -> float:
     return max(0.0, (datetime.now(UTC) - event_time(row[0])).total_seconds())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *,
+               authenticator: Authenticator | None = None) -> FastAPI:
+    """The query API; `authenticator` as for the command API's `create_app`."""
     settings = settings or Settings.from_env()
     side = ReadSide(settings)
     streams = stream.StreamHub(settings)  # the live streams (query_api/stream.py)
@@ -205,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.authenticator = Authenticator(settings)
+    app.state.authenticator = authenticator or Authenticator(settings)
     app.state.open_reader = side.open
     app.state.read_side = side
     app.state.streams = streams

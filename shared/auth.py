@@ -197,6 +197,7 @@ class Authenticator:
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._throttle = _Throttle(LOG_EVERY)
         self._refresher: asyncio.Task[None] | None = None
+        self._started = False
         self.log_settings = {
             "jwks_url": url, "hs256": bool(self.secret), "jwt_issuer": self.issuer,
             "jwt_audience": self.audience, "jwt_leeway": self.leeway,
@@ -209,12 +210,16 @@ class Authenticator:
         """Start fetching the key set in the background (a failure is not fatal: requests
         get 503 and /api/ready says why until a fetch works) and say what the settings
         leave unchecked."""
+        if self._started:
+            return  # one authenticator may serve two apps of one process (taskctl dev)
+        self._started = True
         for advice in self.advice():
             log.warning("%s", advice, extra={"auth_settings": self.log_settings})
         if self.jwks is not None and self._refresher is None:
             self._refresher = asyncio.create_task(self.jwks.run(), name="jwks-refresh")
 
     async def close(self) -> None:
+        self._started = False
         task, self._refresher = self._refresher, None
         if task is not None:
             task.cancel()

@@ -112,15 +112,20 @@ def create_dev_app(settings: Settings) -> MethodDispatch:
     from command_api.app import create_app as create_command_app  # noqa: PLC0415
     from projections.projector import run as run_projector  # noqa: PLC0415
     from query_api.app import create_app as create_query_app  # noqa: PLC0415
+    from shared.auth import Authenticator  # noqa: PLC0415
 
     dsn = settings.require_database_url()
 
     async def projector(stop: asyncio.Event) -> None:
         await run_projector(dsn, stop=stop)
 
+    # One authenticator for both: one key set, one refresh, one verdict per token (two
+    # kept their own caches, so a removed key could still verify for writes after reads
+    # refused it), and its start-up advice said once.
+    authenticator = Authenticator(settings)
     return MethodDispatch(
-        reads=create_query_app(settings),
-        writes=create_command_app(settings),
+        reads=create_query_app(settings, authenticator=authenticator),
+        writes=create_command_app(settings, authenticator=authenticator),
         background=(projector,),
     )
 

@@ -4,7 +4,9 @@ side at the same paths, the projector running in the app's lifespan."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +15,10 @@ from shared import apidoc
 from shared.settings import Settings
 from taskctl.dev import create_dev_app
 from tests.support import bearer, new_user
+from tests.support.keyserver import KeyServer
+from tests.support.process import free_port
 from tests.support.query import assert_error, position_of
+from tests.support.signing import claims, new_key
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,32 @@ def test_serves_the_one_document_of_both_apis(dev_client: TestClient):
     docs = dev_client.get("/docs")
     assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
     assert dev_client.head("/openapi.json").status_code == 200
+
+
+def test_reads_and_writes_share_one_authenticator(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """One process, one key set: a token gets one verdict whichever API it reaches (with
+    two authenticators a removed key went on verifying for writes after reads refused
+    it), and the start-up advice is said once, not once per API."""
+    key = new_key()
+    server = KeyServer(tmp_path, free_port())
+    server.set(keys=[key.jwk])
+    server.start()
+    try:
+        jwks = settings.model_copy(update={"better_auth_secret": None,
+                                           "better_auth_url": server.base_url})
+        caplog.set_level(logging.WARNING, logger="taskservice.auth")
+        app = create_dev_app(jwks)
+        assert app.reads.state.authenticator is app.writes.state.authenticator
+        with TestClient(app, raise_server_exceptions=False) as client:
+            user = new_user()
+            token = {"Authorization": f"Bearer {key.token(claims(user))}"}
+            created = client.post("/api/tasks", json={"title": "one verdict"}, headers=token)
+            assert created.status_code == 201, created.text
+            assert client.get("/api/tasks", headers=token).status_code == 200
+        advice = [r for r in caplog.records if "JWT_ISSUER and JWT_AUDIENCE not set" in
+                  r.getMessage()]
+        assert len(advice) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        server.stop()
