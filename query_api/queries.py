@@ -6,9 +6,9 @@ functions here turn its rows into typed values. `read_position`, `lag_seconds` a
 Every query that returns user data filters by the token's user first
 (`WHERE user_id = $1 ...`); the only query that looks past the user is `why_missing`,
 which answers whether the task is another user's (yes or no, so a route can tell 403
-from 404) and where its latest event is in the log, and returns nothing else of it. Beneath the filters, row-level security
-shows the query API's role only the rows of the statement's user
-(`shared.row_security`, set by `query_api.reader`). The rows are written by the read
+from 404) and where its latest event is in the log, and returns nothing else of it.
+Beneath the filters, row-level security shows the query API's role only the rows of the
+statement's user (`shared.row_security`, set by `query_api.reader`). The rows are written by the read
 models listed in `projections/manifest.py` (one module each).
 """
 
