@@ -119,18 +119,25 @@ def guide_block(name: str) -> str:
     return match.group(1) + "\n"
 
 
+def compiled(folder: Path, driver: str) -> Path:
+    """The guide's tasks-api.ts and `driver` (as main.ts) type-checked with `tsc --strict`
+    and built into `folder`/out; the node_modules folder used."""
+    modules = node_modules()
+    (folder / "node_modules").symlink_to(modules)
+    (folder / "package.json").write_text('{"type": "module"}\n')
+    (folder / "tsconfig.json").write_text(json.dumps(TSCONFIG))
+    (folder / "tasks-api.ts").write_text(guide_block("tasks-api.ts"))
+    (folder / "main.ts").write_text(driver)
+    checked = subprocess.run([node(), str(modules / "typescript" / "bin" / "tsc"), "-p", "."],
+                             cwd=folder, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return modules
+
+
 def test_the_guides_fetch_wrapper_works_against_the_live_service(
     settings: Settings, tmp_path: Path
 ):
-    modules = node_modules()
-    (tmp_path / "node_modules").symlink_to(modules)
-    (tmp_path / "package.json").write_text('{"type": "module"}\n')
-    (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG))
-    (tmp_path / "tasks-api.ts").write_text(guide_block("tasks-api.ts"))
-    (tmp_path / "main.ts").write_text(DRIVER)
-    checked = subprocess.run([node(), str(modules / "typescript" / "bin" / "tsc"), "-p", "."],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    modules = compiled(tmp_path, DRIVER)
     # ...and as a browser (Next.js) project compiles it: DOM types, no Node.
     browser = {"compilerOptions": {**TSCONFIG["compilerOptions"], "lib": ["ES2022", "DOM"],
                                    "types": [], "noEmit": True}, "files": ["tasks-api.ts"]}
@@ -240,15 +247,7 @@ class _Unavailable(BaseHTTPRequestHandler):
 def test_the_guides_fetch_wrapper_sends_reads_and_keyed_commands_again_after_a_503(
     tmp_path: Path
 ):
-    modules = node_modules()
-    (tmp_path / "node_modules").symlink_to(modules)
-    (tmp_path / "package.json").write_text('{"type": "module"}\n')
-    (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG))
-    (tmp_path / "tasks-api.ts").write_text(guide_block("tasks-api.ts"))
-    (tmp_path / "main.ts").write_text(RETRY_DRIVER)
-    checked = subprocess.run([node(), str(modules / "typescript" / "bin" / "tsc"), "-p", "."],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    compiled(tmp_path, RETRY_DRIVER)
 
     _Unavailable.seen.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
